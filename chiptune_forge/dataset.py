@@ -1,0 +1,285 @@
+"""A folder of MIDI files -> event sequences for training, in sharded .npz files, plus summary.json.
+
+Unlike the reference pipeline, which throws away every piece longer than 512 steps, long pieces are cut
+into bar-aligned windows so the music is kept. Shards hold one flat int16 event array and the offsets of
+each sequence, which the training input pipeline loads without TensorFlow-specific formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .encoding import ENCODING_VERSION, NUM_CLASSES, encode
+from .errors import ChiptuneError, MidiError
+from .midi import STEPS_PER_QUARTER, QuantizedPiece, read_midi, split_and_quantize
+from .progress import progress
+
+MIDI_SUFFIXES = {".mid", ".midi", ".smf", ".kar"}
+SHARD_SEQUENCES = 4096
+SPLITS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    eval_ratio: float = 0.10
+    seed: int = 0
+    transpose: tuple[int, int] = (-4, 4)
+    min_steps: int = 80
+    max_steps: int = 512
+    recursive: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 <= self.eval_ratio < 1.0:
+            raise ChiptuneError(f"--eval-ratio must be in [0, 1), got {self.eval_ratio}")
+        lo, hi = self.transpose
+        if lo > hi:
+            raise ChiptuneError(f"--transpose range {lo},{hi} is empty (first must be <= second)")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ChiptuneError(f"--min-steps ({self.min_steps}) must be between 1 and --max-steps ({self.max_steps})")
+
+
+@dataclass
+class FileResult:
+    """What one MIDI file contributed: its windows (as quantized pieces) and the step accounting."""
+
+    name: str
+    windows: list[QuantizedPiece] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
+    pieces: int = 0
+    note_steps: int = 0
+    kept_note_steps: int = 0
+    reference_note_steps: int = 0
+    error: str | None = None
+
+
+def find_midi_files(input_dir: Path, recursive: bool) -> list[Path]:
+    """MIDI files under the folder, sorted by relative path so every run sees the same order."""
+    if not input_dir.is_dir():
+        raise ChiptuneError(f"{input_dir}: input folder does not exist")
+    pattern = "**/*" if recursive else "*"
+    files = [p for p in input_dir.glob(pattern) if p.is_file() and p.suffix.lower() in MIDI_SUFFIXES]
+    return sorted(files, key=lambda p: p.relative_to(input_dir).as_posix())
+
+
+def split_files(files: list[Path], eval_ratio: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Split by file, deterministically for a seed: the same files always land in eval."""
+    n = len(files)
+    k = round(n * eval_ratio)
+    if eval_ratio > 0 and n > 1:
+        k = min(max(k, 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    eval_idx = set(order[:k].tolist())
+    train = [f for i, f in enumerate(files) if i not in eval_idx]
+    evals = [f for i, f in enumerate(files) if i in eval_idx]
+    return train, evals
+
+
+def bar_windows(part: QuantizedPiece, min_steps: int, max_steps: int) -> list[tuple[int, int]]:
+    """Bar-aligned [first, last) windows of at most max_steps covering the part.
+
+    A leftover shorter than min_steps is covered by sliding the last window back (still on a bar line)
+    so it overlaps the one before instead of being dropped.
+    """
+    total = part.num_steps
+    if total < min_steps:
+        return []
+    if total <= max_steps:
+        return [(0, total)]
+    bar = part.steps_per_bar
+    span = max(bar, (max_steps // bar) * bar) if bar <= max_steps else max_steps
+    windows = []
+    first = 0
+    while first < total:
+        last = min(first + span, total)
+        if last - first < min_steps:
+            back = max(0, ((total - span) // bar) * bar if bar <= max_steps else total - span)
+            windows.append((back, min(back + span, total)))
+            break
+        windows.append((first, last))
+        first = last
+    return windows
+
+
+def process_file(path: Path, display: str, min_steps: int, max_steps: int) -> FileResult:
+    """Read, split, quantize and window one file; errors become a reason, never an exception."""
+    result = FileResult(display)
+    try:
+        piece = read_midi(path)
+        parts = split_and_quantize(piece)
+    except MidiError as exc:
+        result.error = exc.reason
+        return result
+    except Exception as exc:  # a malformed file must never stop the whole dataset build
+        result.error = f"unreadable ({type(exc).__name__}: {exc})"
+        return result
+    if not parts:
+        result.error = "no pitched notes"
+        return result
+    for part in parts:
+        steps = part.note_steps
+        result.note_steps += steps
+        if min_steps <= part.num_steps <= max_steps:
+            result.reference_note_steps += steps
+        covered = np.zeros(part.num_steps, dtype=bool)
+        for first, last in bar_windows(part, min_steps, max_steps):
+            win = part.window(first, last)
+            if len(win) == 0:
+                continue
+            result.windows.append(win)
+            result.finished.append(last == part.num_steps)
+            covered[first:last] = True
+        if covered.any():
+            result.pieces += 1
+            # Note-steps inside covered steps: count per note the covered part of [start, end).
+            cum = np.concatenate([[0], np.cumsum(covered)])
+            result.kept_note_steps += int(np.sum(cum[part.end] - cum[part.start]))
+    if not result.windows:
+        result.error = f"every part is shorter than {min_steps} steps"
+    return result
+
+
+def _process(args: tuple[Path, str, int, int]) -> FileResult:
+    return process_file(*args)
+
+
+def _results(jobs: list[tuple[Path, str, int, int]], workers: int) -> Iterator[FileResult]:
+    if workers <= 1 or len(jobs) < 8:
+        yield from map(_process, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_process, jobs, chunksize=4)
+
+
+class ShardWriter:
+    """Collects sequences and writes `<split>-NNNNN.npz` shards of flat events + offsets."""
+
+    def __init__(self, out_dir: Path, split: str) -> None:
+        self.out_dir = out_dir
+        self.split = split
+        self.buffer: list[np.ndarray] = []
+        self.shards: list[str] = []
+        self.sequences = 0
+        self.events = 0
+        self.lengths: list[int] = []
+
+    def add(self, events: np.ndarray) -> None:
+        self.buffer.append(events)
+        self.sequences += 1
+        self.events += len(events)
+        self.lengths.append(len(events))
+        if len(self.buffer) >= SHARD_SEQUENCES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"{self.split}-{len(self.shards):05d}.npz"
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in self.buffer])]).astype(np.int64)
+        tmp = self.out_dir / (name + ".partial")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, events=np.concatenate(self.buffer).astype(np.int16), offsets=offsets)
+        os.replace(tmp, self.out_dir / name)
+        self.shards.append(name)
+        self.buffer = []
+
+
+def build_dataset(input_dir: str | Path, output_dir: str | Path, options: DatasetOptions,
+                  workers: int | None = None, show_progress: bool = True) -> dict:
+    """Build the dataset and return the summary (also written to OUT/summary.json)."""
+    options.validate()
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    files = find_midi_files(input_dir, options.recursive)
+    if not files:
+        raise ChiptuneError(f"{input_dir}: no MIDI files found (looked for {', '.join(sorted(MIDI_SUFFIXES))}"
+                            + ("" if options.recursive else "; add --recursive to search subfolders") + ")")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for old in output_dir.glob("*.npz"):
+        old.unlink()
+    train_files, eval_files = split_files(files, options.eval_ratio, options.seed)
+    split_of = {f: "eval" for f in eval_files} | {f: "train" for f in train_files}
+    jobs = [(f, f.relative_to(input_dir).as_posix(), options.min_steps, options.max_steps) for f in files]
+    writers = {s: ShardWriter(output_dir, s) for s in SPLITS}
+    stats = {s: {"files": 0, "pieces": 0, "windows": 0} for s in SPLITS}
+    skipped: list[dict[str, str]] = []
+    note_steps = kept = reference = 0
+    lo, hi = options.transpose
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    for f, res in zip(files, progress(_results(jobs, workers), total=len(jobs), desc="dataset", unit="file",
+                                      disable=not show_progress), strict=True):
+        if res.error and not res.windows:
+            print(f"skipped {res.name}: {res.error}", file=sys.stderr)
+            skipped.append({"file": res.name, "reason": res.error})
+            continue
+        split = split_of[f]
+        note_steps += res.note_steps
+        kept += res.kept_note_steps
+        reference += res.reference_note_steps
+        stats[split]["files"] += 1
+        stats[split]["pieces"] += res.pieces
+        stats[split]["windows"] += len(res.windows)
+        shifts = range(lo, hi + 1) if split == "train" else (0,)
+        for win, finished in zip(res.windows, res.finished, strict=True):
+            for shift in shifts:
+                moved = win.transposed(shift)
+                if moved is not None:
+                    writers[split].add(encode(moved, start=True, end=finished))
+    for w in writers.values():
+        w.flush()
+    usable = sum(stats[s]["files"] for s in SPLITS)
+    if usable == 0:
+        raise ChiptuneError(f"{input_dir}: none of the {len(files)} MIDI files was usable "
+                            f"(first problem: {skipped[0]['file']}: {skipped[0]['reason']})")
+    summary = {
+        "encoding": ENCODING_VERSION,
+        "num_classes": NUM_CLASSES,
+        "steps_per_quarter": STEPS_PER_QUARTER,
+        "input_dir": str(input_dir),
+        "options": {"eval_ratio": options.eval_ratio, "seed": options.seed, "transpose": list(options.transpose),
+                    "min_steps": options.min_steps, "max_steps": options.max_steps,
+                    "recursive": options.recursive},
+        "files_read": len(files),
+        "files_used": usable,
+        "files_skipped": skipped,
+        "splits": {
+            s: {**stats[s], "sequences": writers[s].sequences, "events": writers[s].events,
+                "max_length": max(writers[s].lengths, default=0), "shards": writers[s].shards}
+            for s in SPLITS
+        },
+        "note_steps": {
+            "input": note_steps,
+            "kept": kept,
+            "kept_fraction": round(kept / note_steps, 4) if note_steps else 0.0,
+            "reference_discard_rule_fraction": round(reference / note_steps, 4) if note_steps else 0.0,
+        },
+    }
+    tmp = output_dir / "summary.json.partial"
+    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, output_dir / "summary.json")
+    return summary
+
+
+def load_split(dataset_dir: str | Path, split: str) -> list[np.ndarray]:
+    """All sequences of one split as int16 arrays (the dataset is small enough to hold in memory)."""
+    dataset_dir = Path(dataset_dir)
+    summary_path = dataset_dir / "summary.json"
+    if not summary_path.is_file():
+        raise ChiptuneError(f"{dataset_dir}: not a dataset folder (no summary.json); "
+                            "build one with 'chiptune-forge dataset'")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if summary.get("encoding") != ENCODING_VERSION:
+        raise ChiptuneError(f"{summary_path}: encoding {summary.get('encoding')!r} is not {ENCODING_VERSION!r}; "
+                            "rebuild the dataset")
+    sequences: list[np.ndarray] = []
+    for name in summary["splits"][split]["shards"]:
+        with np.load(dataset_dir / name) as shard:
+            events, offsets = shard["events"], shard["offsets"]
+        sequences.extend(events[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+    return sequences
