@@ -1,0 +1,18 @@
+"""Shared fixtures: the corpus beside the checkout (present in development and CI, absent for users)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus" / "vgmidi"
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The VGMIDI corpus folder; tests that need it skip cleanly where it is absent."""
+    if not CORPUS.is_dir():
+        pytest.skip("../shared/corpus/vgmidi is not present")
+    return CORPUS
