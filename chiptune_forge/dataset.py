@@ -7,6 +7,7 @@ each sequence, which the training input pipeline loads without TensorFlow-specif
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -100,8 +101,8 @@ def bar_windows(part: QuantizedPiece, min_steps: int, max_steps: int) -> list[tu
     while first < total:
         last = min(first + span, total)
         if last - first < min_steps:
-            back = max(0, ((total - span) // bar) * bar if bar <= max_steps else total - span)
-            windows.append((back, min(back + span, total)))
+            back = -(-(total - span) // bar) * bar if bar <= max_steps else total - span
+            windows.append((max(0, back), total))
             break
         windows.append((first, last))
         first = last
@@ -281,5 +282,5 @@ def load_split(dataset_dir: str | Path, split: str) -> list[np.ndarray]:
     for name in summary["splits"][split]["shards"]:
         with np.load(dataset_dir / name) as shard:
             events, offsets = shard["events"], shard["offsets"]
-        sequences.extend(events[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+        sequences.extend(events[a:b] for a, b in itertools.pairwise(offsets))
     return sequences

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,7 +238,7 @@ def _piece_from_midifile(mid: mido.MidiFile, path: Path) -> Piece:
         tempo_points.insert(0, (0, mido.bpm2tempo(DEFAULT_QPM)))
     tick_marks = [t for t, _ in tempo_points]
     sec_marks = [0.0]
-    for (t0, us0), (t1, _) in zip(tempo_points, tempo_points[1:], strict=False):
+    for (t0, us0), (t1, _) in itertools.pairwise(tempo_points):
         sec_marks.append(sec_marks[-1] + (t1 - t0) * us0 / 1e6 / tpb)
 
     def tick_to_sec(tick: int) -> float:
@@ -404,7 +405,7 @@ def split_and_quantize(piece: Piece, include_drums: bool = False) -> list[Quanti
     last_step = int(max(end_b.max(), start_b.max() + 1))
     edge_steps = [e for e in edge_steps if e < last_step] + [last_step]
     parts = []
-    for lo, hi in zip(edge_steps, edge_steps[1:], strict=False):
+    for lo, hi in itertools.pairwise(edge_steps):
         sel = (start_b >= lo) & (start_b < hi)
         if not sel.any():
             continue

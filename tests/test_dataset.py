@@ -1,0 +1,143 @@
+"""The dataset builder: windows, broken files mixed with good ones, deterministic splits, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mido
+import numpy as np
+import pytest
+from midi_factory import notes_track, simple_song, tempo, write_song
+
+from chiptune_forge.cli import main
+from chiptune_forge.dataset import DatasetOptions, bar_windows, build_dataset, load_split, split_files
+from chiptune_forge.encoding import END, START, STEP_END
+from chiptune_forge.errors import ChiptuneError
+from chiptune_forge.midi import QuantizedPiece
+
+
+def make_folder(root: Path, good: int = 6) -> Path:
+    root.mkdir()
+    for i in range(good):
+        simple_song(root / f"Song {i} – ünïcode.mid", bars=8 + i)
+    return root
+
+
+def add_broken(root: Path) -> dict[str, str]:
+    good = (root / "Song 0 – ünïcode.mid").read_bytes()
+    (root / "zero.mid").write_bytes(b"")
+    (root / "random.mid").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)))
+    (root / "text.mid").write_text("just some text\n")
+    (root / "truncated.mid").write_bytes(good[: len(good) - 40])
+    write_song(root / "tempo.mid", [[(0, mido.MetaMessage("set_tempo", tempo=1))], notes_track([(60, 0, 100)])])
+    return {"zero.mid": "empty", "random.mid": "not a MIDI file", "text.mid": "not a MIDI file",
+            "truncated.mid": "broken", "tempo.mid": "absurd tempo"}
+
+
+def test_bar_windows_cover_everything() -> None:
+    piece = QuantizedPiece.from_notes([(60, 0, 1, 100)], num_steps=1100)
+    windows = bar_windows(piece, 80, 512)
+    assert windows[0] == (0, 512)
+    assert all(a % 16 == 0 and b - a <= 512 for a, b in windows)
+    covered = np.zeros(1100, bool)
+    for a, b in windows:
+        covered[a:b] = True
+    assert covered.all()
+    assert bar_windows(QuantizedPiece.from_notes([], num_steps=40), 80, 512) == []
+
+
+def test_broken_files_are_reported_and_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_folder(tmp_path / "in")
+    reasons = add_broken(root)
+    summary = build_dataset(root, tmp_path / "out", DatasetOptions(eval_ratio=0.2), show_progress=False)
+    err = capsys.readouterr().err
+    skipped = {s["file"]: s["reason"] for s in summary["files_skipped"]}
+    assert set(skipped) == set(reasons)
+    for name, reason in reasons.items():
+        assert reason in skipped[name]
+        assert name in err
+    assert summary["files_used"] == 6
+    assert summary["splits"]["eval"]["files"] == 1
+    assert summary["note_steps"]["kept_fraction"] == pytest.approx(1.0)
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+
+
+def test_sequences_and_transposition(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "in", good=3)
+    summary = build_dataset(root, tmp_path / "out", DatasetOptions(eval_ratio=0.0, transpose=(-2, 3)),
+                            show_progress=False)
+    train = load_split(tmp_path / "out", "train")
+    assert summary["splits"]["train"]["sequences"] == len(train) == 3 * 6
+    for seq in train:
+        assert seq[0] == START and seq[-1] == END
+        assert np.sum(seq == STEP_END) >= 80
+    # The six versions of the first piece are the same music moved by -2..+3 semitones.
+    lowest = [int(e) - 3 for e in train[0] if 3 <= e < 131]
+    highest = [int(e) - 3 for e in train[5] if 3 <= e < 131]
+    assert [p + 5 for p in lowest] == highest
+
+
+def test_transposition_out_of_range_is_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    write_song(root / "high.mid", [[tempo(0, 120)], notes_track([(125, s, s + 4) for s in range(0, 96, 4)])])
+    summary = build_dataset(root, tmp_path / "out", DatasetOptions(eval_ratio=0.0), show_progress=False)
+    assert summary["splits"]["train"]["sequences"] == 7  # -4..+2 fit in 0..127, +3 and +4 do not
+
+
+def test_split_is_deterministic_by_seed() -> None:
+    files = [Path(f"f{i}.mid") for i in range(50)]
+    a = split_files(files, 0.1, seed=7)
+    b = split_files(files, 0.1, seed=7)
+    c = split_files(files, 0.1, seed=8)
+    assert a == b
+    assert len(a[1]) == 5 and set(a[0]).isdisjoint(a[1])
+    assert a[1] != c[1]
+
+
+def test_no_usable_file_is_an_error(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "bad.mid").write_bytes(b"")
+    with pytest.raises(ChiptuneError, match="none of the 1 MIDI files was usable"):
+        build_dataset(root, tmp_path / "out", DatasetOptions(), show_progress=False)
+
+
+def test_cli_with_magenta_spellings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_folder(tmp_path / "in", good=4)
+    sub = root / "more"
+    sub.mkdir()
+    simple_song(sub / "deep.mid")
+    code = main(["dataset", f"--input_dir={root}", f"--output_dir={tmp_path / 'out'}", "--eval_ratio=0.25",
+                 "--recursive=true", "--transpose=0,0"])
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["files_read"] == 5
+    assert summary["options"]["recursive"] is True
+    assert "kept 100.0%" in capsys.readouterr().out
+    assert main(["dataset", "--input-dir", str(root), "--output-dir", str(tmp_path / "o2"), "--no-recursive"]) == 0
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["files_read"] == 4
+
+
+def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dataset", "--input-dir", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing" in err
+
+
+def test_corpus_sample(corpus_dir: Path, tmp_path: Path) -> None:
+    """A realistic slice of the corpus: long pieces are windowed, not discarded."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for f in sorted(corpus_dir.glob("*.mid"))[:6]:
+        (root / f.name).symlink_to(f)
+    summary = build_dataset(root, tmp_path / "out", DatasetOptions(transpose=(0, 0)), show_progress=False)
+    steps = summary["note_steps"]
+    # These first files change tempo often (short parts are dropped); the whole corpus keeps about 92%.
+    assert steps["kept_fraction"] >= 0.85
+    assert steps["kept_fraction"] > steps["reference_discard_rule_fraction"]
+    for split in ("train", "eval"):
+        for seq in load_split(tmp_path / "out", split):
+            assert np.sum(seq == STEP_END) <= 512

@@ -1,0 +1,154 @@
+"""Reading, writing and quantizing MIDI: the cases real files throw at a reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mido
+import numpy as np
+import pytest
+from midi_factory import notes_track, simple_song, tempo, time_signature, write_song
+
+from chiptune_forge.errors import MidiError
+from chiptune_forge.midi import (
+    Note,
+    Piece,
+    TempoChange,
+    read_midi,
+    split_and_quantize,
+    write_midi,
+)
+
+
+def on(note: int, vel: int = 90, ch: int = 0) -> mido.Message:
+    return mido.Message("note_on", note=note, velocity=vel, channel=ch)
+
+
+def off(note: int, ch: int = 0) -> mido.Message:
+    return mido.Message("note_off", note=note, velocity=0, channel=ch)
+
+
+def test_format0_velocity_zero_and_seconds(tmp_path: Path) -> None:
+    path = write_song(tmp_path / "f0.mid", [[tempo(0, 60), (0, on(60)), (480, on(60, 0)), (480, on(62)),
+                                               (960, off(62))]], file_type=0)
+    piece = read_midi(path)
+    assert [(n.pitch, n.start, n.end) for n in piece.notes] == [(60, 0.0, 1.0), (62, 1.0, 2.0)]
+    assert piece.qpm == pytest.approx(60)
+
+
+def test_tempo_in_another_track_applies_to_all(tmp_path: Path) -> None:
+    # Format 1: the tempo change sits in the conductor track; the notes in track 2 must follow it.
+    path = write_song(tmp_path / "f1.mid", [
+        [tempo(0, 120), tempo(960, 60)],
+        notes_track([(60, 0, 8), (62, 8, 12)]),  # steps of 120 ticks: note 2 starts at tick 960
+    ])
+    piece = read_midi(path)
+    first, second = piece.notes
+    assert first.end == pytest.approx(1.0)
+    assert second.start == pytest.approx(1.0)
+    assert second.end == pytest.approx(2.0)  # one beat at 60 qpm
+    assert [t.qpm for t in piece.tempos] == pytest.approx([120, 60])
+
+
+def test_tracks_disagreeing_on_tempo_are_merged(tmp_path: Path) -> None:
+    path = write_song(tmp_path / "disagree.mid", [
+        [tempo(0, 120)],
+        [tempo(480, 90), (0, on(60)), (960, off(60))],
+    ])
+    piece = read_midi(path)
+    assert [round(t.qpm) for t in piece.tempos] == [120, 90]
+    assert piece.notes[0].end == pytest.approx(0.5 + 60 / 90)
+
+
+def test_overlapping_same_pitch_restrike(tmp_path: Path) -> None:
+    path = write_song(tmp_path / "overlap.mid", [[(0, on(60)), (240, on(60)), (480, off(60)), (720, off(60))]])
+    piece = read_midi(path)
+    assert [(n.start, n.end) for n in piece.notes] == [(0.0, 0.25), (0.25, 0.5)]
+
+
+def test_sustain_pedal_extends_notes(tmp_path: Path) -> None:
+    cc = mido.Message("control_change", control=64, value=127)
+    up = mido.Message("control_change", control=64, value=0)
+    path = write_song(tmp_path / "pedal.mid", [[(0, cc), (0, on(60)), (240, off(60)), (960, up)]])
+    piece = read_midi(path)
+    assert piece.notes[0].end == pytest.approx(1.0)
+
+
+def test_drums_and_programs(tmp_path: Path) -> None:
+    prog = mido.Message("program_change", program=33, channel=1)
+    path = write_song(tmp_path / "drums.mid", [[(0, prog), (0, on(40, ch=1)), (480, off(40, ch=1)),
+                                                  (0, on(36, ch=9)), (120, off(36, ch=9))]])
+    piece = read_midi(path)
+    bass = next(n for n in piece.notes if n.pitch == 40)
+    kick = next(n for n in piece.notes if n.pitch == 36)
+    assert bass.program == 33 and not bass.is_drum
+    assert kick.is_drum
+    assert [p.pitch.tolist() for p in split_and_quantize(piece)] == [[40]]
+
+
+def test_write_and_read_back(tmp_path: Path) -> None:
+    notes = [Note(60, 100, 0.0, 0.5), Note(64, 80, 0.25, 1.0), Note(38, 90, 0.5, 0.75, is_drum=True)]
+    piece = Piece(notes, [TempoChange(0.0, 0.0, 120.0)])
+    write_midi(piece, tmp_path / "out.mid")
+    back = read_midi(tmp_path / "out.mid")
+    got = sorted((n.pitch, n.velocity, round(n.start, 4), round(n.end, 4), n.is_drum) for n in back.notes)
+    assert got == sorted((n.pitch, n.velocity, n.start, n.end, n.is_drum) for n in notes)
+
+
+def test_split_on_tempo_and_time_signature(tmp_path: Path) -> None:
+    # 4 bars of 4/4 at 120, then 3/4 at 120 from step 64, then 90 qpm from step 112.
+    notes = [(60, s, s + 2) for s in range(0, 160, 4)]
+    path = write_song(tmp_path / "split.mid", [
+        [tempo(0, 120), time_signature(0, 4, 4), time_signature(64 * 120, 3, 4), tempo(112 * 120, 90)],
+        notes_track(notes),
+    ])
+    parts = split_and_quantize(read_midi(path))
+    assert [(p.num_steps, p.numerator, p.denominator, round(p.qpm)) for p in parts] == [
+        (64, 4, 4, 120), (48, 3, 4, 120), (46, 3, 4, 90)]  # the last note ends at step 158
+    assert parts[1].steps_per_bar == 12
+    assert parts[2].start.tolist() == list(range(0, 48, 4))
+
+
+def test_quantize_rounds_to_nearest_step_and_stretches_zero_length(tmp_path: Path) -> None:
+    # Ticks: 120 per step. Start at 170 ticks (1.42 steps -> 1), end at 190 (1.58 -> 2); 300..310 -> 3..3 -> 3..4.
+    path = write_song(tmp_path / "q.mid", [[tempo(0, 120)], [(170, on(60)), (190, off(60)), (300, on(62)),
+                                                             (310, off(62))]])
+    part = split_and_quantize(read_midi(path))[0]
+    assert list(zip(part.pitch.tolist(), part.start.tolist(), part.end.tolist(), strict=True)) == [
+        (60, 1, 2), (62, 3, 4)]
+
+
+@pytest.mark.parametrize(("name", "content", "reason"), [
+    ("empty.mid", b"", "empty"),
+    ("text.mid", b"this is not a MIDI file\n", "not a MIDI file"),
+    ("random.mid", b"MThd" + bytes(np.random.default_rng(1).integers(0, 256, 200, dtype=np.uint8)), "broken"),
+])
+def test_broken_files_raise_midi_error(tmp_path: Path, name: str, content: bytes, reason: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(MidiError, match=reason) as info:
+        read_midi(path)
+    assert name in str(info.value)
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    good = simple_song(tmp_path / "good.mid").read_bytes()
+    path = tmp_path / "truncated.mid"
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(MidiError, match=r"truncated\.mid"):
+        read_midi(path)
+
+
+def test_absurd_tempo(tmp_path: Path) -> None:
+    path = write_song(tmp_path / "tempo.mid", [[(0, mido.MetaMessage("set_tempo", tempo=1)), (0, on(60)),
+                                                  (480, off(60))]])
+    with pytest.raises(MidiError, match="absurd tempo"):
+        read_midi(path)
+
+
+def test_reads_corpus_files(corpus_dir: Path) -> None:
+    files = sorted(corpus_dir.glob("*.mid"))[:5]
+    for f in files:
+        piece = read_midi(f)
+        assert piece.notes, f
+        assert all(0 <= n.pitch <= 127 and n.end > n.start for n in piece.notes)
