@@ -1,0 +1,673 @@
+"""The build step: a manifest in, a folder of game-ready loops out, doing only the work whose inputs changed.
+
+Each track goes through three stages, each keyed by a hash of exactly what it depends on:
+
+- take: the chosen piece's events. Comes from `chiptune.lock` when the lock's inputs match, else from
+  the generation cache (`.chiptune/gen/`), else the model generates every candidate as one batch.
+- render: MIDI (derived from the take at the track's tempo and transpose, or a given MIDI file) + preset +
+  loop settings -> audio, cached in `.chiptune/audio/` with its measured loudness.
+- export: audio + gain + formats -> asset files, written under temporary names and renamed into place.
+
+`.chiptune/state.json` records each stage's key and inputs per track, so a no-op build only hashes inputs
+and compares; nothing heavy is imported then (TensorFlow never is; the model only when generating).
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ChiptuneError
+from .manifest import Manifest, TrackSpec, load_manifest
+
+CACHE_DIR = ".chiptune"
+LOCK_NAME = "chiptune.lock"
+LOCK_VERSION = 1
+BUILD_VERSION = 1
+MAX_POLYPHONY = 8
+STEPS_PER_BAR = 16
+
+
+@dataclass
+class TrackReport:
+    """What happened to one track: `status` is built, skipped, failed or outdated (with --check)."""
+
+    name: str
+    status: str = "skipped"
+    reasons: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class BuildReport:
+    manifest: str
+    tracks: list[TrackReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[TrackReport]:
+        return [t for t in self.tracks if t.status == "failed"]
+
+    @property
+    def changed(self) -> list[TrackReport]:
+        return [t for t in self.tracks if t.status in ("built", "outdated")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"manifest": self.manifest, "seconds": round(self.seconds, 3),
+                "tracks": [asdict(t) | {"seconds": round(t.seconds, 3)} for t in self.tracks]}
+
+
+# ------------------------------------------------------------------------------------------ hashing
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def key_of(inputs: dict[str, Any]) -> str:
+    """A stable hash of a stage's inputs (sorted JSON)."""
+    return sha256_bytes(json.dumps(inputs, sort_keys=True, default=str).encode())[:32]
+
+
+def changed_inputs(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    if old is None:
+        return ["new"]
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+# ----------------------------------------------------------------------------------- small file store
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write beside the target under a name no engine takes for an asset, then rename into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return default
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+@contextmanager
+def build_lock(cache: Path) -> Iterator[None]:
+    """One build at a time per project: a second one fails fast instead of racing on the same files."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / "build.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ChiptuneError(
+                f"{cache.parent}: another build is running ({holder}); wait for it to finish") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+class ModelRef:
+    """The manifest's model, loaded on first use (numpy only); its fingerprint keys the generation cache."""
+
+    def __init__(self, spec: str) -> None:
+        from .lstm import resolve_model_dir
+
+        self.spec = spec
+        self.dir = resolve_model_dir(None if spec == "default" else spec)
+        self._model = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.load().model_fingerprint()
+
+    def load(self):
+        if self._model is None:
+            from .lstm import load_model
+
+            self._model = load_model(self.dir)
+        return self._model
+
+
+# ---------------------------------------------------------------------------------------- track stages
+
+
+def generation_inputs(track: TrackSpec, model_fp: str, root: Path) -> dict[str, Any]:
+    primer_midi = sha256_file(track.primer_midi) if track.primer_midi and track.primer_midi.is_file() else None
+    return {"model": model_fp, "bars": track.intro_bars + track.bars, "seed": track.seed,
+            "temperature": track.temperature, "primer_pitches": track.primer_pitches,
+            "primer_melody": track.primer_melody, "primer_midi": primer_midi, "candidates": track.candidates,
+            "max_polyphony": MAX_POLYPHONY, "version": BUILD_VERSION}
+
+
+def take_inputs(gen_key: str, track: TrackSpec) -> dict[str, Any]:
+    return {"generation": gen_key, "pick": track.pick}
+
+
+def midi_from_events(events: np.ndarray, track: TrackSpec) -> bytes:
+    """The take as MIDI bytes at the track's tempo and transposition (pure: same events -> same bytes)."""
+    import io
+
+    from .encoding import decode
+    from .midi import build_midifile, piece_from_quantized
+
+    quantized = decode(events, qpm=track.tempo)
+    if track.transpose:
+        moved = quantized.transposed(track.transpose)
+        if moved is None:
+            raise ChiptuneError(f"track {track.name!r}: transpose {track.transpose} moves notes outside 0..127")
+        quantized = moved
+    buf = io.BytesIO()
+    build_midifile(piece_from_quantized(quantized)).save(file=buf)
+    return buf.getvalue()
+
+
+def midi_from_file(track: TrackSpec) -> bytes:
+    """A given MIDI file, transposed if asked (re-written so the render sees exactly the hashed bytes)."""
+    import io
+
+    from .midi import Piece, build_midifile, read_midi
+
+    data = track.midi.read_bytes()
+    if not track.transpose:
+        return data
+    piece = read_midi(track.midi)
+    notes = []
+    for n in piece.notes:
+        pitch = n.pitch if n.is_drum else n.pitch + track.transpose
+        if not 0 <= pitch <= 127:
+            raise ChiptuneError(f"{track.midi}: transpose {track.transpose} moves note {n.pitch} outside 0..127")
+        notes.append(type(n)(pitch, n.velocity, n.start, n.end, n.program, n.is_drum, n.track))
+    buf = io.BytesIO()
+    build_midifile(Piece(notes, piece.tempos, piece.time_signatures, piece.track_names)).save(file=buf)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """Everything a worker process needs to render and export one track (picklable)."""
+
+    name: str
+    midi_path: str
+    preset: str
+    base_dir: str
+    sample_rate: int
+    loop: bool
+    intro_bars: int
+    bars: int | None
+    audio_path: str
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    name: str
+    audio_path: str
+    out_dir: str
+    formats: tuple[str, ...]
+    target_lufs: float
+    true_peak_db: float
+    gain_db: float | None
+    godot_import: bool
+    split: bool
+    sidecar: dict[str, Any]
+
+
+def render_job(job: RenderJob) -> dict[str, Any]:
+    """Render one track to the audio cache; returns its loudness and loop facts (runs in a worker)."""
+    from .export import measure_loudness, true_peak_db
+    from .loops import render_track
+    from .midi import read_midi
+    from .presets import load_preset
+    from .render import render_piece
+
+    preset = load_preset(job.preset, base_dir=Path(job.base_dir))
+    piece = read_midi(job.midi_path)
+    track = render_track(piece, lambda p, sr: render_piece(p, preset, sr), job.sample_rate, loop=job.loop,
+                         intro_bars=job.intro_bars, bars=job.bars)
+    loudness = measure_loudness(track)
+    peak = true_peak_db(track.audio, track.sample_rate)
+    meta = {"sample_rate": track.sample_rate, "loop_start": track.loop_start, "loop_length": track.loop_length,
+            "qpm": track.qpm, "bars": track.bars, "intro_bars": track.intro_bars, "loudness_lufs": loudness,
+            "true_peak_db": peak, "frames": int(track.audio.shape[0])}
+    tmp = Path(job.audio_path + f".{os.getpid()}.partial")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, audio=track.audio, meta=json.dumps(meta))
+    os.replace(tmp, job.audio_path)
+    return meta
+
+
+def load_track_audio(path: str):
+    from .loops import TrackAudio
+
+    with np.load(path) as data:
+        audio = data["audio"]
+        meta = json.loads(str(data["meta"]))
+    return TrackAudio(audio=audio, sample_rate=meta["sample_rate"], loop_start=meta["loop_start"],
+                      loop_length=meta["loop_length"], qpm=meta["qpm"], bars=meta["bars"],
+                      intro_bars=meta["intro_bars"]), meta
+
+
+def export_job(job: ExportJob) -> dict[str, Any]:
+    """Normalize and write one track's asset files atomically (runs in a worker)."""
+    from .export import export_track, normalize
+
+    track, meta = load_track_audio(job.audio_path)
+    track, gain = normalize(track, target_lufs=job.target_lufs, true_peak_db=job.true_peak_db, gain_db=job.gain_db)
+    sidecar = dict(job.sidecar) | {"gain_db": round(gain, 3), "source_loudness_lufs": meta["loudness_lufs"]}
+    paths = export_track(track, Path(job.out_dir), job.name, formats=job.formats, sidecar_info=sidecar,
+                         godot_import=job.godot_import, split=job.split)
+    return {"files": [str(p) for p in paths], "gain_db": gain}
+
+
+# ------------------------------------------------------------------------------------------ the builder
+
+
+class Builder:
+    """One build of one manifest. `run()` does the work; watch mode makes one per change."""
+
+    def __init__(self, manifest: Manifest, *, only: list[str] | None = None, force: bool = False,
+                 regenerate: list[str] | None = None, check: bool = False, executor: Executor | None = None,
+                 workers: int | None = None, log: Callable[[str], None] | None = None,
+                 show_progress: bool = True) -> None:
+        self.m = manifest
+        self.root = manifest.root
+        self.cache = self.root / CACHE_DIR
+        self.lock_path = self.root / LOCK_NAME
+        self.only = set(only or [])
+        unknown = self.only - {t.name for t in manifest.tracks}
+        unknown |= set(regenerate or []) - {t.name for t in manifest.tracks}
+        if unknown:
+            names = ", ".join(t.name for t in manifest.tracks)
+            raise ChiptuneError(f"{manifest.path}: no track named {', '.join(sorted(unknown))} (tracks: {names})")
+        self.force = force
+        self.regenerate = set(regenerate or [])
+        self.check = check
+        self.executor = executor
+        self.workers = workers or min(2, os.cpu_count() or 1)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.show_progress = show_progress
+        self._model: ModelRef | None = None
+
+    @property
+    def model(self) -> ModelRef:
+        if self._model is None:
+            self._model = ModelRef(self.m.project.model)
+        return self._model
+
+    def selected(self) -> list[TrackSpec]:
+        return [t for t in self.m.tracks if not self.only or t.name in self.only]
+
+    def run(self) -> BuildReport:
+        start = time.perf_counter()
+        report = BuildReport(str(self.m.path))
+        if self.check:
+            self._plan(report)
+        else:
+            with build_lock(self.cache):
+                self._clean_partials()
+                self._build(report)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    # ---- planning: the cheap pass that decides what must be done
+
+    def _state(self) -> dict[str, Any]:
+        state = read_json(self.cache / "state.json", {})
+        return state if state.get("version") == BUILD_VERSION else {"version": BUILD_VERSION, "tracks": {}}
+
+    def _lock(self) -> dict[str, Any]:
+        lock = read_json(self.lock_path, {})
+        return lock if lock.get("version") == LOCK_VERSION else {"version": LOCK_VERSION, "tracks": {}}
+
+    def _track_plan(self, track: TrackSpec, state: dict, lock: dict) -> dict[str, Any]:
+        """Keys and reasons for one track, without generating or rendering anything."""
+        old = state["tracks"].get(track.name, {})
+        plan: dict[str, Any] = {"reasons": [], "generate": False}
+        if track.midi is not None:
+            plan["take"] = None
+            plan["midi_inputs"] = {"midi_file": sha256_file(track.midi), "transpose": track.transpose}
+        else:
+            gen_in = generation_inputs(track, self.model.fingerprint, self.root)
+            gen_key = key_of(gen_in)
+            plan["gen_inputs"], plan["gen_key"] = gen_in, gen_key
+            take_key = key_of(take_inputs(gen_key, track))
+            plan["take_key"] = take_key
+            locked = lock["tracks"].get(track.name)
+            if locked and locked.get("inputs_sha256") == take_key and track.name not in self.regenerate:
+                plan["take"] = "lock"
+            elif (self.cache / "gen" / f"{gen_key}.npz").is_file() and track.name not in self.regenerate:
+                plan["take"] = "cache"
+                plan["reasons"].append("pick changed" if locked and locked.get("generation") == gen_key
+                                       else "take not locked")
+            else:
+                plan["take"] = "generate"
+                plan["generate"] = True
+                why = changed_inputs(old.get("gen_inputs"), gen_in)
+                if track.name in self.regenerate:
+                    why = ["--regenerate"]
+                plan["reasons"].append("generation: " + ", ".join(why))
+            plan["midi_inputs"] = {"take": take_key, "tempo": track.tempo, "transpose": track.transpose}
+        plan["midi_key"] = key_of(plan["midi_inputs"])
+        render_in = self._render_inputs(track, plan["midi_key"])
+        plan["render_inputs"], plan["render_key"] = render_in, key_of(render_in)
+        export_in = self._export_inputs(track)
+        plan["export_inputs"] = export_in
+        needs_render = (old.get("render_key") != plan["render_key"]
+                        or not (self.cache / "audio" / f"{plan['render_key']}.npz").is_file())
+        if old.get("render_key") != plan["render_key"]:
+            plan["reasons"].append("render: " + ", ".join(changed_inputs(old.get("render_inputs"), render_in)))
+        elif needs_render:
+            plan["reasons"].append("render: audio cache missing")
+        plan["render"] = needs_render or self.force
+        files_ok = bool(old.get("files")) and all(Path(f).is_file() for f in old.get("files", []))
+        export_changed = old.get("export_inputs") != export_in
+        if export_changed and not plan["render"]:
+            plan["reasons"].append("export: " + ", ".join(changed_inputs(old.get("export_inputs"), export_in)))
+        if not files_ok and old.get("files"):
+            plan["reasons"].append("output missing")
+        plan["export"] = plan["render"] or export_changed or not files_ok or self.force
+        if self.force and not plan["reasons"]:
+            plan["reasons"].append("--force")
+        return plan
+
+    def _render_inputs(self, track: TrackSpec, midi_key: str) -> dict[str, Any]:
+        from .presets import load_preset
+
+        preset = load_preset(self.m.preset_for(track), base_dir=self.root)
+        return {"midi": midi_key, "preset": preset.fingerprint(), "sample_rate": self.m.project.sample_rate,
+                "loop": track.loop, "intro_bars": track.intro_bars, "bars": track.bars, "version": BUILD_VERSION}
+
+    def _export_inputs(self, track: TrackSpec) -> dict[str, Any]:
+        p = self.m.project
+        return {"formats": list(self.m.formats_for(track)), "loudness_lufs": p.loudness_lufs,
+                "true_peak_db": p.true_peak_db, "same_gain": p.same_gain, "godot_import": p.godot_import,
+                "split": p.split, "output_dir": str(p.output_dir), "name": track.name}
+
+    def _plan(self, report: BuildReport) -> dict[str, dict[str, Any]]:
+        state, lock = self._state(), self._lock()
+        plans = {}
+        for track in self.selected():
+            try:
+                plan = self._track_plan(track, state, lock)
+            except ChiptuneError as exc:
+                report.tracks.append(TrackReport(track.name, "failed", error=str(exc)))
+                continue
+            plans[track.name] = plan
+            todo = plan["generate"] or plan["render"] or plan["export"]
+            status = ("outdated" if self.check else "pending") if todo else "skipped"
+            report.tracks.append(TrackReport(track.name, status, reasons=list(plan["reasons"]),
+                                             files=list(state["tracks"].get(track.name, {}).get("files", []))))
+        if self.m.project.same_gain and any(p["render"] for p in plans.values()):
+            # One shared gain: a re-rendered track can change every track's gain.
+            for t in report.tracks:
+                if t.status == "skipped":
+                    t.status = "outdated" if self.check else "pending"
+                    t.reasons.append("same_gain: shared gain may change")
+                    plans[t.name]["export"] = True
+        return plans
+
+    # ---- building
+
+    def _build(self, report: BuildReport) -> None:
+        plans = self._plan(report)
+        by_name = {t.name: t for t in report.tracks}
+        pending = [t for t in self.selected() if by_name[t.name].status == "pending"]
+        if not pending:
+            return
+        for sub in ("gen", "midi", "audio"):
+            (self.cache / sub).mkdir(parents=True, exist_ok=True)
+        self.m.project.output_dir.mkdir(parents=True, exist_ok=True)
+        state, lock = self._state(), self._lock()
+        started = {t.name: time.perf_counter() for t in pending}
+
+        # Stage 1 (main process): takes and MIDI. Generation is a batch per track.
+        midi_paths: dict[str, Path] = {}
+        for track in pending:
+            rep = by_name[track.name]
+            try:
+                midi_paths[track.name] = self._take_and_midi(track, plans[track.name], lock, rep)
+            except ChiptuneError as exc:
+                rep.status, rep.error = "failed", str(exc)
+        if not self.check:
+            write_json(self.lock_path, lock)
+
+        # Stage 2 (workers): render what changed.
+        ok = [t for t in pending if by_name[t.name].status == "pending"]
+        to_render = [t for t in ok if plans[t.name]["render"]]
+        jobs = {t.name: RenderJob(t.name, str(midi_paths[t.name]), self.m.preset_for(t), str(self.root),
+                                  self.m.project.sample_rate, t.loop, t.intro_bars, t.bars,
+                                  str(self.cache / "audio" / f"{plans[t.name]['render_key']}.npz"))
+                for t in to_render}
+        metas = {}
+        for name, result, error in self._map(render_job, jobs, "render"):
+            if error:
+                by_name[name].status, by_name[name].error = "failed", error
+            else:
+                metas[name] = result
+                by_name[name].stages.append("render")
+
+        # Stage 3 (workers): export, with one shared gain when asked.
+        ok = [t for t in pending if by_name[t.name].status == "pending"]
+        for t in ok:
+            if t.name not in metas:
+                metas[t.name] = state["tracks"].get(t.name, {}).get("audio_meta") or \
+                    load_track_audio(str(self.cache / "audio" / f"{plans[t.name]['render_key']}.npz"))[1]
+        shared_gain = self._shared_gain(state, metas, plans) if self.m.project.same_gain else None
+        p = self.m.project
+        export_jobs = {}
+        for t in ok:
+            plan = plans[t.name]
+            sidecar = {"midi_sha256": sha256_file(midi_paths[t.name]), "tempo": t.tempo if t.midi is None else None,
+                       "preset": self.m.preset_for(t), "source": str(t.midi.relative_to(self.root))
+                       if t.midi and t.midi.is_relative_to(self.root) else (str(t.midi) if t.midi else "generated")}
+            export_jobs[t.name] = ExportJob(t.name, str(self.cache / "audio" / f"{plan['render_key']}.npz"),
+                                            str(p.output_dir), self.m.formats_for(t), p.loudness_lufs,
+                                            p.true_peak_db, shared_gain, p.godot_import, p.split, sidecar)
+        results = {}
+        for name, result, error in self._map(export_job, export_jobs, "export"):
+            if error:
+                by_name[name].status, by_name[name].error = "failed", error
+            else:
+                results[name] = result
+                by_name[name].stages.append("export")
+
+        # Record what now exists (per track, so a failure elsewhere never loses finished work).
+        for t in pending:
+            rep = by_name[t.name]
+            rep.seconds = time.perf_counter() - started[t.name]
+            if rep.status != "pending":
+                continue
+            plan = plans[t.name]
+            old_files = set(state["tracks"].get(t.name, {}).get("files", []))
+            files = results[t.name]["files"]
+            for stale in old_files - set(files):
+                Path(stale).unlink(missing_ok=True)
+            state["tracks"][t.name] = {
+                "gen_inputs": plan.get("gen_inputs"), "render_key": plan["render_key"],
+                "render_inputs": plan["render_inputs"], "export_inputs": plan["export_inputs"],
+                "audio_meta": metas[t.name], "gain_db": results[t.name]["gain_db"], "files": files}
+            rep.status, rep.files = "built", files
+        self._prune(state)
+        write_json(self.cache / "state.json", state)
+
+    def _take_and_midi(self, track: TrackSpec, plan: dict[str, Any], lock: dict, rep: TrackReport) -> Path:
+        midi_path = self.cache / "midi" / f"{track.name}-{plan['midi_key'][:16]}.mid"
+        if track.midi is not None:
+            data = midi_from_file(track)
+        else:
+            events, index = self._take(track, plan, lock, rep)
+            data = midi_from_events(events, track)
+            lock["tracks"][track.name] = {
+                "candidate": index, "generation": plan["gen_key"], "inputs_sha256": plan["take_key"],
+                "model_sha256": self.model.fingerprint, "midi_sha256": sha256_bytes(data),
+                "tempo": track.tempo, "transpose": track.transpose,
+                "events": base64.b64encode(events.astype("<i2").tobytes()).decode()}
+        if not midi_path.is_file() or midi_path.read_bytes() != data:
+            write_atomic(midi_path, data)
+        for old in (self.cache / "midi").glob(f"{track.name}-*.mid"):
+            if old != midi_path:
+                old.unlink(missing_ok=True)
+        return midi_path
+
+    def _take(self, track: TrackSpec, plan: dict[str, Any], lock: dict, rep: TrackReport) -> tuple[np.ndarray, int]:
+        """The chosen candidate's events: from the lock, the generation cache, or a new generation."""
+        if plan["take"] == "lock":
+            entry = lock["tracks"][track.name]
+            return np.frombuffer(base64.b64decode(entry["events"]), dtype="<i2").astype(np.int16), entry["candidate"]
+        gen_path = self.cache / "gen" / f"{plan['gen_key']}.npz"
+        if plan["take"] == "generate":
+            self._generate(track, gen_path)
+            rep.stages.append("generate")
+        with np.load(gen_path) as data:
+            offsets = data["offsets"]
+            events = data["events"]
+            order = json.loads(str(data["ranking"]))
+        index = order[0] if track.pick == "best" else int(track.pick)
+        return events[offsets[index]:offsets[index + 1]].copy(), index
+
+    def _generate(self, track: TrackSpec, gen_path: Path) -> None:
+        from .generate import GenerationRequest, generate, rank
+
+        request = GenerationRequest(
+            num_outputs=track.candidates, bars=track.intro_bars + track.bars,
+            primer_melody=list(track.primer_melody) if track.primer_melody else None,
+            primer_pitches=list(track.primer_pitches) if track.primer_pitches else None,
+            primer_midi=track.primer_midi, temperature=track.temperature, max_polyphony=MAX_POLYPHONY,
+            qpm=track.tempo, seed=track.seed)
+        self.log(f"{track.name}: generating {track.candidates} candidates "
+                 f"({track.intro_bars + track.bars} bars) with model {self.model.dir}")
+        pieces = generate(self.model.load(), request)
+        ranking = [p.index for p in rank(pieces)]
+        offsets = np.concatenate([[0], np.cumsum([len(p.events) for p in pieces])]).astype(np.int64)
+        scores = [p.scores for p in pieces]
+        tmp = gen_path.with_name(gen_path.name + ".partial")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, events=np.concatenate([p.events for p in pieces]).astype(np.int16), offsets=offsets,
+                     ranking=json.dumps(ranking), scores=json.dumps(scores, default=float))
+        os.replace(tmp, gen_path)
+
+    def _shared_gain(self, state: dict, metas: dict[str, dict], plans: dict) -> float:
+        """One gain for the whole soundtrack: the loudest track meets the target, no track passes the ceiling."""
+        p = self.m.project
+        all_meta = {name: s.get("audio_meta") for name, s in state["tracks"].items() if s.get("audio_meta")}
+        all_meta.update(metas)
+        current = {t.name for t in self.m.tracks}
+        levels = [m for name, m in all_meta.items() if name in current and m]
+        loudest = max(m["loudness_lufs"] for m in levels)
+        headroom = min(p.true_peak_db - m["true_peak_db"] for m in levels)
+        return min(p.loudness_lufs - loudest, headroom)
+
+    def _map(self, fn: Callable, jobs: dict[str, Any], what: str) -> Iterator[tuple[str, Any, str | None]]:
+        """Run jobs in worker processes with a progress bar; errors come back per track, never raised."""
+        from .progress import bar
+
+        if not jobs:
+            return
+        own = self.executor is None and len(jobs) > 1 and self.workers > 1
+        executor = self.executor or (ProcessPoolExecutor(max_workers=min(self.workers, len(jobs))) if own else None)
+        try:
+            with bar(len(jobs), what, unit="track", disable=not self.show_progress) as progress:
+                if executor is None:
+                    for name, job in jobs.items():
+                        yield (name, *_call(fn, job))
+                        progress.update()
+                else:
+                    futures = {name: executor.submit(_call, fn, job) for name, job in jobs.items()}
+                    for name, future in futures.items():
+                        try:
+                            result = future.result()
+                        except Exception as exc:  # a worker that died (crashing plugin, killed process)
+                            result = (None, f"{what} worker failed: {type(exc).__name__}: {exc}")
+                        yield (name, *result)
+                        progress.update()
+        finally:
+            if own:
+                executor.shutdown(wait=True, cancel_futures=True)
+
+    def _clean_partials(self) -> None:
+        """Remove temporary files left by a build that was killed mid-write."""
+        for folder in (self.m.project.output_dir, self.cache, self.cache / "audio", self.cache / "gen",
+                       self.cache / "midi"):
+            if folder.is_dir():
+                for f in folder.glob("*.partial"):
+                    f.unlink(missing_ok=True)
+                for f in folder.glob(".*.partial"):
+                    f.unlink(missing_ok=True)
+
+    def _prune(self, state: dict) -> None:
+        """Keep only the audio cache entries that the current state points to."""
+        live = {s.get("render_key") for s in state["tracks"].values()}
+        for f in (self.cache / "audio").glob("*.npz"):
+            if f.stem not in live:
+                f.unlink(missing_ok=True)
+
+
+def _call(fn: Callable, job: Any) -> tuple[Any, str | None]:
+    """Run a stage; user errors and unexpected failures become a message for that track only."""
+    try:
+        return fn(job), None
+    except ChiptuneError as exc:
+        return None, str(exc)
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def build(manifest: str | Path = "chiptune.toml", *, only: list[str] | None = None, force: bool = False,
+          regenerate: list[str] | None = None, check: bool = False, show_progress: bool = False,
+          log: Callable[[str], None] | None = None) -> BuildReport:
+    """Build a soundtrack from its manifest (the Python API of `chiptune-forge build`)."""
+    builder = Builder(load_manifest(manifest), only=only, force=force, regenerate=regenerate, check=check,
+                      show_progress=show_progress, log=log)
+    if regenerate and not check:
+        lock_data = builder._lock()
+        for name in regenerate:
+            lock_data["tracks"].pop(name, None)
+        write_json(builder.lock_path, lock_data)
+    return builder.run()

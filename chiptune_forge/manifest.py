@@ -1,0 +1,394 @@
+"""`chiptune.toml`: the soundtrack manifest, its schema, and validation that reports every problem at once.
+
+Each problem names the file, the line and the key (`chiptune.toml:12: track 'battle': tempo: ...`), and
+nothing is built until the whole manifest is valid.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from .errors import ChiptuneError
+
+SAMPLE_RATES = (32000, 44100, 48000)
+FORMATS = ("ogg", "wav")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+GENERATION_KEYS = ("seed", "temperature", "primer_pitches", "primer_melody", "primer_midi", "candidates", "pick",
+                   "tempo")
+
+
+class ManifestError(ChiptuneError):
+    """Every problem found in a manifest, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class ProjectSettings:
+    output_dir: Path
+    model: str = "default"
+    preset: str = "snes"
+    formats: tuple[str, ...] = ("ogg",)
+    sample_rate: int = 44100
+    loudness_lufs: float = -16.0
+    true_peak_db: float = -1.0
+    same_gain: bool = False
+    godot_import: bool = False
+    split: bool = False
+
+
+@dataclass(frozen=True)
+class TrackSpec:
+    """One asset to produce: generated from the model, or rendered from a given MIDI file."""
+
+    name: str
+    line: int
+    bars: int = 8
+    intro_bars: int = 0
+    tempo: float = 120.0
+    transpose: int = 0
+    seed: int = 0
+    temperature: float = 1.0
+    primer_pitches: tuple[int, ...] | None = None
+    primer_melody: tuple[int, ...] | None = None
+    primer_midi: Path | None = None
+    candidates: int = 4
+    pick: str | int = "best"
+    preset: str | None = None
+    formats: tuple[str, ...] | None = None
+    loop: bool = True
+    midi: Path | None = None
+
+
+@dataclass
+class Manifest:
+    path: Path
+    project: ProjectSettings
+    tracks: list[TrackSpec] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def track(self, name: str) -> TrackSpec:
+        for t in self.tracks:
+            if t.name == name:
+                return t
+        raise ChiptuneError(f"{self.path}: no track named {name!r} (tracks: {', '.join(t.name for t in self.tracks)})")
+
+    def preset_for(self, track: TrackSpec) -> str:
+        return track.preset or self.project.preset
+
+    def formats_for(self, track: TrackSpec) -> tuple[str, ...]:
+        return track.formats or self.project.formats
+
+
+# Key -> (type check, description) for the schema; checked in order, all problems collected.
+PROJECT_KEYS = {
+    "output_dir": (str, "a folder path"), "model": (str, "'default', a model folder or a run folder"),
+    "preset": (str, "a preset name or path"), "formats": (list, "a list like [\"ogg\", \"wav\"]"),
+    "sample_rate": (int, "32000, 44100 or 48000"), "loudness_lufs": ((int, float), "a number (LUFS)"),
+    "true_peak_db": ((int, float), "a number (dBTP)"), "same_gain": (bool, "true or false"),
+    "godot_import": (bool, "true or false"), "split": (bool, "true or false"),
+}
+TRACK_KEYS = {
+    "name": (str, "a file stem"), "bars": (int, "a whole number of bars"),
+    "intro_bars": (int, "a whole number of bars"), "tempo": ((int, float), "quarter notes per minute"),
+    "transpose": (int, "semitones"), "seed": (int, "a whole number"), "temperature": ((int, float), "a number > 0"),
+    "primer_pitches": (list, "a list of MIDI pitches"), "primer_melody": (list, "a list of pitches, -1 and -2"),
+    "primer_midi": (str, "a MIDI file path"), "candidates": (int, "how many pieces to generate"),
+    "pick": ((str, int), "\"best\" or a candidate index"), "preset": (str, "a preset name or path"),
+    "formats": (list, "a list like [\"ogg\"]"), "loop": (bool, "true or false"), "midi": (str, "a MIDI file path"),
+}
+
+
+class _Lines:
+    """Where each key sits in the file: tomllib gives values but no positions, so scan the text."""
+
+    header = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"']+)\s*\]\]?")
+    key = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.tables: dict[tuple[str, int], int] = {}
+        self.keys: dict[tuple[str, int, str], int] = {}
+        counts: dict[str, int] = {}
+        table, index = "", 0
+        for number, line in enumerate(text.splitlines(), start=1):
+            m = self.header.match(line)
+            if m:
+                table = m.group(2).strip("\"'")
+                index = counts.get(table, -1) + 1 if m.group(1) == "[[" else 0
+                counts[table] = index
+                self.tables[(table, index)] = number
+                continue
+            k = self.key.match(line)
+            if k:
+                self.keys.setdefault((table, index, k.group(1).strip("\"'")), number)
+
+    def of(self, table: str, index: int, key: str | None = None) -> int:
+        if key is not None and (table, index, key) in self.keys:
+            return self.keys[(table, index, key)]
+        return self.tables.get((table, index), 1)
+
+
+def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
+    """Parse and validate a manifest; raise ManifestError listing every problem."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "chiptune.toml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChiptuneError(f"{path}: manifest not found (create one with 'chiptune-forge init')") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ChiptuneError(f"{path}: cannot read manifest ({exc})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError([_syntax_error(path, exc)]) from None
+    return _validate(path.resolve(), data, _Lines(text), check_files)
+
+
+def _syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> str:
+    msg = str(exc)
+    m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+    if m:
+        return f"{path}:{m.group(1)}:{m.group(2)}: TOML syntax error: {msg[: m.start()].strip()}"
+    return f"{path}: TOML syntax error: {msg}"
+
+
+def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool) -> Manifest:
+    problems: list[str] = []
+
+    def problem(line: int, where: str, message: str) -> None:
+        problems.append(f"{path}:{line}: {where}{message}")
+
+    for key in data:
+        if key not in ("project", "track"):
+            hint = _did_you_mean(key, ["project", "track"])
+            problem(lines.of(key, 0), "", f"unknown table [{key}]{hint}")
+    raw_project = data.get("project", {})
+    if not isinstance(raw_project, dict):
+        problem(1, "", "[project] must be a table")
+        raw_project = {}
+    project_values = _check_table(raw_project, PROJECT_KEYS, lambda k: lines.of("project", 0, k), "[project] ",
+                                  problem)
+    root = path.parent
+    output_dir = (root / project_values.get("output_dir", "music")).resolve()
+    if not _inside(output_dir, root):
+        problem(lines.of("project", 0, "output_dir"), "[project] ",
+                f"output_dir: {project_values.get('output_dir')!r} leaves the project folder {root}")
+    if output_dir == root:
+        problem(lines.of("project", 0, "output_dir"), "[project] ",
+                "output_dir: must be a subfolder, not the manifest's own folder")
+    _check_choice(project_values, "sample_rate", SAMPLE_RATES, lambda k: lines.of("project", 0, k), "[project] ",
+                  problem)
+    formats = _check_formats(project_values.get("formats", ["ogg"]), lambda: lines.of("project", 0, "formats"),
+                             "[project] ", problem)
+    model = project_values.get("model", "default")
+    if check_files and model != "default":
+        model_path = (root / model).expanduser()
+        if not model_path.exists():
+            problem(lines.of("project", 0, "model"), "[project] ", f"model: {model!r} not found ({model_path})")
+    preset = project_values.get("preset", "snes")
+    if check_files:
+        _check_preset(preset, root, lambda: lines.of("project", 0, "preset"), "[project] ", problem)
+    settings = ProjectSettings(
+        output_dir=output_dir, model=model if model == "default" else str((root / model).expanduser()),
+        preset=preset, formats=formats,
+        sample_rate=int(project_values.get("sample_rate", 44100)),
+        loudness_lufs=float(project_values.get("loudness_lufs", -16.0)),
+        true_peak_db=float(project_values.get("true_peak_db", -1.0)),
+        same_gain=bool(project_values.get("same_gain", False)),
+        godot_import=bool(project_values.get("godot_import", False)),
+        split=bool(project_values.get("split", False)))
+    if settings.true_peak_db > 0:
+        problem(lines.of("project", 0, "true_peak_db"), "[project] ", "true_peak_db: must be 0 or below")
+
+    raw_tracks = data.get("track", [])
+    if not isinstance(raw_tracks, list) or not raw_tracks:
+        problem(1, "", "no [[track]] tables: add at least one track")
+        raw_tracks = []
+    tracks: list[TrackSpec] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(raw_tracks):
+        track = _validate_track(raw, index, root, lines, check_files, problem)
+        if track is None:
+            continue
+        if track.name in seen:
+            problem(track.line, f"track {track.name!r}: ",
+                    f"name: duplicate of the track at line {seen[track.name]}")
+        seen.setdefault(track.name, track.line)
+        tracks.append(track)
+    if problems:
+        prefix = len(f"{path}:")
+        raise ManifestError(sorted(problems, key=lambda p: int(p[prefix:].split(":", 1)[0])))
+    return Manifest(path, settings, tracks)
+
+
+def _validate_track(raw: dict[str, Any], index: int, root: Path, lines: _Lines, check_files: bool,
+                    problem) -> TrackSpec | None:
+    line = lines.of("track", index)
+    name = raw.get("name") if isinstance(raw.get("name"), str) else None
+    label = f"track {name!r}: " if name else f"track #{index + 1}: "
+    values = _check_table(raw, TRACK_KEYS, lambda k: lines.of("track", index, k), label, problem)
+
+    def at(key: str) -> int:
+        return lines.of("track", index, key)
+
+    if name is None:
+        if "name" not in raw:
+            problem(line, label, "name: missing (the asset's file stem, e.g. name = \"title\")")
+        return None
+    if not NAME_PATTERN.match(name):
+        problem(at("name"), label, "name: use letters, digits, '_', '-' and '.' only (it becomes a file name)")
+    for key, low in (("bars", 1), ("intro_bars", 0), ("candidates", 1)):
+        if key in values and values[key] < low:
+            problem(at(key), label, f"{key}: must be at least {low}, got {values[key]}")
+    if "tempo" in values and not 20 <= values["tempo"] <= 400:
+        problem(at("tempo"), label, f"tempo: {values['tempo']} qpm is outside 20..400")
+    if "temperature" in values and values["temperature"] <= 0:
+        problem(at("temperature"), label, "temperature: must be greater than 0")
+    if "transpose" in values and not -24 <= values["transpose"] <= 24:
+        problem(at("transpose"), label, "transpose: must be within -24..24 semitones")
+    primers = [k for k in ("primer_pitches", "primer_melody", "primer_midi") if k in values]
+    if len(primers) > 1:
+        problem(at(primers[1]), label, f"{primers[1]}: give only one primer (also has {primers[0]})")
+    for key, low in (("primer_pitches", 0), ("primer_melody", -2)):
+        for v in values.get(key, []):
+            if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= 127:
+                problem(at(key), label, f"{key}: {v!r} is not a pitch in {low}..127")
+    pick = values.get("pick", "best")
+    candidates = values.get("candidates", 4)
+    if isinstance(pick, str) and pick != "best":
+        problem(at("pick"), label, f"pick: expected \"best\" or an index, got {pick!r}")
+    if isinstance(pick, int) and not 0 <= pick < candidates:
+        problem(at("pick"), label, f"pick: index {pick} is outside 0..{candidates - 1} (candidates = {candidates})")
+    midi = primer_midi = None
+    if "midi" in values:
+        for key in GENERATION_KEYS:
+            if key in values:
+                problem(at(key), label, f"{key}: has no effect on a track rendered from 'midi'")
+        midi = _resolve_file(values["midi"], root, check_files, at("midi"), label, "midi", problem)
+    if "primer_midi" in values:
+        primer_midi = _resolve_file(values["primer_midi"], root, check_files, at("primer_midi"), label,
+                                    "primer_midi", problem)
+    preset = values.get("preset")
+    if preset is not None and check_files:
+        _check_preset(preset, root, lambda: at("preset"), label, problem)
+    formats = None
+    if "formats" in values:
+        formats = _check_formats(values["formats"], lambda: at("formats"), label, problem)
+    return TrackSpec(
+        name=name, line=line, bars=int(values.get("bars", 8)), intro_bars=int(values.get("intro_bars", 0)),
+        tempo=float(values.get("tempo", 120.0)), transpose=int(values.get("transpose", 0)),
+        seed=int(values.get("seed", 0)), temperature=float(values.get("temperature", 1.0)),
+        primer_pitches=tuple(values["primer_pitches"]) if "primer_pitches" in values else None,
+        primer_melody=tuple(values["primer_melody"]) if "primer_melody" in values else None,
+        primer_midi=primer_midi, candidates=int(candidates), pick=pick, preset=preset, formats=formats,
+        loop=bool(values.get("loop", True)), midi=midi)
+
+
+def _check_table(raw: dict[str, Any], schema: dict[str, tuple[Any, str]], line_of, label: str,
+                 problem) -> dict[str, Any]:
+    """Unknown keys (with a did-you-mean) and wrong types; returns the well-typed values only."""
+    good: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in schema:
+            problem(line_of(key), label, f"unknown key {key!r}{_did_you_mean(key, list(schema))}")
+            continue
+        types, description = schema[key]
+        types = types if isinstance(types, tuple) else (types,)
+        is_bool = isinstance(value, bool)
+        if not isinstance(value, types) or (is_bool and bool not in types):
+            problem(line_of(key), label, f"{key}: expected {description}, got {value!r}")
+            continue
+        good[key] = value
+    return good
+
+
+def _check_choice(values: dict[str, Any], key: str, choices: tuple, line_of, label: str, problem) -> None:
+    if key in values and values[key] not in choices:
+        problem(line_of(key), label, f"{key}: {values[key]} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_formats(value: list, line, label: str, problem) -> tuple[str, ...]:
+    formats = []
+    for item in value:
+        if item not in FORMATS:
+            problem(line(), label, f"formats: {item!r} is not one of {', '.join(FORMATS)}"
+                    f"{_did_you_mean(str(item), list(FORMATS))}")
+        elif item not in formats:
+            formats.append(item)
+    if not value:
+        problem(line(), label, "formats: give at least one format")
+    return tuple(formats) or ("ogg",)
+
+
+def _check_preset(preset: str, root: Path, line, label: str, problem) -> None:
+    from .presets import load_preset
+
+    try:
+        load_preset(preset, base_dir=root)
+    except ChiptuneError as exc:
+        problem(line(), label, f"preset: {exc}")
+
+
+def _resolve_file(value: str, root: Path, check: bool, line: int, label: str, key: str, problem) -> Path:
+    p = (root / value).expanduser().resolve()
+    if check and not p.is_file():
+        problem(line, label, f"{key}: file not found: {value}")
+    return p
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+STARTER = '''\
+# chiptune-forge soundtrack manifest. Build it with: chiptune-forge build
+# Every key below is optional unless marked; paths are relative to this file.
+
+[project]
+output_dir = "music"          # where the game's audio assets are written
+model = "default"             # "default" (shipped model), an exported model folder or a training run folder
+preset = "snes"               # a shipped preset (chiptune-forge presets) or a path to a preset .toml
+formats = ["ogg"]             # "ogg" (LOOPSTART/LOOPLENGTH tags) and/or "wav" (smpl loop chunk)
+sample_rate = 44100           # 32000, 44100 or 48000
+loudness_lufs = -16.0         # integrated loudness target of each track
+true_peak_db = -1.0           # true-peak ceiling
+same_gain = false             # true: one gain for every track, keeping their relative levels
+
+[[track]]
+name = "title"                # required: the asset's file stem (music/title.ogg)
+bars = 8                      # length of the looping body in bars of 4/4
+intro_bars = 2                # bars played once before the loop
+tempo = 112                   # quarter notes per minute
+seed = 1                      # change it for a different take
+candidates = 4                # pieces generated; the best-scoring one is kept
+pick = "best"                 # or an index 0..candidates-1
+primer_pitches = [60, 64, 67] # optional start: a chord (or primer_melody / primer_midi)
+
+[[track]]
+name = "victory"
+bars = 2
+loop = false                  # a jingle: plays once and ends with its tail
+tempo = 140
+seed = 3
+'''

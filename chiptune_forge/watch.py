@@ -1,0 +1,211 @@
+"""Watch mode: rebuild what an edit affects while the game is being developed.
+
+The folders holding the manifest, the presets it uses, its MIDI and primer files and the model are watched
+with watchdog (folders rather than files, so editors that save by writing a temporary file and renaming
+it, and files that appear later, are seen). Bursts of events are debounced; every rebuild is the normal
+incremental build, so an event that changed nothing costs only a no-op build. Errors never stop watching.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from .builder import CACHE_DIR, Builder, BuildReport
+from .errors import ChiptuneError
+from .manifest import ManifestError, load_manifest
+
+RELEVANT_SUFFIXES = {".toml", ".mid", ".midi", ".npz", ".json", ".vstpreset", ".bin", ".vst3"}
+
+
+class _Stop(BaseException):
+    """Raised from the signal handler to abandon a build in progress (asset writes are atomic)."""
+
+
+class _Changes(FileSystemEventHandler):
+    """Collects relevant paths from watchdog's thread and wakes the main loop."""
+
+    def __init__(self, ignored: Callable[[Path], bool]) -> None:
+        self.ignored = ignored
+        self.lock = threading.Lock()
+        self.paths: set[Path] = set()
+        self.last = 0.0
+        self.wake = threading.Event()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+            return
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if not raw:
+                continue
+            path = Path(raw if isinstance(raw, str) else raw.decode())
+            if path.suffix.lower() in RELEVANT_SUFFIXES and not self.ignored(path):
+                with self.lock:
+                    self.paths.add(path)
+                    self.last = time.monotonic()
+                self.wake.set()
+
+    def take(self) -> set[Path]:
+        with self.lock:
+            paths, self.paths = self.paths, set()
+        self.wake.clear()
+        return paths
+
+
+def watched_folders(manifest_path: Path) -> set[Path]:
+    """Folders to watch: the manifest's, and those of every file it names (read leniently, so a manifest
+    that is currently invalid still tells where its presets and MIDI files will appear)."""
+    root = manifest_path.parent
+    folders = {root}
+    try:
+        data = tomllib.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return folders
+    project = data.get("project", {}) if isinstance(data.get("project"), dict) else {}
+    tracks = [t for t in data.get("track", []) if isinstance(t, dict)] if isinstance(data.get("track"), list) else []
+    refs = [project.get("preset")] + [t.get(k) for t in tracks for k in ("preset", "midi", "primer_midi")]
+    for ref in refs:
+        if isinstance(ref, str) and ("/" in ref or ref.endswith(".toml")):
+            folders.add((root / ref).expanduser().resolve().parent)
+        elif isinstance(ref, str) and ref.endswith((".mid", ".midi")):
+            folders.add((root / ref).resolve().parent)
+    model = project.get("model", "default")
+    try:
+        from .lstm import resolve_model_dir
+
+        folders.add(resolve_model_dir(None if model == "default" else str((root / model).expanduser())))
+    except ChiptuneError:
+        if isinstance(model, str) and model != "default":
+            folders.add((root / model).resolve().parent)
+    from .presets import shipped_presets_dir
+
+    folders.add(shipped_presets_dir())
+    return {f for f in folders if f.is_dir()}
+
+
+class Watcher:
+    def __init__(self, manifest: str | Path, debounce: float = 0.2, log: Callable[[str], None] = print,
+                 workers: int = 2) -> None:
+        path = Path(manifest)
+        self.path = (path / "chiptune.toml" if path.is_dir() else path).resolve()
+        self.debounce = debounce
+        self.log = log
+        self.workers = workers
+        self.stop = threading.Event()
+        self.output_dir: Path | None = None
+        self.changes = _Changes(self._ignored)
+        self.observer = Observer()
+        self.watches: dict[Path, object] = {}
+        self.building = False
+
+    def _ignored(self, path: Path) -> bool:
+        parts = path.parts
+        if CACHE_DIR in parts or path.name.startswith(".") or path.name.endswith(".partial"):
+            return True
+        return self.output_dir is not None and path.is_relative_to(self.output_dir)
+
+    def _rewatch(self) -> None:
+        wanted = watched_folders(self.path)
+        for folder in set(self.watches) - wanted:
+            self.observer.unschedule(self.watches.pop(folder))
+        for folder in wanted - set(self.watches):
+            self.watches[folder] = self.observer.schedule(self.changes, str(folder), recursive=False)
+
+    def build_once(self, executor: ProcessPoolExecutor, changed: set[Path]) -> BuildReport | None:
+        """One incremental build; prints a status line per rebuilt track, or the manifest's errors."""
+        what = ", ".join(sorted(p.name for p in changed)) if changed else "start"
+        start = time.perf_counter()
+        try:
+            manifest = load_manifest(self.path)
+        except ManifestError as exc:
+            for line in exc.problems:
+                self.log(f"error: {line}")
+            self.log(f"watching for the next save (last good assets kept); changed: {what}")
+            return None
+        except ChiptuneError as exc:
+            self.log(f"error: {exc}")
+            return None
+        self.output_dir = manifest.project.output_dir
+        self.building = True
+        try:
+            report = Builder(manifest, executor=executor, show_progress=False, log=self.log).run()
+        except ChiptuneError as exc:
+            self.log(f"error: {exc}")
+            return None
+        finally:
+            self.building = False
+        stamp = time.strftime("%H:%M:%S")
+        for t in report.tracks:
+            if t.status == "failed":
+                self.log(f"[{stamp}] {t.name}: FAILED ({what}): {t.error}")
+            elif t.status == "built":
+                redone = ", ".join(t.stages) or "export"
+                self.log(f"[{stamp}] {t.name}: {'; '.join(t.reasons) or what} -> {redone} in {t.seconds:.2f} s")
+        if not report.changed and not report.failed:
+            self.log(f"[{stamp}] up to date ({what}) in {time.perf_counter() - start:.2f} s")
+        return report
+
+    def run(self, once_after: float | None = None) -> int:
+        """Build, then rebuild on changes until SIGINT/SIGTERM or `once_after` seconds have passed."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        deadline = time.monotonic() + once_after if once_after is not None else None
+        executor = ProcessPoolExecutor(max_workers=self.workers)
+        try:
+            self._run_loop(executor, deadline)
+        except _Stop:
+            pass
+        finally:
+            self.observer.stop()
+            workers = list((getattr(executor, "_processes", None) or {}).values())
+            executor.shutdown(wait=False, cancel_futures=True)
+            for proc in workers:
+                proc.terminate()
+            for proc in workers:
+                proc.join(timeout=1)
+            if self.observer.is_alive():
+                self.observer.join(timeout=1)
+            self._clean_partials()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.log("watch stopped")
+        return 0
+
+    def _run_loop(self, executor: ProcessPoolExecutor, deadline: float | None) -> None:
+        self._rewatch()
+        self.observer.start()
+        self.build_once(executor, set())
+        self.log(f"watching {self.path} (Ctrl-C to stop)")
+        while not self.stop.is_set():
+            timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            self.changes.wake.wait(timeout)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            if not self.changes.wake.is_set() or self.stop.is_set():
+                continue
+            # Debounce: wait until the burst has been quiet for `debounce` seconds.
+            while not self.stop.is_set() and time.monotonic() - self.changes.last < self.debounce:
+                time.sleep(max(0.01, self.debounce - (time.monotonic() - self.changes.last)))
+            if self.stop.is_set():
+                break
+            changed = self.changes.take()
+            self.build_once(executor, changed)
+            self._rewatch()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop.set()
+        self.changes.wake.set()
+        if self.building:
+            raise _Stop
+
+    def _clean_partials(self) -> None:
+        if self.output_dir and self.output_dir.is_dir():
+            for f in self.output_dir.glob(".*.partial"):
+                f.unlink(missing_ok=True)

@@ -1,0 +1,244 @@
+"""The build step: incremental stages, lock reproducibility, atomic assets, --check/--json, the example game."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from midi_factory import simple_song
+
+from chiptune_forge.builder import CACHE_DIR, LOCK_NAME, build
+from chiptune_forge.cli import main
+from chiptune_forge.errors import ChiptuneError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(folder: Path, units: int = 16, seed: int = 0) -> Path:
+    """A small random model in the exported format: enough to generate, fast to run."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"embedding": rng.normal(0, 0.5, (259, units)).astype(np.float32)}
+    for i in range(2):
+        arrays[f"lstm{i}_kernel"] = rng.normal(0, 0.3, (units, 4 * units)).astype(np.float32)
+        arrays[f"lstm{i}_recurrent"] = rng.normal(0, 0.3, (units, 4 * units)).astype(np.float32)
+        arrays[f"lstm{i}_bias"] = np.zeros(4 * units, np.float32)
+    arrays["dense_kernel"] = rng.normal(0, 0.3, (units, 259)).astype(np.float32)
+    bias = np.zeros(259, np.float32)
+    bias[2] = 2.0  # STEP_END likely, so pieces stay sparse like music
+    arrays["dense_bias"] = bias
+    np.savez(folder / "weights.npz", **arrays)
+    info = {"format": "chiptune-forge-lstm-1", "encoding": "polyphony-1", "num_classes": 259,
+            "hparams": {"batch_size": 4, "rnn_layer_sizes": [units, units], "dropout_keep_prob": 1.0,
+                        "clip_norm": 5.0, "learning_rate": 0.001},
+            "layers": [units, units], "embedding_dim": units, "training_steps": 0}
+    (folder / "model.json").write_text(json.dumps(info))
+    return folder
+
+
+MANIFEST = """\
+[project]
+output_dir = "music"
+model = "model"
+preset = "{preset}"
+formats = {formats}
+sample_rate = 32000
+
+[[track]]
+name = "theme"
+bars = 2
+intro_bars = 1
+tempo = {tempo}
+seed = {seed}
+candidates = 2
+pick = {pick}
+
+[[track]]
+name = "given"
+midi = "song.mid"
+bars = 2
+loop = {loop}
+"""
+
+
+def project(tmp_path: Path, **changes: object) -> Path:
+    values = {"preset": "snes", "formats": '["ogg"]', "tempo": 120, "seed": 1, "pick": '"best"', "loop": "true"}
+    values.update(changes)
+    root = tmp_path / "game"
+    root.mkdir(exist_ok=True)
+    if not (root / "model").exists():
+        tiny_model(root / "model")
+    if not (root / "song.mid").exists():
+        simple_song(root / "song.mid", bars=3)
+    (root / "chiptune.toml").write_text(MANIFEST.format(**values))
+    return root / "chiptune.toml"
+
+
+def statuses(report) -> dict[str, tuple[str, tuple[str, ...]]]:
+    return {t.name: (t.status, tuple(t.stages)) for t in report.tracks}
+
+
+def decoded(path: Path) -> np.ndarray:
+    data, _ = sf.read(str(path), dtype="float32")
+    return data
+
+
+def test_incremental_stages(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    first = build(manifest)
+    assert statuses(first) == {"theme": ("built", ("generate", "render", "export")),
+                               "given": ("built", ("render", "export"))}, [t.error for t in first.tracks]
+    music = manifest.parent / "music"
+    assert (music / "theme.ogg").is_file() and (music / "given.ogg").is_file()
+    assert not list(music.glob("*.partial")) and not list(music.glob(".*.partial"))
+
+    assert statuses(build(manifest)) == {"theme": ("skipped", ()), "given": ("skipped", ())}
+
+    project(tmp_path, preset="snes_dry")  # preset only: re-render, no generation
+    assert statuses(build(manifest)) == {"theme": ("built", ("render", "export")),
+                                         "given": ("built", ("render", "export"))}
+
+    project(tmp_path, preset="snes_dry", tempo=100)  # tempo: the generated track re-renders
+    report = build(manifest)
+    assert statuses(report)["theme"] == ("built", ("render", "export"))
+    assert statuses(report)["given"] == ("skipped", ())
+    assert any("midi" in r for r in report.tracks[0].reasons)
+
+    project(tmp_path, preset="snes_dry", tempo=100, formats='["ogg", "wav"]')  # export only
+    assert statuses(build(manifest)) == {"theme": ("built", ("export",)), "given": ("built", ("export",))}
+    assert (music / "theme.wav").is_file()
+
+    project(tmp_path, preset="snes_dry", tempo=100, formats='["wav"]', pick=1)  # another candidate, no model run
+    report = build(manifest)
+    assert statuses(report)["theme"] == ("built", ("render", "export"))
+    assert not (music / "theme.ogg").exists(), "a dropped format's old file is removed"
+
+    project(tmp_path, preset="snes_dry", tempo=100, formats='["wav"]', pick=1, seed=2)  # new take
+    assert statuses(build(manifest))["theme"] == ("built", ("generate", "render", "export"))
+
+
+def test_lock_reproduces_without_cache(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    build(manifest)
+    music = manifest.parent / "music"
+    before = decoded(music / "theme.ogg")
+    lock = json.loads((manifest.parent / LOCK_NAME).read_text())
+    entry = lock["tracks"]["theme"]
+    assert {"candidate", "midi_sha256", "model_sha256", "inputs_sha256", "events"} <= set(entry)
+
+    import shutil
+
+    shutil.rmtree(manifest.parent / CACHE_DIR)
+    (music / "theme.ogg").unlink()
+    report = build(manifest)
+    assert statuses(report)["theme"] == ("built", ("render", "export")), "the lock's take is rendered, not regenerated"
+    assert np.array_equal(decoded(music / "theme.ogg"), before)
+    assert json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]["theme"]["midi_sha256"] == \
+        entry["midi_sha256"]
+
+    report = build(manifest, regenerate=["theme"])
+    assert statuses(report)["theme"][1][0] == "generate"
+    assert json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]["theme"]["midi_sha256"] == \
+        entry["midi_sha256"], "generation is deterministic"
+
+
+def test_check_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = project(tmp_path)
+    assert main(["build", str(manifest), "--check"]) == 1
+    assert "theme: out of date" in capsys.readouterr().out
+    assert not (manifest.parent / "music").exists(), "--check builds nothing"
+    assert main(["build", str(manifest), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {t["name"]: t["status"] for t in report["tracks"]} == {"theme": "built", "given": "built"}
+    assert all(t["files"] for t in report["tracks"])
+    assert main(["build", str(manifest), "--check"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["theme: up to date", "given: up to date"]
+    project(tmp_path, loop="false")
+    assert main(["build", str(manifest), "--check", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    given = next(t for t in report["tracks"] if t["name"] == "given")
+    assert given["status"] == "outdated" and any("loop" in r for r in given["reasons"])
+    assert main(["build", str(manifest), "--only", "nope"]) == 1
+
+
+def test_second_build_is_refused_while_one_runs(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    cache = manifest.parent / CACHE_DIR
+    cache.mkdir()
+    with open(cache / "build.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(ChiptuneError, match="another build is running"):
+            build(manifest)
+
+
+def test_failed_export_keeps_previous_assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = project(tmp_path)
+    build(manifest)
+    music = manifest.parent / "music"
+    before = {p.name: p.read_bytes() for p in music.iterdir()}
+    import chiptune_forge.export
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    # Worker processes are forked from this one, so they see the patched writer.
+    monkeypatch.setattr(chiptune_forge.export, "export_track", broken)
+    project(tmp_path, preset="snes_dry")
+    report = build(manifest)
+    assert {t.status for t in report.tracks} == {"failed"}
+    assert all("disk full" in t.error for t in report.tracks)
+    assert {p.name: p.read_bytes() for p in music.iterdir()} == before
+
+
+def test_killed_build_leaves_only_complete_files(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    build(manifest)
+    music = manifest.parent / "music"
+    project(tmp_path, preset="snes_dungeon", seed=5)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "chiptune_forge", "build", str(manifest)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None and not list((manifest.parent / CACHE_DIR).glob("gen/*")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    for asset in music.iterdir():
+        if asset.suffix in (".ogg", ".wav"):
+            assert len(decoded(asset)) > 0, asset
+    report = build(manifest)
+    assert {t.status for t in report.tracks} <= {"built", "skipped"}
+    assert not [p for p in music.iterdir() if p.name.endswith(".partial")]
+    assert build(manifest).changed == []
+
+
+def test_example_game_plays_headless(tmp_path: Path) -> None:
+    pytest.importorskip("pygame")
+    root = tmp_path / "game"
+    root.mkdir()
+    tiny_model(root / "model")
+    tracks = "".join(f'[[track]]\nname = "{n}"\nbars = 1\nseed = {i}\ncandidates = 1\nloop = {str(n != "victory").lower()}\n'
+                     for i, n in enumerate(["title", "town", "dungeon", "battle", "victory"]))
+    (root / "chiptune.toml").write_text(f'[project]\nmodel = "model"\nsample_rate = 44100\n{tracks}')
+    report = build(root / "chiptune.toml")
+    assert not report.failed, [t.error for t in report.failed]
+    env = dict(os.environ, SDL_VIDEODRIVER="dummy", SDL_AUDIODRIVER="disk",
+               SDL_DISKAUDIOFILE=str(tmp_path / "audio.raw"), SDL_DISKAUDIODELAY="0")
+    out = subprocess.run([sys.executable, str(REPO / "example_game" / "game.py"), "--demo", "--room-seconds", "0.3",
+                          "--music", str(root / "music")], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:5]] == ["room title", "room town", "room dungeon", "room battle",
+                                                          "room victory"]
+    assert lines[-1] == "bye"
+    captured = np.frombuffer((tmp_path / "audio.raw").read_bytes(), dtype=np.int16)
+    assert captured.size > 0 and np.abs(captured).max() > 0, "the music was actually played"

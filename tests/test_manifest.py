@@ -1,0 +1,127 @@
+"""Manifest validation: every problem reported at once, each with file, line and key; nothing built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from midi_factory import simple_song
+
+from chiptune_forge.cli import main
+from chiptune_forge.errors import ChiptuneError
+from chiptune_forge.manifest import STARTER, ManifestError, load_manifest
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "chiptune.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    return info.value.problems
+
+
+def test_starter_manifest_is_valid(tmp_path: Path) -> None:
+    m = load_manifest(write(tmp_path, STARTER))
+    assert [t.name for t in m.tracks] == ["title", "victory"]
+    assert m.project.output_dir == (tmp_path / "music").resolve()
+    assert m.tracks[1].loop is False
+    assert m.tracks[0].primer_pitches == (60, 64, 67)
+
+
+def test_every_problem_listed_with_line_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+[project]
+output_dir = "music"
+formtas = ["ogg"]
+sample_rate = 22050
+
+[[track]]
+name = "title"
+bars = "eight"
+tempo = 120
+
+[[track]]
+name = "title"
+temprature = 0.9
+pick = 7
+candidates = 2
+
+[[track]]
+bars = 4
+""")
+    problems = problems_of(path)
+    text = "\n".join(problems)
+    assert f"{path}:3: [project] unknown key 'formtas' (did you mean 'formats'?)" in problems
+    assert f"{path}:4: [project] sample_rate: 22050 is not one of 32000, 44100, 48000" in problems
+    assert f"{path}:8: track 'title': bars: expected a whole number of bars, got 'eight'" in problems
+    assert f"{path}:13: track 'title': unknown key 'temprature' (did you mean 'temperature'?)" in problems
+    assert f"{path}:14: track 'title': pick: index 7 is outside 0..1 (candidates = 2)" in problems
+    assert f"{path}:11: track 'title': name: duplicate of the track at line 6" in problems
+    assert f"{path}:17: track #3: name: missing" in text
+    assert len(problems) == 7
+
+
+def test_syntax_error_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[project]\noutput_dir = \"music\n")
+    problems = problems_of(path)
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:2:") and "TOML syntax error" in problems[0]
+
+
+def test_files_presets_and_paths(tmp_path: Path) -> None:
+    simple_song(tmp_path / "theme.mid")
+    path = write(tmp_path, """\
+[project]
+output_dir = "../outside"
+preset = "snes_overwrld"
+model = "no/such/model"
+
+[[track]]
+name = "a"
+midi = "missing.mid"
+
+[[track]]
+name = "b"
+midi = "theme.mid"
+seed = 3
+
+[[track]]
+name = "c d"
+primer_pitches = [60, 200]
+primer_melody = [60]
+""")
+    text = "\n".join(problems_of(path))
+    assert ":2: [project] output_dir: '../outside' leaves the project folder" in text
+    assert ":3: [project] preset:" in text and "snes_overworld" in text
+    assert ":4: [project] model: 'no/such/model' not found" in text
+    assert ":8: track 'a': midi: file not found: missing.mid" in text
+    assert ":13: track 'b': seed: has no effect on a track rendered from 'midi'" in text
+    assert ":16: track 'c d': name: use letters" in text
+    assert ":18: track 'c d': primer_melody: give only one primer" in text
+    assert ":17: track 'c d': primer_pitches: 200 is not a pitch in 0..127" in text
+    lines = [int(p.split(":")[1]) for p in text.splitlines()]
+    assert lines == sorted(lines), "problems come in file order"
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ChiptuneError, match="manifest not found"):
+        load_manifest(tmp_path / "nope.toml")
+
+
+def test_cli_lists_every_problem_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[project]\nbogus = 1\n[[track]]\nname = \"x\"\nbars = 0\n")
+    assert main(["build", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert all(line.startswith(f"chiptune-forge: error: {path}:") for line in err)
+    assert not (tmp_path / "music").exists() and not (tmp_path / ".chiptune").exists()
+
+
+def test_init_writes_starter_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", str(tmp_path)]) == 0
+    assert (tmp_path / "chiptune.toml").read_text() == STARTER
+    assert main(["init", str(tmp_path)]) == 1
+    assert "already exists" in capsys.readouterr().err
