@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -611,7 +612,7 @@ class Builder:
         if not jobs:
             return
         own = self.executor is None and len(jobs) > 1 and self.workers > 1
-        executor = self.executor or (ProcessPoolExecutor(max_workers=min(self.workers, len(jobs))) if own else None)
+        executor = self.executor or (new_executor(min(self.workers, len(jobs))) if own else None)
         try:
             with bar(len(jobs), what, unit="track", disable=not self.show_progress) as progress:
                 if executor is None:
@@ -647,6 +648,16 @@ class Builder:
         for f in (self.cache / "audio").glob("*.npz"):
             if f.stem not in live:
                 f.unlink(missing_ok=True)
+
+
+def worker_init() -> None:
+    """Workers leave Ctrl-C and SIGTERM to the parent, which stops them and cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def new_executor(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, initializer=worker_init)
 
 
 def _call(fn: Callable, job: Any) -> tuple[Any, str | None]:

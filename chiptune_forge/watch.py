@@ -19,7 +19,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .builder import CACHE_DIR, Builder, BuildReport
+from .builder import CACHE_DIR, Builder, BuildReport, new_executor
 from .errors import ChiptuneError
 from .manifest import ManifestError, load_manifest
 
@@ -157,7 +157,7 @@ class Watcher:
         """Build, then rebuild on changes until SIGINT/SIGTERM or `once_after` seconds have passed."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         deadline = time.monotonic() + once_after if once_after is not None else None
-        executor = ProcessPoolExecutor(max_workers=self.workers)
+        executor = new_executor(self.workers)
         try:
             self._run_loop(executor, deadline)
         except _Stop:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
-import pygame  # noqa: E402 - the prompt variable must be set before the import
+import pygame
 
 HERE = Path(__file__).resolve().parent
 MUSIC = HERE / "music"

@@ -226,8 +226,9 @@ def test_example_game_plays_headless(tmp_path: Path) -> None:
     root = tmp_path / "game"
     root.mkdir()
     tiny_model(root / "model")
-    tracks = "".join(f'[[track]]\nname = "{n}"\nbars = 1\nseed = {i}\ncandidates = 1\nloop = {str(n != "victory").lower()}\n'
-                     for i, n in enumerate(["title", "town", "dungeon", "battle", "victory"]))
+    names = ["title", "town", "dungeon", "battle", "victory"]
+    tracks = "".join(f'[[track]]\nname = "{n}"\nbars = 1\nseed = {i}\ncandidates = 1\n'
+                     f'loop = {str(n != "victory").lower()}\n' for i, n in enumerate(names))
     (root / "chiptune.toml").write_text(f'[project]\nmodel = "model"\nsample_rate = 44100\n{tracks}')
     report = build(root / "chiptune.toml")
     assert not report.failed, [t.error for t in report.failed]

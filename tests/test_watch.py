@@ -1,0 +1,166 @@
+"""Watch mode, run as a user runs it: a subprocess, real file edits, bounded waits, signals."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from midi_factory import simple_song
+
+from chiptune_forge.presets import shipped_presets_dir
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT = 60.0
+
+
+class WatchProcess:
+    """`chiptune-forge watch` in a subprocess, its stdout read line by line on a thread."""
+
+    def __init__(self, manifest: Path, *extra: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chiptune_forge", "watch", str(manifest), "--debounce", "0.2", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def expect(self, text: str, timeout: float = WAIT) -> str:
+        """The next line containing `text`, waiting at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no line with {text!r} within {timeout} s; saw: {self.seen[-15:]}")
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "game"
+    root.mkdir()
+    sounds = tmp_path / "sounds"
+    sounds.mkdir()
+    shutil.copy(shipped_presets_dir() / "snes_dry.toml", sounds / "mine.toml")
+    simple_song(root / "theme.mid", bars=2)
+    manifest = root / "chiptune.toml"
+    manifest.write_text('[project]\npreset = "../sounds/mine.toml"\nsample_rate = 32000\n\n'
+                        '[[track]]\nname = "theme"\nmidi = "theme.mid"\nbars = 2\n')
+    return manifest, sounds / "mine.toml"
+
+
+def wait_for_change(path: Path, old: bytes, timeout: float = WAIT) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and (data := path.read_bytes()) != old:
+            return data
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not change within {timeout} s")
+
+
+def test_watch_rebuilds_on_edits_and_survives_errors(project: tuple[Path, Path]) -> None:
+    manifest, preset = project
+    asset = manifest.parent / "music" / "theme.ogg"
+    watch = WatchProcess(manifest, "--once-after", "240")
+    try:
+        watch.expect("theme:")
+        watch.expect("watching")
+        first = asset.read_bytes()
+
+        # A preset in another folder, edited in place: the track re-renders.
+        preset.write_text(preset.read_text().replace("volume = 0.9", "volume = 0.6"))
+        line = watch.expect("theme:")
+        assert "preset" in line and "render" in line
+        second = wait_for_change(asset, first)
+
+        # A manifest saved with a syntax error: reported with file and line, assets kept, still watching.
+        good = manifest.read_text()
+        manifest.write_text(good.replace("bars = 2", "bars = = 2"))
+        line = watch.expect("error:")
+        assert f"{manifest}:8" in line and "syntax" in line
+        watch.expect("last good assets kept")
+        assert asset.read_bytes() == second
+
+        # The fixed manifest (written the way vim and JetBrains save: temp file + rename) builds again.
+        tmp = manifest.with_name("chiptune.toml.swp~")
+        tmp.write_text(good.replace("bars = 2", "bars = 1"))
+        os.replace(tmp, manifest)
+        line = watch.expect("theme:")
+        assert "bars" in line
+        wait_for_change(asset, second)
+    finally:
+        watch.stop()
+
+
+def test_new_preset_file_appearing_later(project: tuple[Path, Path]) -> None:
+    manifest, preset = project
+    watch = WatchProcess(manifest, "--once-after", "240")
+    try:
+        watch.expect("watching")
+        newer = preset.with_name("later.toml")
+        manifest.write_text(manifest.read_text().replace("mine.toml", "later.toml"))
+        line = watch.expect("error:")
+        assert "later.toml" in line
+        shutil.copy(shipped_presets_dir() / "snes_battle.toml", newer)
+        line = watch.expect("theme:")
+        assert "preset" in line
+    finally:
+        watch.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_end_cleanly(project: tuple[Path, Path], sig: signal.Signals) -> None:
+    manifest, preset = project
+    watch = WatchProcess(manifest)
+    try:
+        watch.expect("watching")
+        workers = watch.children()
+        preset.write_text(preset.read_text().replace("volume = 0.9", "volume = 0.5"))
+        watch.expect("theme:")
+        start = time.monotonic()
+        watch.proc.send_signal(sig)
+        assert watch.proc.wait(timeout=5) == 0
+        assert time.monotonic() - start < 2.0
+        watch.expect("watch stopped", timeout=5)
+        music = manifest.parent / "music"
+        assert not [p for p in music.iterdir() if p.name.endswith(".partial")]
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:
+        watch.stop()
+
+
+def test_once_after_ends_by_itself(project: tuple[Path, Path]) -> None:
+    manifest, _ = project
+    watch = WatchProcess(manifest, "--once-after", "1")
+    try:
+        watch.expect("watch stopped")
+        assert watch.proc.wait(timeout=10) == 0
+    finally:
+        watch.stop()
