@@ -1,0 +1,361 @@
+"""Loudness and files: normalize a rendered track, then write OGG/WAV with loop metadata, atomically.
+
+What each reader takes (see docs/loop-metadata.md in the shared docs):
+- OGG Vorbis: comments `LOOPSTART` and `LOOPLENGTH`, upper case, integer sample frames (SDL_mixer/pygame,
+  RPG Maker MV/MZ, PyMusicLooper, vgmstream). The file ends exactly at the loop end.
+- WAV: 16-bit PCM plus a `smpl` chunk with one forward loop whose end is the last frame played (inclusive,
+  as the spec says; SDL_mixer, Godot, Unity, Unreal read it).
+- Godot (optional `.import` next to each file): Ogg `loop`/`loop_offset` in seconds; WAV `edit/loop_mode`
+  Forward with `edit/loop_begin`/`edit/loop_end` in frames, end exclusive as Godot plays it.
+- A JSON sidecar `NAME.json` with the loop in frames and seconds, tempo, bars and measured loudness.
+
+Every file of a track is first written under a hidden temporary name that no engine takes for an asset
+(`.NAME.ogg.partial`) and renamed into place only when all of them are complete, so a game watching the
+folder never sees half a track, and a failed export leaves the previous files untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyloudnorm
+import soundfile as sf
+import soxr
+from mutagen.oggvorbis import OggVorbis
+
+from .errors import ChiptuneError
+from .loops import TrackAudio, check_sample_rate
+
+TARGET_LUFS = -16.0
+TRUE_PEAK_DB = -1.0
+FORMATS = ("ogg", "wav")
+VORBIS_QUALITY = 0.5
+"""libvorbis quality 0..1 (0.5 is about 160 kbit/s stereo at 44.1 kHz)."""
+
+VORBIS_CHUNK_FRAMES = 16384
+"""Frames handed to the Vorbis encoder per call: libvorbis allocates its analysis buffer on the stack, and
+one call with minutes of audio overflows it (a segfault; libsndfile issue #1095, python-soundfile #233)."""
+
+TRUE_PEAK_OVERSAMPLING = 4
+CEILING_MARGIN_DB = 0.05
+CEILING_TRIES = 8
+LOUDNESS_BLOCK_SECONDS = 0.4
+PARTIAL_SUFFIX = ".partial"
+
+_GODOT_UID = re.compile(r'^uid="(uid://[0-9a-z]+)"\s*$', re.MULTILINE)
+_NAME = re.compile(r"^[^./\\][^/\\]*$")
+
+Loop = tuple[int, int] | None
+"""(start, length) in frames, or None for a clip that does not loop."""
+
+
+# -------------------------------------------------------------------------------------------- loudness
+
+
+def measure_loudness(track: TrackAudio) -> float:
+    """Integrated loudness (ITU-R BS.1770, gated) in LUFS over intro + one body, i.e. the whole file.
+
+    The gate needs at least one 400 ms block: a shorter loop is measured over as many body passes as
+    make one block (what a player hears), a shorter jingle over itself padded with silence.
+    -inf for digital silence.
+    """
+    audio = track.audio.astype(np.float64)
+    need = math.ceil(LOUDNESS_BLOCK_SECONDS * track.sample_rate) + 1
+    if audio.shape[0] < need:
+        if track.looping:
+            body = audio[track.loop_start:]
+            repeats = math.ceil((need - audio.shape[0]) / body.shape[0])
+            audio = np.concatenate([audio, *([body] * repeats)])
+        else:
+            audio = np.concatenate([audio, np.zeros((need - audio.shape[0], 2))])
+    return float(pyloudnorm.Meter(track.sample_rate).integrated_loudness(audio))
+
+
+def true_peak_db(audio: np.ndarray, sample_rate: int, loop_start: int | None = None) -> float:
+    """True peak in dBTP: the largest magnitude of the 4x oversampled signal (BS.1770-4, Annex 2).
+
+    For a loop, the first milliseconds of the body are appended after its end, so a peak between the
+    last frame and the loop start, which the player interpolates across, counts too. -inf for silence.
+    """
+    x = np.asarray(audio, dtype=np.float32)
+    if loop_start is not None:
+        x = np.concatenate([x, x[loop_start:loop_start + sample_rate // 100]])
+    stream = soxr.ResampleStream(sample_rate, sample_rate * TRUE_PEAK_OVERSAMPLING, x.shape[1],
+                                 dtype="float32", quality="HQ")
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    step = 1 << 16
+    for i in range(0, x.shape[0], step):
+        chunk = stream.resample_chunk(x[i:i + step], last=i + step >= x.shape[0])
+        if chunk.size:
+            peak = max(peak, float(np.max(np.abs(chunk))))
+    return 20 * math.log10(peak) if peak > 0 else -math.inf
+
+
+def _scaled(audio: np.ndarray, gain_db: float) -> np.ndarray:
+    return (audio * np.float32(10 ** (gain_db / 20))).astype(np.float32)
+
+
+def fit_ceiling(track: TrackAudio, gain_db: float, ceiling_db: float = TRUE_PEAK_DB) -> float:
+    """The largest gain at most `gain_db` that keeps the true peak under the ceiling both in the float
+    audio and after a Vorbis encode/decode round trip (the codec can overshoot the input's peaks).
+
+    The encoder is deterministic, so the OGG that export_track later writes from the same samples has
+    exactly the peaks checked here.
+    """
+    gain = min(gain_db, ceiling_db - true_peak_db(track.audio, track.sample_rate, track.loop_start))
+    for _ in range(CEILING_TRIES):
+        decoded = _vorbis_round_trip(_scaled(track.audio, gain), track.sample_rate)
+        over = true_peak_db(decoded, track.sample_rate, track.loop_start) - ceiling_db
+        if over <= 0:
+            return gain
+        gain -= over + CEILING_MARGIN_DB
+    raise RuntimeError(f"the Vorbis true peak stays above {ceiling_db} dBTP after {CEILING_TRIES} tries")
+
+
+def normalize(track: TrackAudio, target_lufs: float = TARGET_LUFS, true_peak_db: float = TRUE_PEAK_DB,
+              gain_db: float | None = None) -> tuple[TrackAudio, float]:
+    """Scale a track to `target_lufs` integrated loudness, less if the true-peak ceiling demands it.
+
+    With `gain_db` given (same-gain mode) that gain is applied exactly, keeping the tracks' relative
+    levels; the caller picks it within every track's headroom (fit_ceiling tells a track's, codec included).
+    Returns the scaled track and the gain applied in dB; a silent track gets 0 dB.
+    """
+    if gain_db is None:
+        loudness = measure_loudness(track)
+        gain_db = 0.0 if math.isinf(loudness) else fit_ceiling(track, target_lufs - loudness, true_peak_db)
+    return replace(track, audio=_scaled(track.audio, gain_db)), gain_db
+
+
+# -------------------------------------------------------------------------------------------- encoders
+
+
+_last_vorbis: dict[tuple, tuple[bytes, np.ndarray]] = {}
+
+
+def _vorbis(audio: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
+    """Encode to Ogg Vorbis and decode it back, remembering the last result.
+
+    The encoder is deterministic, so the true-peak check in `fit_ceiling`, the file `write_ogg` writes and
+    the peak measured for the sidecar all share one encode of the same samples instead of three.
+    """
+    key = (sample_rate, audio.shape, hashlib.blake2b(np.ascontiguousarray(audio).tobytes(), digest_size=16).digest())
+    if key not in _last_vorbis:
+        buf = io.BytesIO()
+        with sf.SoundFile(buf, "w", sample_rate, 2, subtype="VORBIS", format="OGG",
+                          compression_level=1.0 - VORBIS_QUALITY) as f:
+            for i in range(0, audio.shape[0], VORBIS_CHUNK_FRAMES):
+                f.write(audio[i:i + VORBIS_CHUNK_FRAMES])
+        data = buf.getvalue()
+        decoded = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]
+        _last_vorbis.clear()
+        _last_vorbis[key] = (data, decoded)
+    return _last_vorbis[key]
+
+
+def encode_vorbis(target: str | Path, audio: np.ndarray, sample_rate: int) -> None:
+    Path(target).write_bytes(_vorbis(audio, sample_rate)[0])
+
+
+def _vorbis_round_trip(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    return _vorbis(audio, sample_rate)[1]
+
+
+def write_ogg(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> None:
+    """Ogg Vorbis with LOOPSTART/LOOPLENGTH comments (frames, upper case) written by mutagen."""
+    encode_vorbis(path, audio, sample_rate)
+    frames = len(_vorbis_round_trip(audio, sample_rate))
+    if frames != audio.shape[0]:
+        raise ChiptuneError(f"{path}: the Vorbis encoder wrote {frames} frames instead of {audio.shape[0]}")
+    if loop is not None:
+        ogg = OggVorbis(path)
+        ogg.tags["LOOPSTART"] = [str(loop[0])]
+        ogg.tags["LOOPLENGTH"] = [str(loop[1])]
+        ogg.save()
+
+
+def smpl_chunk(sample_rate: int, start: int, end_inclusive: int) -> bytes:
+    """A RIFF `smpl` chunk with one infinite forward loop over frames start..end_inclusive."""
+    header = (0, 0, round(1e9 / sample_rate), 60, 0, 0, 0, 1, 0)  # manufacturer .. sampler data size
+    loop = (0, 0, start, end_inclusive, 0, 0)  # cue id, type forward, start, end, fraction, play count
+    body = struct.pack("<9I6I", *header, *loop)
+    return b"smpl" + struct.pack("<I", len(body)) + body
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int, loop: Loop) -> bytes:
+    """16-bit PCM WAV (written by soundfile) with a `smpl` chunk appended when the clip loops.
+
+    Stereo 16-bit data is always an even number of bytes, so the chunk needs no RIFF pad byte before it.
+    """
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    data = buf.getvalue()
+    if loop is None:
+        return data
+    data += smpl_chunk(sample_rate, loop[0], loop[0] + loop[1] - 1)
+    return data[:4] + struct.pack("<I", len(data) - 8) + data[8:]
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> None:
+    path.write_bytes(wav_bytes(audio, sample_rate, loop))
+
+
+WRITERS: dict[str, Callable[[Path, np.ndarray, int, Loop], None]] = {"ogg": write_ogg, "wav": write_wav}
+
+
+def godot_import_text(fmt: str, sample_rate: int, loop: Loop, uid: str | None = None) -> str:
+    """Godot 4 `.import` settings; Godot keeps [params] and the uid when it reimports the file."""
+    if fmt == "ogg":
+        remap = ['importer="oggvorbisstr"', 'type="AudioStreamOggVorbis"']
+        params = [f"loop={'true' if loop else 'false'}",
+                  f"loop_offset={repr(loop[0] / sample_rate) if loop else '0.0'}"]
+    else:
+        remap = ['importer="wav"', 'type="AudioStreamWAV"']
+        params = (["edit/loop_mode=2", f"edit/loop_begin={loop[0]}", f"edit/loop_end={loop[0] + loop[1]}"]
+                  if loop else ["edit/loop_mode=1"])
+    if uid:
+        remap.append(f'uid="{uid}"')
+    return "[remap]\n\n" + "\n".join(remap) + "\n\n[params]\n\n" + "\n".join(params) + "\n"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (the sidecar records the source MIDI's)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def _decoded(path: Path) -> np.ndarray:
+    return sf.read(str(path), dtype="float32", always_2d=True)[0]
+
+
+def _db_or_none(value: float) -> float | None:
+    return None if math.isinf(value) else round(value, 3)
+
+
+def _sidecar(track: TrackAudio, name: str, files: list[str], peak: float,
+             info: dict | None, split: dict[str, list[str]]) -> dict:
+    rate = track.sample_rate
+    data = dict(info or {})
+    data.update({
+        "name": name,
+        "files": files,
+        "sample_rate": rate,
+        "frames": track.frames,
+        "seconds": track.frames / rate,
+        "loop": track.looping,
+        "loop_start_frames": track.loop_start,
+        "loop_length_frames": track.loop_length,
+        "loop_end_frames": track.loop_end,
+        "loop_start_seconds": None if track.loop_start is None else track.loop_start / rate,
+        "loop_length_seconds": None if track.loop_length is None else track.loop_length / rate,
+        "loop_end_seconds": None if track.loop_end is None else track.loop_end / rate,
+        "qpm": track.qpm,
+        "bars": track.bars,
+        "intro_bars": track.intro_bars,
+        "loudness_lufs": _db_or_none(measure_loudness(track)),
+        "true_peak_dbtp": _db_or_none(peak),
+    })
+    if split:
+        data["split"] = split
+    return data
+
+
+def _check_request(track: TrackAudio, name: str, formats: Sequence[str]) -> list[str]:
+    if not _NAME.match(name):
+        raise ChiptuneError(f"track name {name!r} must be a plain file name (no folders, not hidden)")
+    fmts = list(dict.fromkeys(f.lower() for f in formats))
+    if not fmts:
+        raise ChiptuneError(f"track {name!r}: no output format given (use ogg and/or wav)")
+    for f in fmts:
+        if f not in WRITERS:
+            raise ChiptuneError(f"track {name!r}: unsupported format {f!r} (use ogg or wav)")
+    check_sample_rate(track.sample_rate)
+    return fmts
+
+
+def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[str] = ("ogg",),
+                 sidecar_info: dict | None = None, godot_import: bool = False,
+                 split: bool = False) -> list[Path]:
+    """Write NAME.<fmt> for each format, plus NAME.json, and optionally Godot `.import` files and the
+    split clips NAME_intro.<fmt> + NAME_loop.<fmt> (jingles have nothing to split; without an intro only
+    the loop clip is written). Returns the final paths.
+
+    `sidecar_info` adds keys to the sidecar (e.g. "midi_sha256", "gain_db"); the measured keys win.
+    The sidecar's `true_peak_dbtp` is measured on the written files, decoded.
+    """
+    fmts = _check_request(track, name, formats)
+    out_dir = Path(out_dir)
+    rate = track.sample_rate
+    clips: list[tuple[str, np.ndarray, Loop]] = [
+        (name, track.audio, (track.loop_start, track.loop_length) if track.looping else None)]
+    split_names: dict[str, list[str]] = {}
+    if split and track.looping:
+        s, n = track.loop_start, track.loop_length
+        if s:
+            clips.append((f"{name}_intro", track.audio[:s], None))
+            split_names["intro"] = [f"{name}_intro.{fmt}" for fmt in fmts]
+        clips.append((f"{name}_loop", track.audio[s:s + n], (0, n)))
+        split_names["loop"] = [f"{name}_loop.{fmt}" for fmt in fmts]
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(final: Path, write: Callable[[Path], None]) -> Path:
+        tmp = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+        staged.append((tmp, final))
+        try:
+            write(tmp)
+        except OSError as exc:
+            raise ChiptuneError(f"{final}: cannot write ({exc.strerror or exc})") from None
+        return tmp
+
+    try:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ChiptuneError(f"{out_dir}: cannot create the folder ({exc.strerror or exc})") from None
+        peak = -math.inf
+        for clip, audio, loop in clips:
+            for fmt in fmts:
+                final = out_dir / f"{clip}.{fmt}"
+                tmp = stage(final, lambda p, a=audio, lp=loop, f=fmt: WRITERS[f](p, a, rate, lp))
+                if clip == name:
+                    played = _vorbis_round_trip(audio, rate) if fmt == "ogg" else _decoded(tmp)
+                    peak = max(peak, true_peak_db(played, rate, track.loop_start))
+                if godot_import:
+                    imp = final.with_name(final.name + ".import")
+                    text = godot_import_text(fmt, rate, loop, _existing_uid(imp))
+                    stage(imp, lambda p, t=text: p.write_text(t, encoding="utf-8"))
+        files = [f"{name}.{fmt}" for fmt in fmts]
+        sidecar = _sidecar(track, name, files, peak, sidecar_info, split_names)
+        text = json.dumps(sidecar, indent=2) + "\n"
+        stage(out_dir / f"{name}.json", lambda p: p.write_text(text, encoding="utf-8"))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [final for _, final in staged]
+
+
+def _existing_uid(import_file: Path) -> str | None:
+    """The uid Godot gave the file before, so scenes that reference it by uid keep working."""
+    try:
+        match = _GODOT_UID.search(import_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    return match.group(1) if match else None

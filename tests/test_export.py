@@ -1,0 +1,381 @@
+"""Files as readers see them: mutagen/ffprobe read the Vorbis comments, an independent RIFF reader reads the
+smpl chunk, Godot's .import keeps its uid, split clips join, exports are all-or-nothing, loudness lands."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import math
+import shutil
+import struct
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from mutagen.oggvorbis import OggVorbis
+from test_loops import RATE, make_piece, max_jump, toy_render
+
+from chiptune_forge import export
+from chiptune_forge.cli import main
+from chiptune_forge.errors import ChiptuneError
+from chiptune_forge.export import (
+    export_track,
+    file_sha256,
+    fit_ceiling,
+    measure_loudness,
+    normalize,
+    true_peak_db,
+    write_ogg,
+)
+from chiptune_forge.loops import TrackAudio, render_track
+from chiptune_forge.midi import write_midi
+
+
+@pytest.fixture(scope="module")
+def track() -> TrackAudio:
+    """1 intro bar + 2 body bars at 137 qpm (loop frames not a round number), normalized to -16 LUFS."""
+    raw = render_track(make_piece(bars=3, qpm=137.0, seed=5), toy_render, RATE, intro_bars=1)
+    return normalize(raw)[0]
+
+
+@pytest.fixture(scope="module")
+def exported(track, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export")
+    export_track(track, out, "theme", ("ogg", "wav"), {"midi_sha256": "00ff"}, godot_import=True, split=True)
+    return out
+
+
+def riff_chunks(data: bytes) -> dict[str, bytes]:
+    """A reader written from the RIFF layout, independent of the writer: chunk id -> payload."""
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    assert struct.unpack("<I", data[4:8])[0] == len(data) - 8
+    chunks, pos = {}, 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4].decode("ascii"), struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        chunks[cid] = data[pos + 8:pos + 8 + size]
+        pos += 8 + size + (size & 1)
+    assert pos == len(data)
+    return chunks
+
+
+def read_smpl_loops(payload: bytes) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    header = struct.unpack("<9I", payload[:36])
+    loops = [struct.unpack("<6I", payload[36 + 24 * i:60 + 24 * i]) for i in range(header[7])]
+    return header, loops
+
+
+# --------------------------------------------------------------------------------------------- OGG tags
+
+
+def test_ogg_loop_comments(track, exported):
+    path = exported / "theme.ogg"
+    tags = OggVorbis(path).tags
+    assert tags["LOOPSTART"] == [str(track.loop_start)]
+    assert tags["LOOPLENGTH"] == [str(track.loop_length)]
+    raw = path.read_bytes()
+    # RPG Maker matches upper-case LOOPSTART=<digits> in the raw comment header.
+    assert f"LOOPSTART={track.loop_start}".encode() in raw
+    assert f"LOOPLENGTH={track.loop_length}".encode() in raw
+    frames = sf.info(str(path)).frames
+    assert frames == track.frames == track.loop_start + track.loop_length
+
+
+@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed")
+def test_ffprobe_reads_the_comments(track, exported):
+    result = subprocess.run(
+        ["ffprobe", "-v", "error", "-of", "json", "-show_streams", "-show_format", str(exported / "theme.ogg")],
+        capture_output=True, text=True, check=True, timeout=30)
+    info = json.loads(result.stdout)
+    stream = info["streams"][0]
+    tags = {k.upper(): v for k, v in {**info["format"].get("tags", {}), **stream.get("tags", {})}.items()}
+    assert tags["LOOPSTART"] == str(track.loop_start)
+    assert tags["LOOPLENGTH"] == str(track.loop_length)
+    assert int(stream["sample_rate"]) == RATE
+    assert int(stream["duration_ts"]) == track.frames
+
+
+# ------------------------------------------------------------------------------------------- WAV smpl
+
+
+def test_wav_smpl_chunk(track, exported):
+    data = (exported / "theme.wav").read_bytes()
+    chunks = riff_chunks(data)
+    fmt = struct.unpack("<HHIIHH", chunks["fmt "][:16])
+    assert fmt[0] == 1 and fmt[1] == 2 and fmt[2] == RATE and fmt[5] == 16  # PCM, stereo, 16-bit
+    assert len(chunks["data"]) == track.frames * 4
+    header, loops = read_smpl_loops(chunks["smpl"])
+    assert header == (0, 0, 31250, 60, 0, 0, 0, 1, 0)  # 1e9 / 32000 ns per sample, one loop
+    assert loops == [(0, 0, track.loop_start, track.loop_end - 1, 0, 0)]  # forward, end inclusive, forever
+    with wave.open(str(exported / "theme.wav")) as w:
+        assert (w.getnframes(), w.getframerate(), w.getsampwidth()) == (track.frames, RATE, 2)
+    audio, _ = sf.read(str(exported / "theme.wav"), dtype="float32")
+    assert np.abs(audio - track.audio).max() <= 1 / 32767
+
+
+# -------------------------------------------------------------------------------------- sidecar, Godot
+
+
+def test_sidecar(track, exported):
+    data = json.loads((exported / "theme.json").read_text())
+    assert data["midi_sha256"] == "00ff"
+    assert data["files"] == ["theme.ogg", "theme.wav"]
+    assert (data["loop_start_frames"], data["loop_length_frames"], data["loop_end_frames"]) == (
+        track.loop_start, track.loop_length, track.frames)
+    assert data["loop_start_seconds"] == track.loop_start / RATE
+    assert data["loop_end_seconds"] == track.frames / RATE
+    assert (data["sample_rate"], data["qpm"], data["bars"], data["intro_bars"]) == (RATE, 137.0, 2, 1)
+    assert data["loudness_lufs"] == pytest.approx(-16.0, abs=0.05)
+    assert data["true_peak_dbtp"] <= -1.0
+    assert data["split"] == {"intro": ["theme_intro.ogg", "theme_intro.wav"],
+                             "loop": ["theme_loop.ogg", "theme_loop.wav"]}
+
+
+def read_import(path: Path) -> configparser.ConfigParser:
+    cfg = configparser.ConfigParser()
+    cfg.read_string(path.read_text())
+    return cfg
+
+
+def test_godot_import_settings(track, exported):
+    ogg = read_import(exported / "theme.ogg.import")
+    assert ogg["remap"]["importer"] == '"oggvorbisstr"'
+    assert ogg["params"]["loop"] == "true"
+    assert float(ogg["params"]["loop_offset"]) == track.loop_start / RATE  # full precision
+    wav = read_import(exported / "theme.wav.import")
+    assert wav["remap"]["importer"] == '"wav"'
+    assert dict(wav["params"]) == {"edit/loop_mode": "2", "edit/loop_begin": str(track.loop_start),
+                                   "edit/loop_end": str(track.frames)}  # Godot plays the end exclusive
+    loop_clip = read_import(exported / "theme_loop.ogg.import")
+    assert (loop_clip["params"]["loop"], loop_clip["params"]["loop_offset"]) == ("true", "0.0")
+    assert read_import(exported / "theme_intro.ogg.import")["params"]["loop"] == "false"
+
+
+def test_godot_uid_survives_a_rebuild(track, tmp_path):
+    (tmp_path / "theme.ogg.import").write_text(
+        '[remap]\n\nimporter="oggvorbisstr"\ntype="AudioStreamOggVorbis"\nuid="uid://b4k2x7q1m0z9a"\n'
+        'path="res://.godot/imported/theme.ogg-0.oggvorbisstr"\n\n[params]\n\nloop=false\nloop_offset=0\n')
+    export_track(track, tmp_path, "theme", godot_import=True)
+    cfg = read_import(tmp_path / "theme.ogg.import")
+    assert cfg["remap"]["uid"] == '"uid://b4k2x7q1m0z9a"'
+    assert cfg["params"]["loop"] == "true"
+
+
+# ------------------------------------------------------------------------------------------ split clips
+
+
+def test_split_clips_join_seamlessly(track, exported):
+    s, n = track.loop_start, track.loop_length
+    whole, _ = sf.read(str(exported / "theme.wav"), dtype="int16")
+    intro, _ = sf.read(str(exported / "theme_intro.wav"), dtype="int16")
+    body, _ = sf.read(str(exported / "theme_loop.wav"), dtype="int16")
+    assert (len(intro), len(body)) == (s, n)
+    assert np.array_equal(np.concatenate([intro, body]), whole)
+    _, loops = read_smpl_loops(riff_chunks((exported / "theme_loop.wav").read_bytes())["smpl"])
+    assert loops == [(0, 0, 0, n - 1, 0, 0)]
+    assert "smpl" not in riff_chunks((exported / "theme_intro.wav").read_bytes())
+
+    intro_ogg, _ = sf.read(str(exported / "theme_intro.ogg"), dtype="float32")
+    body_ogg, _ = sf.read(str(exported / "theme_loop.ogg"), dtype="float32")
+    assert (len(intro_ogg), len(body_ogg)) == (s, n)
+    chained = np.concatenate([intro_ogg, body_ogg, body_ogg])
+    limit = max_jump(body_ogg)
+    assert max_jump(chained[s - 1:s + 1]) <= limit
+    assert max_jump(chained[s + n - 1:s + n + 1]) <= limit
+    assert np.abs(chained[:s + n] - track.audio).max() < 0.05  # codec error, no gap or shift
+    tags = OggVorbis(exported / "theme_loop.ogg").tags
+    assert (tags["LOOPSTART"], tags["LOOPLENGTH"]) == (["0"], [str(n)])
+    assert "LOOPSTART" not in OggVorbis(exported / "theme_intro.ogg").tags
+
+
+def test_split_without_intro_writes_only_the_loop(tmp_path):
+    raw = render_track(make_piece(bars=2), toy_render, RATE)
+    paths = export_track(raw, tmp_path, "calm", ("wav",), split=True)
+    assert sorted(p.name for p in paths) == ["calm.json", "calm.wav", "calm_loop.wav"]
+
+
+def test_jingle_has_no_loop_metadata(tmp_path):
+    jingle = render_track(make_piece(bars=2), toy_render, RATE, loop=False)
+    export_track(jingle, tmp_path, "fanfare", ("ogg", "wav"), godot_import=True, split=True)
+    assert "LOOPSTART" not in OggVorbis(tmp_path / "fanfare.ogg").tags
+    assert "smpl" not in riff_chunks((tmp_path / "fanfare.wav").read_bytes())
+    assert not (tmp_path / "fanfare_loop.ogg").exists()
+    assert read_import(tmp_path / "fanfare.ogg.import")["params"]["loop"] == "false"
+    assert read_import(tmp_path / "fanfare.wav.import")["params"]["edit/loop_mode"] == "1"
+    data = json.loads((tmp_path / "fanfare.json").read_text())
+    assert data["loop"] is False and data["loop_start_frames"] is None and data["loop_end_seconds"] is None
+
+
+# ------------------------------------------------------------------------------------------- atomicity
+
+
+def test_failed_export_leaves_previous_files_untouched(track, tmp_path, monkeypatch):
+    first = export_track(track, tmp_path, "theme", ("ogg", "wav"))
+    before = {p.name: p.read_bytes() for p in first}
+    seen: list[str] = []
+    write_ogg_real = export.WRITERS["ogg"]
+
+    def spy_ogg(path, audio, rate, loop):
+        seen.append(path.name)
+        write_ogg_real(path, audio, rate, loop)
+
+    def broken_wav(path, audio, rate, loop):
+        seen.append(path.name)
+        path.write_bytes(b"RIFF half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(export.WRITERS, "ogg", spy_ogg)
+    monkeypatch.setitem(export.WRITERS, "wav", broken_wav)
+    louder = TrackAudio(track.audio * 0.5, RATE, track.loop_start, track.loop_length, 137.0, 2, 1)
+    with pytest.raises(ChiptuneError, match=r"theme\.wav: cannot write \(No space left on device\)"):
+        export_track(louder, tmp_path, "theme", ("ogg", "wav"))
+    assert seen == [".theme.ogg.partial", ".theme.wav.partial"]  # names no engine takes for audio
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_unwritable_destination(track, tmp_path):
+    blocker = tmp_path / "music"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(ChiptuneError, match="music"):
+        export_track(track, blocker, "theme")
+    with pytest.raises(ChiptuneError, match="music"):
+        export_track(track, blocker / "sub", "theme")
+
+
+@pytest.mark.parametrize(("name", "formats", "rate", "message"), [
+    ("theme", ("mp3",), RATE, "unsupported format 'mp3'"),
+    ("../theme", ("ogg",), RATE, "plain file name"),
+    (".theme", ("ogg",), RATE, "plain file name"),
+    ("theme", (), RATE, "no output format"),
+    ("theme", ("ogg",), 12345, "unsupported sample rate 12345 Hz"),
+])
+def test_bad_export_requests_write_nothing(track, tmp_path, name, formats, rate, message):
+    odd = TrackAudio(track.audio, rate, track.loop_start, track.loop_length, 137.0, 2, 1)
+    with pytest.raises(ChiptuneError, match=message):
+        export_track(odd, tmp_path / "out", name, formats)
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_vorbis_write_does_not_crash(tmp_path):
+    """One encoder call with minutes of audio overflows libvorbis's stack; write_ogg feeds it in chunks."""
+    frames = 80 * RATE  # 10 MB of floats in one call: past the default 8 MB stack
+    audio = np.zeros((frames, 2), np.float32)
+    audio[::97] = 0.01
+    write_ogg(tmp_path / "long.ogg", audio, RATE, (0, frames))
+    assert sf.info(str(tmp_path / "long.ogg")).frames == frames
+
+
+def test_file_sha256(tmp_path):
+    (tmp_path / "a.mid").write_bytes(b"abc")  # the FIPS 180-2 test vector
+    assert file_sha256(tmp_path / "a.mid") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+# ---------------------------------------------------------------------------------------------- loudness
+
+
+def test_true_peak_sees_between_samples():
+    t = np.arange(RATE)
+    x = 0.5 * np.sin(2 * np.pi * 0.25 * t + np.pi / 4)  # samples sit at +-0.354, the wave peaks at 0.5
+    audio = np.stack([x, x], axis=1).astype(np.float32)
+    assert 20 * math.log10(np.abs(audio).max()) == pytest.approx(20 * math.log10(0.5) - 3.01, abs=0.05)
+    assert true_peak_db(audio, RATE) == pytest.approx(20 * math.log10(0.5), abs=0.1)
+    assert true_peak_db(np.zeros((100, 2), np.float32), RATE) == -math.inf
+
+
+@pytest.mark.parametrize("target", [-16.0, -23.0])
+def test_normalize_reaches_the_target(target):
+    raw = render_track(make_piece(bars=2, seed=2), toy_render, RATE)
+    out, gain = normalize(raw, target_lufs=target)
+    assert measure_loudness(out) == pytest.approx(target, abs=0.05)
+    assert gain == pytest.approx(target - measure_loudness(raw), abs=1e-6)
+
+
+def test_true_peak_ceiling_holds_after_encoding(tmp_path):
+    raw = render_track(make_piece(bars=2, seed=4), toy_render, RATE)
+    out, gain = normalize(raw, target_lufs=-6.0, true_peak_db=-1.0)  # too hot: the ceiling wins
+    assert gain < -6.0 - measure_loudness(raw)
+    export_track(out, tmp_path, "hot", ("ogg", "wav"))
+    for name in ("hot.ogg", "hot.wav"):
+        decoded, _ = sf.read(str(tmp_path / name), dtype="float32")
+        assert true_peak_db(decoded, RATE, out.loop_start) <= -1.0
+    assert true_peak_db(out.audio, RATE, out.loop_start) <= -1.0
+
+
+def test_same_gain_keeps_relative_levels():
+    quiet = render_track(make_piece(bars=2, seed=6), lambda p, r: toy_render(p, r) * 0.25, RATE)
+    loud = render_track(make_piece(bars=3, seed=7), toy_render, RATE)
+    shared = min(fit_ceiling(t, -16.0 - measure_loudness(loud)) for t in (quiet, loud))
+    a, ga = normalize(quiet, gain_db=shared)
+    b, gb = normalize(loud, gain_db=shared)
+    assert ga == gb == shared
+    before = measure_loudness(loud) - measure_loudness(quiet)
+    assert measure_loudness(b) - measure_loudness(a) == pytest.approx(before, abs=0.01)
+    assert measure_loudness(a) < measure_loudness(b) <= -16.0 + 1e-6
+    for t in (a, b):
+        assert true_peak_db(t.audio, RATE, t.loop_start) <= -1.0
+
+
+def test_short_loop_is_measured_over_repeats():
+    body = np.tile(np.sin(2 * np.pi * 500 * np.arange(RATE // 8) / RATE)[:, None] * 0.3, (1, 2))
+    short = TrackAudio(body.astype(np.float32), RATE, 0, RATE // 8, 120.0, 1, 0)
+    long = TrackAudio(np.tile(body, (16, 1)).astype(np.float32), RATE, 0, 2 * RATE, 120.0, 1, 0)
+    assert measure_loudness(short) == pytest.approx(measure_loudness(long), abs=0.1)
+
+
+def test_silent_track_is_left_alone():
+    silent = TrackAudio(np.zeros((RATE, 2), np.float32), RATE, 0, RATE, 120.0, 1, 0)
+    out, gain = normalize(silent)
+    assert gain == 0.0 and not out.audio.any()
+    assert measure_loudness(silent) == -math.inf
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def midi_file(tmp_path) -> Path:
+    path = tmp_path / "in.mid"
+    write_midi(make_piece(bars=3, seed=2), path)
+    return path
+
+
+def test_render_cli_writes_a_tagged_loop(midi_file, tmp_path):
+    out = tmp_path / "music"
+    out.mkdir()
+    assert main(["render", str(midi_file), "-o", str(out / "theme.ogg"), "--loop", "--intro-bars", "1",
+                 "--bars", "2", "--loudness", "-18", "--godot-import", "--split"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "theme.json", "theme.ogg", "theme.ogg.import", "theme_intro.ogg", "theme_intro.ogg.import",
+        "theme_loop.ogg", "theme_loop.ogg.import"]
+    tags = OggVorbis(out / "theme.ogg").tags
+    assert (tags["LOOPSTART"], tags["LOOPLENGTH"]) == (["64000"], ["128000"])  # 120 qpm: 2 s per bar
+    data = json.loads((out / "theme.json").read_text())
+    assert data["midi_sha256"] == file_sha256(midi_file)
+    assert (data["bars"], data["intro_bars"], data["preset"]) == (2, 1, "snes")
+    assert data["loudness_lufs"] == pytest.approx(-18.0, abs=0.05)
+
+
+def test_render_cli_jingle_wav(midi_file, tmp_path):
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "win.wav")]) == 0
+    audio, rate = sf.read(str(tmp_path / "win.wav"), dtype="int16")
+    assert rate == RATE and not audio[-1].any()
+    assert "smpl" not in riff_chunks((tmp_path / "win.wav").read_bytes())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--loop", "--intro-bars", "2", "--bars", "2"], "in.mid: loop of 2 intro + 2 body bars is longer than the piece"),
+    (["--loop", "--intro-bars", "3"], "leaves no body"),
+    (["--intro-bars", "1"], "needs a looping track"),
+    (["--loop", "--sample-rate", "22050"], "unsupported sample rate 22050 Hz"),
+    (["--loop", "--loudness", "3"], "--loudness 3.0 LUFS is out of range"),
+    (["--loop", "--true-peak", "0.5"], "--true-peak 0.5 dBTP is above full scale"),
+])
+def test_render_cli_refuses_bad_requests(midi_file, tmp_path, capsys, args, message):
+    out = tmp_path / "music"
+    out.mkdir()
+    assert main(["render", str(midi_file), "-o", str(out / "theme.ogg"), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not any(out.iterdir())
