@@ -331,15 +331,13 @@ def write_midi(piece: Piece, path: str | Path, ticks_per_beat: int = 480) -> Non
 
 def build_midifile(piece: Piece, ticks_per_beat: int = 480) -> mido.MidiFile:
     mid = mido.MidiFile(type=1, ticks_per_beat=ticks_per_beat)
-    conductor = mido.MidiTrack()
-    meta: list[tuple[int, int, mido.MetaMessage]] = []
+    meta: list[tuple[int, int, str, dict]] = []
     for t in piece.tempos:
-        meta.append((round(t.beat * ticks_per_beat), 0, mido.MetaMessage("set_tempo", tempo=mido.bpm2tempo(t.qpm))))
+        meta.append((round(t.beat * ticks_per_beat), 0, "set_tempo", {"tempo": mido.bpm2tempo(t.qpm)}))
     for s in piece.time_signatures:
-        meta.append((round(s.beat * ticks_per_beat), 1, mido.MetaMessage(
-            "time_signature", numerator=s.numerator, denominator=s.denominator)))
-    _append_delta(conductor, [(t, o, m) for t, o, m in sorted(meta, key=lambda x: (x[0], x[1]))])
-    mid.tracks.append(conductor)
+        meta.append((round(s.beat * ticks_per_beat), 1, "time_signature",
+                     {"numerator": s.numerator, "denominator": s.denominator}))
+    mid.tracks.append(_track_from(sorted(meta, key=lambda x: (x[0], x[1])), mido.MetaMessage))
 
     groups: dict[tuple[int, int, bool], list[Note]] = {}
     for n in piece.notes:
@@ -347,31 +345,32 @@ def build_midifile(piece: Piece, ticks_per_beat: int = 480) -> mido.MidiFile:
     free_channels = [c for c in range(16) if c != DRUM_CHANNEL]
     for i, ((track, prog, drum), notes) in enumerate(sorted(groups.items())):
         channel = DRUM_CHANNEL if drum else free_channels[i % len(free_channels)]
-        tr = mido.MidiTrack()
-        if track < len(piece.track_names) and piece.track_names[track]:
-            tr.append(mido.MetaMessage("track_name", name=piece.track_names[track], time=0))
-        events: list[tuple[int, int, mido.Message]] = [(0, 0, mido.Message("program_change", channel=channel,
-                                                                             program=prog))]
+        events: list[tuple[int, int, str, dict]] = [(0, 0, "program_change", {"channel": channel, "program": prog})]
         starts = piece.seconds_to_beats(np.array([n.start for n in notes]))
         ends = piece.seconds_to_beats(np.array([n.end for n in notes]))
         for n, b0, b1 in zip(notes, starts, ends, strict=True):
             t0 = round(float(b0) * ticks_per_beat)
             t1 = max(t0 + 1, round(float(b1) * ticks_per_beat))
-            events.append((t0, 2, mido.Message("note_on", channel=channel, note=n.pitch,
-                                                velocity=max(1, min(127, n.velocity)))))
-            events.append((t1, 1, mido.Message("note_off", channel=channel, note=n.pitch, velocity=0)))
+            events.append((t0, 2, "note_on", {"channel": channel, "note": n.pitch,
+                                               "velocity": max(1, min(127, n.velocity))}))
+            events.append((t1, 1, "note_off", {"channel": channel, "note": n.pitch, "velocity": 0}))
         events.sort(key=lambda e: (e[0], e[1]))
-        _append_delta(tr, events)
+        tr = _track_from(events, mido.Message)
+        if track < len(piece.track_names) and piece.track_names[track]:
+            tr.insert(0, mido.MetaMessage("track_name", name=piece.track_names[track], time=0))
         mid.tracks.append(tr)
     return mid
 
 
-def _append_delta(track: mido.MidiTrack, events: Sequence[tuple[int, int, mido.Message]]) -> None:
+def _track_from(events: Sequence[tuple[int, int, str, dict]], kind: type) -> mido.MidiTrack:
+    """A track from (absolute tick, order, type, fields); each message is built once, with its delta time."""
+    track = mido.MidiTrack()
     now = 0
-    for tick, _, msg in events:
-        track.append(msg.copy(time=tick - now))
+    for tick, _, name, fields in events:
+        track.append(kind(name, time=tick - now, **fields))
         now = tick
     track.append(mido.MetaMessage("end_of_track", time=0))
+    return track
 
 
 # ------------------------------------------------------------------------------------------ quantization
