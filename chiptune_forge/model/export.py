@@ -1,0 +1,148 @@
+"""Trained weights -> a framework-free model folder (model.json + weights.npz), and back.
+
+Generation runs on numpy alone, so everything it needs is written here as plain float32 arrays in
+Keras's LSTM layout (gate order i, f, c, o) plus a JSON description; reading it back needs no TensorFlow.
+The model card of a shipped model is rendered from the same JSON, so its numbers are the run's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..encoding import ENCODING_VERSION, NUM_CLASSES
+from ..errors import ChiptuneError
+from ..hparams import HParams
+
+FORMAT = "chiptune-forge-lstm-1"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+
+MATH = ("x_t = embedding[event_t]; per LSTM layer: z = x_t @ kernel + h_{t-1} @ recurrent + bias; "
+        "i, f, g, o = split(z, 4); i, f, o = sigmoid(i, f, o); g = tanh(g); c_t = f * c_{t-1} + i * g; "
+        "h_t = o * tanh(c_t); h_t is the next layer's x_t; logits = h_last @ dense_kernel + dense_bias; "
+        "state starts at zero; dropout only in training")
+
+
+def weight_arrays(model) -> dict[str, np.ndarray]:
+    """The named float32 arrays of a network built by `network.build_model`."""
+    arrays = {"embedding": np.asarray(model.get_layer("embedding").embeddings)}
+    i = 0
+    while any(layer.name == f"lstm{i}" for layer in model.layers):
+        layer = model.get_layer(f"lstm{i}")
+        arrays[f"lstm{i}_kernel"] = np.asarray(layer.kernel)
+        arrays[f"lstm{i}_recurrent"] = np.asarray(layer.recurrent_kernel)
+        arrays[f"lstm{i}_bias"] = np.asarray(layer.bias)
+        i += 1
+    dense = model.get_layer("dense")
+    arrays["dense_kernel"] = np.asarray(dense.kernel)
+    arrays["dense_bias"] = np.asarray(dense.bias)
+    return {k: v.astype(np.float32) for k, v in arrays.items()}
+
+
+def write_export(arrays: dict[str, np.ndarray], hparams: HParams, out_dir: str | Path, info: dict) -> Path:
+    """Write model.json and weights.npz, each replaced atomically so a reader never sees half a model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    description = {
+        "format": FORMAT,
+        "encoding": ENCODING_VERSION,
+        "num_classes": NUM_CLASSES,
+        "hparams": hparams.to_dict(),
+        "layers": list(hparams.rnn_layer_sizes),
+        "embedding_dim": int(arrays["embedding"].shape[1]),
+        "training_steps": int(info.get("training_steps", 0)),
+        "gate_order": "ifco",
+        "math": MATH,
+        **{k: v for k, v in info.items() if k != "training_steps"},
+    }
+    tmp = out_dir / "weights.npz.tmp"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, out_dir / "weights.npz")
+    tmp = out_dir / "model.json.tmp"
+    tmp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "model.json")
+    return out_dir
+
+
+def export_weights(model, hparams: HParams, out_dir: str | Path, info: dict) -> Path:
+    """Export a Keras network (from `network.build_model`) to the framework-free folder format."""
+    return write_export(weight_arrays(model), hparams, out_dir, info)
+
+
+def resolve_model_dir(name: str) -> Path:
+    """`default` -> the shipped model; anything else is a folder holding model.json + weights.npz."""
+    path = DEFAULT_MODEL_DIR if name == "default" else Path(name)
+    if not (path / "model.json").is_file() or not (path / "weights.npz").is_file():
+        what = "the shipped default model" if name == "default" else str(path)
+        raise ChiptuneError(f"{what}: no exported model there (expected model.json and weights.npz in {path})")
+    return path
+
+
+def load_export(model_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read an exported model folder: its description and arrays, checked against this encoding."""
+    model_dir = Path(model_dir)
+    json_path = model_dir / "model.json"
+    try:
+        description = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ChiptuneError(f"{json_path}: unreadable model description ({exc})") from None
+    if description.get("format") != FORMAT:
+        raise ChiptuneError(f"{json_path}: format {description.get('format')!r} is not {FORMAT!r}")
+    if description.get("encoding") != ENCODING_VERSION:
+        raise ChiptuneError(f"{json_path}: encoding {description.get('encoding')!r} is not {ENCODING_VERSION!r}")
+    with np.load(model_dir / "weights.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    return description, arrays
+
+
+def model_card(description: dict) -> str:
+    """The MODEL_CARD.md text for an exported model, from the numbers recorded in its model.json."""
+    hp = HParams.from_dict(description["hparams"])
+    metrics = description.get("eval") or {}
+    data = description.get("dataset") or {}
+    hours = description.get("training_time_s", 0.0) / 3600.0
+    lines = [
+        "# chiptune-forge default model",
+        "",
+        "A polyphony LSTM (Magenta polyphony_rnn event encoding, 259 classes) that `chiptune-forge` uses "
+        "whenever no model is named (`--model default`).",
+        "",
+        "## Network",
+        f"- event embedding {description['embedding_dim']} wide, LSTM layers {list(hp.rnn_layer_sizes)}, "
+        f"dense layer to {description['num_classes']} logits; format `{description['format']}`, "
+        f"encoding `{description['encoding']}`",
+        f"- hparams: `{hp.to_string()}`",
+        "",
+        "## Training",
+        f"- steps: {description['training_steps']}, each a batch of {hp.batch_size} chunks of at most "
+        f"{description.get('max_length', '?')} events cut from the training sequences (Adam, masked loss)",
+        f"- training time: {hours:.2f} h on {description.get('machine', 'a CPU machine')}",
+        "- reproduce: `scripts/train_default_model.sh`",
+    ]
+    if data:
+        lines += [
+            "",
+            "## Data",
+            f"- {data.get('files_used', '?')} of {data.get('files_read', '?')} MIDI files of the VGMIDI corpus "
+            "(piano arrangements of video-game music), split by file into train and eval "
+            f"(eval ratio {data.get('eval_ratio', '?')}); training pieces transposed by "
+            f"{data.get('transpose', '?')} semitones",
+            f"- train: {data.get('train_sequences', '?')} sequences, {data.get('train_events', '?')} events; "
+            f"eval: {data.get('eval_sequences', '?')} sequences, {data.get('eval_events', '?')} events",
+            "- source: https://github.com/lucasnfe/vgmidi. Cite: Ferreira, L. N. and Whitehead, J. "
+            "\"Learning to Generate Music with Sentiment.\" Proceedings of ISMIR 2019.",
+        ]
+    if metrics:
+        lines += [
+            "",
+            "## Evaluation (held-out eval split, whole sequences)",
+            f"- loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
+            f"accuracy {metrics['accuracy']:.4f} over {metrics['events']} events",
+        ]
+    if description.get("selection"):
+        lines += ["", "## How the hparams were chosen", description["selection"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,391 @@
+"""Training: a run folder that resumes, survives Ctrl-C and always holds a usable exported model.
+
+Training examples are chunks of at most `max_length` events cut from the dataset's sequences (each chunk
+starts from a fresh state), grouped with chunks of similar length and padded to a multiple of 128, so
+batches carry little padding and the compiled step sees only a few shapes. The loss is masked to the real
+positions. The order of batches is a pure function of the seed and the step number, so a resumed run sees
+exactly the batches it would have seen had it never stopped.
+
+Run folder layout:
+    hparams.json              hparams, encoding, dataset and chunking of the run
+    checkpoints/ckpt-N.npz    weights + optimizer state + step count (the newest few are kept)
+    export/                   the framework-free model (model.json + weights.npz), refreshed at each checkpoint
+    train/, eval/             TensorBoard summaries
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..dataset import load_split
+from ..encoding import DEFAULT_EVENT, ENCODING_VERSION
+from ..errors import ChiptuneError
+from ..hparams import HParams, differences
+from ..progress import bar
+from .network import build_model
+
+BUCKET_MULTIPLE = 128
+BUCKET_POOL = 50
+KEEP_CHECKPOINTS = 3
+
+
+@dataclass
+class TrainOptions:
+    run_dir: Path
+    dataset_dir: Path
+    hparams: HParams | None = None
+    given: frozenset[str] = frozenset()
+    num_training_steps: int = 0
+    checkpoint_every: int = 100
+    evaluate: bool = False
+    max_length: int | None = None
+    seed: int = 0
+    log_every: int = 25
+    show_progress: bool = True
+
+
+def make_chunks(sequences: list[np.ndarray], max_length: int) -> list[np.ndarray]:
+    """Cut each sequence into chunks of at most max_length + 1 events (max_length next-event pairs)."""
+    chunks = []
+    for seq in sequences:
+        n = len(seq) - 1
+        chunks.extend(np.asarray(seq[a:a + max_length + 1], dtype=np.int32) for a in range(0, n, max_length))
+    return [c for c in chunks if len(c) >= 2]
+
+
+class BatchSchedule:
+    """Deterministic bucketed batches: step N of a run is always the same batch, resumed or not."""
+
+    def __init__(self, chunks: list[np.ndarray], batch_size: int, seed: int) -> None:
+        if len(chunks) < batch_size:
+            raise ChiptuneError(f"the training split has {len(chunks)} chunks, fewer than batch_size={batch_size}; "
+                                "use a smaller batch_size or a bigger dataset")
+        self.chunks = chunks
+        self.lengths = np.array([len(c) - 1 for c in chunks])
+        self.batch_size = batch_size
+        self.seed = seed
+        self.per_epoch = len(chunks) // batch_size
+        self._epoch = -1
+        self._batches: list[np.ndarray] = []
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.chunks))[: self.per_epoch * self.batch_size]
+        pool = self.batch_size * BUCKET_POOL
+        batches = []
+        for first in range(0, len(order), pool):
+            part = order[first:first + pool]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches.extend(part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._batches, self._epoch = self._plan(epoch), epoch
+        rows = self._batches[index]
+        longest = int(self.lengths[rows].max())
+        width = -(-longest // BUCKET_MULTIPLE) * BUCKET_MULTIPLE
+        x = np.full((len(rows), width), DEFAULT_EVENT, dtype=np.int32)
+        y = np.full((len(rows), width), DEFAULT_EVENT, dtype=np.int32)
+        mask = np.zeros((len(rows), width), dtype=np.float32)
+        for r, i in enumerate(rows):
+            c = self.chunks[i]
+            x[r, :len(c) - 1] = c[:-1]
+            y[r, :len(c) - 1] = c[1:]
+            mask[r, :len(c) - 1] = 1.0
+        return x, y, mask
+
+
+# ------------------------------------------------------------------------------------------- run folder
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    path = run_dir / "hparams.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ChiptuneError(f"{path}: not valid JSON ({exc})") from None
+    if config.get("encoding") != ENCODING_VERSION:
+        raise ChiptuneError(f"{path}: encoding {config.get('encoding')!r} is not {ENCODING_VERSION!r}")
+    return config
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("ckpt-*.npz"))
+    return found[-1] if found else None
+
+
+def make_optimizer(hparams: HParams):
+    import keras
+
+    return keras.optimizers.Adam(learning_rate=hparams.learning_rate, global_clipnorm=hparams.clip_norm)
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, step: int, state: dict) -> Path:
+    """Weights, optimizer slots and counters in one .npz, written atomically; older ones are pruned."""
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {f"model_{i}": w for i, w in enumerate(model.get_weights())}
+    arrays |= {f"optimizer_{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+    path = folder / f"ckpt-{step:08d}.npz"
+    tmp = folder / f"ckpt-{step:08d}.npz.tmp"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, step=np.int64(step), state=np.array(json.dumps(state)), **arrays)
+    os.replace(tmp, path)
+    for old in sorted(folder.glob("ckpt-*.npz"))[:-KEEP_CHECKPOINTS]:
+        old.unlink()
+    return path
+
+
+def restore_checkpoint(path: Path, model, optimizer=None) -> tuple[int, dict]:
+    with np.load(path) as data:
+        n_model = sum(1 for k in data.files if k.startswith("model_"))
+        model.set_weights([data[f"model_{i}"] for i in range(n_model)])
+        if optimizer is not None:
+            optimizer.build(model.trainable_variables)
+            for i, var in enumerate(optimizer.variables):
+                var.assign(data[f"optimizer_{i}"])
+        return int(data["step"]), json.loads(str(data["state"]))
+
+
+def load_run_model(run_dir: Path):
+    """The network of a run at its latest checkpoint, its hparams and step (for evaluate and export)."""
+    config = read_run_config(run_dir)
+    if config is None:
+        raise ChiptuneError(f"{run_dir}: not a training run folder (no hparams.json)")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ChiptuneError(f"{run_dir}: the run has no checkpoint yet")
+    hparams = HParams.from_dict(config["hparams"])
+    model = build_model(hparams)
+    step, _ = restore_checkpoint(ckpt, model)
+    return model, hparams, step
+
+
+def export_info(run_dir: Path, config: dict, step: int, state: dict) -> dict:
+    """What the exported model.json records about the run (the model card is rendered from it)."""
+    info = {"training_steps": step, "training_time_s": round(state.get("train_seconds", 0.0), 1),
+            "events_trained": state.get("events", 0), "max_length": config["max_length"],
+            "dataset": config.get("dataset_summary", {}),
+            "machine": f"{platform.machine()} CPU x{os.cpu_count()}"}
+    if state.get("eval"):
+        info["eval"] = state["eval"]
+    selection = run_dir / "selection.md"
+    if selection.is_file():
+        info["selection"] = selection.read_text(encoding="utf-8").strip()
+    return info
+
+
+def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
+    """Export a run's latest checkpoint (default: into RUN/export)."""
+    from .export import export_weights
+
+    config = read_run_config(run_dir)
+    if config is None:
+        raise ChiptuneError(f"{run_dir}: not a training run folder (no hparams.json)")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ChiptuneError(f"{run_dir}: the run has no checkpoint yet")
+    hparams = HParams.from_dict(config["hparams"])
+    model = build_model(hparams)
+    step, state = restore_checkpoint(ckpt, model)
+    return export_weights(model, hparams, out_dir or run_dir / "export", export_info(run_dir, config, step, state))
+
+
+def _dataset_summary(dataset_dir: Path) -> dict:
+    summary = json.loads((dataset_dir / "summary.json").read_text(encoding="utf-8"))
+    splits, opts = summary.get("splits", {}), summary.get("options", {})
+    return {"path": str(dataset_dir), "files_read": summary.get("files_read"), "files_used": summary.get("files_used"),
+            "eval_ratio": opts.get("eval_ratio"), "transpose": opts.get("transpose"),
+            "train_sequences": splits.get("train", {}).get("sequences"),
+            "train_events": splits.get("train", {}).get("events"),
+            "eval_sequences": splits.get("eval", {}).get("sequences"),
+            "eval_events": splits.get("eval", {}).get("events")}
+
+
+def resolve_config(options: TrainOptions) -> dict:
+    """The run's configuration: a new run takes the options, a resumed one must agree with what it has."""
+    run_dir = options.run_dir
+    existing = read_run_config(run_dir)
+    if existing is None:
+        hparams = options.hparams or HParams()
+        return {"encoding": ENCODING_VERSION, "hparams": hparams.to_dict(), "max_length": options.max_length or 512,
+                "seed": options.seed, "dataset": str(options.dataset_dir),
+                "dataset_summary": _dataset_summary(options.dataset_dir)}
+    run_hparams = HParams.from_dict(existing["hparams"])
+    if options.hparams is not None:
+        clash = differences(run_hparams, options.hparams, set(options.given))
+        if clash:
+            raise ChiptuneError(f"{run_dir}: --hparams disagree with the run being resumed ({'; '.join(clash)}); "
+                                "use a new --run-dir to train with other hparams")
+    if options.max_length is not None and options.max_length != existing["max_length"]:
+        raise ChiptuneError(f"{run_dir}: --max-length {options.max_length} disagrees with the run's "
+                            f"{existing['max_length']}")
+    return existing
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+class _StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: writing a checkpoint, then stopping "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def make_train_step(model, optimizer):
+    """One step: masked mean cross-entropy, gradients clipped by global norm, one Adam update.
+
+    The step is a graph but not one XLA program: the network's recurrent loops are compiled on their own
+    so that independent groups of rows run on different cores at once.
+    """
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def train_step(x, y, mask):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            count = tf.reduce_sum(mask)
+            loss = tf.reduce_sum(ce * mask) / count
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        hit = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y), tf.float32)
+        return loss, tf.reduce_sum(hit * mask) / count
+
+    return train_step
+
+
+def train(options: TrainOptions) -> dict:
+    """Train (or resume) until num_training_steps (0: until stopped); returns the final counters."""
+    import tensorflow as tf
+
+    from .evaluate import evaluate_model
+    from .export import export_weights
+
+    run_dir = options.run_dir
+    config = resolve_config(options)
+    hparams = HParams.from_dict(config["hparams"])
+    max_length = int(config["max_length"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "hparams.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    schedule = BatchSchedule(make_chunks(load_split(options.dataset_dir, "train"), max_length),
+                             hparams.batch_size, int(config["seed"]))
+    eval_sequences = load_split(options.dataset_dir, "eval") if options.evaluate else []
+    if options.evaluate and not eval_sequences:
+        raise ChiptuneError(f"{options.dataset_dir}: the eval split is empty; train without --eval")
+
+    model = build_model(hparams)
+    optimizer = make_optimizer(hparams)
+    state: dict = {"train_seconds": 0.0, "events": 0}
+    step = 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        step, state = restore_checkpoint(ckpt, model, optimizer)
+        if not options.evaluate:
+            state.pop("eval", None)  # it described older weights
+        print(f"resuming {run_dir} from step {step}", file=sys.stderr)
+    else:
+        optimizer.build(model.trainable_variables)
+    target = options.num_training_steps
+    if target and step >= target:
+        print(f"{run_dir} is already at step {step} (--num-training-steps {target}); nothing to do", file=sys.stderr)
+        return {"step": step, **state}
+
+    train_step = make_train_step(model, optimizer)
+    summaries = importlib.util.find_spec("tensorboard") is not None
+    if not summaries:
+        print("tensorboard is not installed: training without TensorBoard summaries", file=sys.stderr)
+    writers = {name: tf.summary.create_file_writer(str(run_dir / name)) for name in ("train", "eval")}
+
+    def log_scalars(name: str, values: dict) -> None:
+        if summaries:
+            with writers[name].as_default(step=step):
+                for key, value in values.items():
+                    tf.summary.scalar(key, value)
+
+    def checkpoint() -> None:
+        if options.evaluate:
+            state["eval"] = evaluate_model(model, eval_sequences)
+            log_scalars("eval", {k: state["eval"][k] for k in ("loss", "perplexity", "accuracy")})
+        save_checkpoint(run_dir, model, optimizer, step, state)
+        export_weights(model, hparams, run_dir / "export", export_info(run_dir, config, step, state))
+
+    progress = bar(target or None, desc="train", unit="step", initial=step, disable=not options.show_progress)
+    window_loss = window_acc = 0.0
+    window_steps = window_events = 0
+    window_start = time.perf_counter()
+    last_saved = step
+    with _StopRequest() as stop:
+        while not stop.requested and (not target or step < target):
+            x, y, mask = schedule.batch(step)
+            t0 = time.perf_counter()
+            loss, acc = train_step(x, y, mask)
+            loss, acc = float(loss), float(acc)
+            state["train_seconds"] += time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise ChiptuneError(f"the loss became {loss} at step {step + 1}; try a lower learning_rate "
+                                    "or clip_norm in --hparams")
+            events = int(mask.sum())
+            step += 1
+            state["events"] += events
+            window_loss += loss
+            window_acc += acc
+            window_steps += 1
+            window_events += events
+            progress.update(1)
+            if window_steps == options.log_every or (target and step == target):
+                elapsed = time.perf_counter() - window_start
+                mean_loss, mean_acc = window_loss / window_steps, window_acc / window_steps
+                rate, ev_rate = window_steps / elapsed, window_events / elapsed
+                log_scalars("train", {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0)),
+                                      "accuracy": mean_acc, "steps_per_sec": rate, "events_per_sec": ev_rate})
+                progress.set_postfix(loss=f"{mean_loss:.3f}", steps_s=f"{rate:.2f}", refresh=False)
+                if progress.disable and options.show_progress:
+                    print(f"step {step}: loss {mean_loss:.4f}, accuracy {mean_acc:.4f}, {rate:.3f} steps/s, "
+                          f"{ev_rate:.0f} events/s", file=sys.stderr, flush=True)
+                window_loss = window_acc = 0.0
+                window_steps = window_events = 0
+                window_start = time.perf_counter()
+            if step % options.checkpoint_every == 0:
+                checkpoint()
+                last_saved = step
+        progress.close()
+        if step != last_saved or latest_checkpoint(run_dir) is None or (options.evaluate and "eval" not in state):
+            checkpoint()
+    if stop.requested:
+        print(f"stopped at step {step}; checkpoint and export written to {run_dir}", file=sys.stderr)
+    return {"step": step, **state}

@@ -1,0 +1,250 @@
+"""Training, resuming, stopping, evaluation and export of a tiny network on a synthetic dataset."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chiptune_forge.cli import main
+from chiptune_forge.dataset import ShardWriter
+from chiptune_forge.encoding import CONTINUED_NOTE, ENCODING_VERSION, END, NEW_NOTE, START, STEP_END
+from chiptune_forge.errors import ChiptuneError
+from chiptune_forge.hparams import HParams
+
+tf = pytest.importorskip("tensorflow")
+
+from chiptune_forge.model import train as train_module  # noqa: E402
+from chiptune_forge.model.evaluate import model_from_export  # noqa: E402
+from chiptune_forge.model.export import export_weights, load_export, model_card  # noqa: E402
+from chiptune_forge.model.network import build_model  # noqa: E402
+from chiptune_forge.model.train import (  # noqa: E402
+    BatchSchedule,
+    TrainOptions,
+    latest_checkpoint,
+    make_chunks,
+    train,
+)
+
+TINY = HParams(batch_size=4, rnn_layer_sizes=(16, 16), dropout_keep_prob=1.0, learning_rate=0.02)
+
+
+def arpeggio(root: int, steps: int) -> np.ndarray:
+    """A predictable piece: a note every other step, held for two steps, climbing a triad."""
+    events = [START]
+    for s in range(steps):
+        pitch = root + (0, 4, 7)[(s // 2) % 3]
+        events += [NEW_NOTE + pitch] if s % 2 == 0 else [CONTINUED_NOTE + pitch]
+        events.append(STEP_END)
+    return np.array([*events, END], dtype=np.int16)
+
+
+def write_dataset(out: Path, train: list[np.ndarray], evals: list[np.ndarray]) -> Path:
+    out.mkdir(parents=True)
+    splits = {}
+    for name, seqs in (("train", train), ("eval", evals)):
+        writer = ShardWriter(out, name)
+        for seq in seqs:
+            writer.add(seq)
+        writer.flush()
+        splits[name] = {"shards": writer.shards, "sequences": writer.sequences, "events": writer.events}
+    (out / "summary.json").write_text(json.dumps({"encoding": ENCODING_VERSION, "splits": splits}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "ds"
+    return write_dataset(root, [arpeggio(r, 20 + r % 7) for r in range(50, 70)],
+                         [arpeggio(r, 24) for r in (55, 61, 66)])
+
+
+def options(run: Path, data: Path, steps: int, **kw) -> TrainOptions:
+    base = {"hparams": TINY, "given": frozenset({"batch_size"}), "num_training_steps": steps,
+            "checkpoint_every": 1000, "evaluate": True, "max_length": 32, "show_progress": False}
+    return TrainOptions(run_dir=run, dataset_dir=data, **(base | kw))
+
+
+@pytest.fixture(scope="module")
+def trained_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """Train 3 steps, then resume the same run to 60; returns the run and both exports' descriptions."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    train(options(run, dataset, 3))
+    first = json.loads((run / "export" / "model.json").read_text())
+    train(options(run, dataset, 60, checkpoint_every=25))
+    last = json.loads((run / "export" / "model.json").read_text())
+    return run, first, last
+
+
+def test_chunks_cover_every_next_event_pair_once() -> None:
+    seqs = [np.arange(10, dtype=np.int16), np.arange(3, dtype=np.int16)]
+    chunks = make_chunks(seqs, 4)
+    assert [len(c) - 1 for c in chunks] == [4, 4, 1, 2]
+    pairs = [(int(a), int(b)) for c in chunks for a, b in itertools.pairwise(c)]
+    assert pairs == [(i, i + 1) for i in range(9)] + [(0, 1), (1, 2)]
+
+
+def test_schedule_is_a_function_of_the_step_and_buckets_by_length() -> None:
+    rng = np.random.default_rng(1)
+    chunks = [np.zeros(int(n), dtype=np.int32) for n in rng.integers(2, 300, size=200)]
+    a, b = BatchSchedule(chunks, 8, seed=3), BatchSchedule(chunks, 8, seed=3)
+    for step in (0, 7, 30, 24, 0):  # 25 batches per epoch: 30 is in the second epoch
+        xa, _, ma = a.batch(step)
+        xb, _, mb = b.batch(step)
+        assert np.array_equal(xa, xb) and np.array_equal(ma, mb)
+    filled = [a.batch(s)[2].mean() for s in range(a.per_epoch)]
+    assert np.mean(filled) > 0.6  # sorted pools keep padding low
+    assert all(a.batch(s)[0].shape[1] % 128 == 0 for s in range(5))
+
+
+def test_loss_falls_and_resume_continues_the_step_count(trained_run: tuple[Path, dict, dict]) -> None:
+    run, first, last = trained_run
+    assert first["training_steps"] == 3 and last["training_steps"] == 60
+    assert last["eval"]["loss"] < first["eval"]["loss"] - 0.5
+    assert latest_checkpoint(run).name == "ckpt-00000060.npz"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "ckpt-00000003.npz", "ckpt-00000025.npz", "ckpt-00000050.npz", "ckpt-00000060.npz"][-3:]
+    assert any((run / "train").iterdir()) and any((run / "eval").iterdir())
+    config = json.loads((run / "hparams.json").read_text())
+    assert config["encoding"] == ENCODING_VERSION and config["hparams"] == TINY.to_dict()
+
+
+def test_resume_refuses_other_hparams(trained_run: tuple[Path, dict, dict], dataset: Path) -> None:
+    run, _, _ = trained_run
+    other = HParams(batch_size=4, rnn_layer_sizes=(32,))
+    with pytest.raises(ChiptuneError, match="rnn_layer_sizes"):
+        train(options(run, dataset, 61, hparams=other, given=frozenset({"rnn_layer_sizes"})))
+
+
+def test_interrupt_writes_a_checkpoint_and_stops(dataset: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    original = BatchSchedule.batch
+
+    def batch_then_interrupt(self, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step)
+
+    monkeypatch.setattr(train_module.BatchSchedule, "batch", batch_then_interrupt)
+    result = train(options(tmp_path / "run", dataset, 100, evaluate=False))
+    assert result["step"] == 3
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt-00000003.npz"
+    assert json.loads((tmp_path / "run" / "export" / "model.json").read_text())["training_steps"] == 3
+
+
+def test_evaluate_json_has_the_fields(trained_run: tuple[Path, dict, dict], dataset: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run, _, last = trained_run
+    assert main(["evaluate", "--run-dir", str(run), "--dataset", str(dataset), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("loss", "perplexity", "accuracy", "events"):
+        assert key in result
+    assert result["perplexity"] == pytest.approx(np.exp(result["loss"]))
+    assert result["loss"] == pytest.approx(last["eval"]["loss"], rel=1e-4)
+    assert main(["evaluate", "--model", str(run / "export"), "--dataset", str(dataset), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(result["loss"], rel=1e-4)
+
+
+def numpy_logits(description: dict, arrays: dict[str, np.ndarray], events: np.ndarray) -> np.ndarray:
+    """The exported model run with numpy alone, following the math written in model.json."""
+    def sigmoid(v: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-v))
+
+    x = arrays["embedding"][events]  # [B, T, E]
+    for i, units in enumerate(description["layers"]):
+        h = np.zeros((x.shape[0], units))
+        c = np.zeros((x.shape[0], units))
+        out = []
+        for t in range(x.shape[1]):
+            z = x[:, t] @ arrays[f"lstm{i}_kernel"] + h @ arrays[f"lstm{i}_recurrent"] + arrays[f"lstm{i}_bias"]
+            zi, zf, zg, zo = np.split(z, 4, axis=-1)
+            c = sigmoid(zf) * c + sigmoid(zi) * np.tanh(zg)
+            h = sigmoid(zo) * np.tanh(c)
+            out.append(h)
+        x = np.stack(out, axis=1)
+    return x @ arrays["dense_kernel"] + arrays["dense_bias"]
+
+
+def test_exported_weights_give_the_keras_logits(tmp_path: Path) -> None:
+    hp = HParams(rnn_layer_sizes=(24, 16, 20), dropout_keep_prob=0.5)
+    model = build_model(hp)
+    rng = np.random.default_rng(0)
+    for w in model.weights:  # random non-trivial weights in every array
+        w.assign(rng.normal(0.0, 0.3, size=w.shape).astype(np.float32))
+    export_weights(model, hp, tmp_path / "m", {"training_steps": 7})
+    description, arrays = load_export(tmp_path / "m")
+    assert description["format"] == "chiptune-forge-lstm-1" and description["encoding"] == "polyphony-1"
+    assert description["layers"] == [24, 16, 20] and description["embedding_dim"] == 24
+    assert description["training_steps"] == 7 and description["num_classes"] == 259
+    assert arrays["lstm1_kernel"].shape == (24, 64) and arrays["lstm1_recurrent"].shape == (16, 64)
+    assert arrays["dense_kernel"].shape == (20, 259) and all(a.dtype == np.float32 for a in arrays.values())
+    events = rng.integers(0, 259, size=(3, 40)).astype(np.int32)
+    keras_logits = np.asarray(model(events, training=False))
+    np.testing.assert_allclose(numpy_logits(description, arrays, events), keras_logits, atol=1e-5, rtol=0)
+    reloaded, _ = model_from_export(tmp_path / "m")
+    np.testing.assert_allclose(np.asarray(reloaded(events, training=False)), keras_logits, atol=1e-6, rtol=0)
+
+
+def test_training_gradients_match_plain_autodiff() -> None:
+    """The hand-written backward pass of the LSTM equals TensorFlow's own differentiation of the same math."""
+    from chiptune_forge.model.network import lstm_time_major
+
+    def reference(xproj, recurrent):
+        def step(carry, zx):
+            h, c = carry
+            zi, zf, zg, zo = tf.split(zx + h @ recurrent, 4, axis=-1)
+            c = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zg)
+            return tf.sigmoid(zo) * tf.tanh(c), c
+
+        zeros = tf.zeros([xproj.shape[1], recurrent.shape[0]])
+        return tf.scan(step, xproj, initializer=(zeros, zeros))[0]
+
+    rng = np.random.default_rng(2)
+    xproj = tf.constant(rng.normal(size=(9, 3, 20)).astype(np.float32))
+    recurrent = tf.constant(rng.normal(0, 0.5, size=(5, 20)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=(9, 3, 5)).astype(np.float32))
+    results = []
+    for fn in (lstm_time_major, reference):
+        with tf.GradientTape() as tape:
+            tape.watch([xproj, recurrent])
+            out = fn(xproj, recurrent)
+            loss = tf.reduce_sum(out * weights)
+        results.append([out, *tape.gradient(loss, [xproj, recurrent])])
+    for ours, expected in zip(results[0], results[1], strict=True):
+        np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_model_card_carries_the_recorded_numbers(trained_run: tuple[Path, dict, dict]) -> None:
+    _, _, last = trained_run
+    card = model_card(last)
+    assert "steps: 60," in card and f"{last['eval']['loss']:.4f}" in card and "batch_size=4" in card
+
+
+def test_missing_default_model_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--model", str(tmp_path), "--dataset", str(tmp_path)]) == 1
+    assert "model.json" in capsys.readouterr().err
+
+
+def test_shipped_default_model_is_complete_and_small() -> None:
+    from chiptune_forge.model.export import resolve_model_dir
+
+    folder = resolve_model_dir("default")
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 10 * 1024 * 1024
+    description, arrays = load_export(folder)
+    assert (folder / "MODEL_CARD.md").is_file()
+    layers, width = description["layers"], description["embedding_dim"]
+    assert arrays["embedding"].shape == (259, width)
+    inputs = [width, *layers[:-1]]
+    for i, units in enumerate(layers):
+        assert arrays[f"lstm{i}_kernel"].shape == (inputs[i], 4 * units)
+        assert arrays[f"lstm{i}_recurrent"].shape == (units, 4 * units)
+        assert arrays[f"lstm{i}_bias"].shape == (4 * units,)
+    assert arrays["dense_kernel"].shape == (layers[-1], 259)
+    assert description["training_steps"] > 0 and description["eval"]["loss"] < 4.0
+    logits = numpy_logits(description, arrays, np.array([[START, NEW_NOTE + 60, STEP_END]]))
+    assert np.isfinite(logits).all()
