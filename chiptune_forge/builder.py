@@ -262,6 +262,7 @@ class ExportJob:
 
 def render_job(job: RenderJob) -> dict[str, Any]:
     """Render one track to the audio cache; returns its loudness and loop facts (runs in a worker)."""
+    start = time.perf_counter()
     from .export import measure_loudness, true_peak_db
     from .loops import render_track
     from .midi import read_midi
@@ -281,7 +282,7 @@ def render_job(job: RenderJob) -> dict[str, Any]:
     with open(tmp, "wb") as fh:
         np.savez(fh, audio=track.audio, meta=json.dumps(meta))
     os.replace(tmp, job.audio_path)
-    return meta
+    return meta | {"render_seconds": time.perf_counter() - start}
 
 
 def load_track_audio(path: str):
@@ -297,6 +298,7 @@ def load_track_audio(path: str):
 
 def export_job(job: ExportJob) -> dict[str, Any]:
     """Normalize and write one track's asset files atomically (runs in a worker)."""
+    start = time.perf_counter()
     from .export import export_track, normalize
 
     track, meta = load_track_audio(job.audio_path)
@@ -304,7 +306,7 @@ def export_job(job: ExportJob) -> dict[str, Any]:
     sidecar = dict(job.sidecar) | {"gain_db": round(gain, 3), "source_loudness_lufs": meta["loudness_lufs"]}
     paths = export_track(track, Path(job.out_dir), job.name, formats=job.formats, sidecar_info=sidecar,
                          godot_import=job.godot_import, split=job.split)
-    return {"files": [str(p) for p in paths], "gain_db": gain}
+    return {"files": [str(p) for p in paths], "gain_db": gain, "seconds": time.perf_counter() - start}
 
 
 # ------------------------------------------------------------------------------------------ the builder
@@ -466,14 +468,15 @@ class Builder:
             (self.cache / sub).mkdir(parents=True, exist_ok=True)
         self.m.project.output_dir.mkdir(parents=True, exist_ok=True)
         state, lock = self._state(), self._lock()
-        started = {t.name: time.perf_counter() for t in pending}
 
         # Stage 1 (main process): takes and MIDI. Generation is a batch per track.
         midi_paths: dict[str, Path] = {}
         for track in pending:
             rep = by_name[track.name]
+            start = time.perf_counter()
             try:
                 midi_paths[track.name] = self._take_and_midi(track, plans[track.name], lock, rep)
+                rep.seconds += time.perf_counter() - start
             except ChiptuneError as exc:
                 rep.status, rep.error = "failed", str(exc)
         if not self.check:
@@ -493,6 +496,7 @@ class Builder:
             else:
                 metas[name] = result
                 by_name[name].stages.append("render")
+                by_name[name].seconds += result["render_seconds"]
 
         # Stage 3 (workers): export, with one shared gain when asked.
         ok = [t for t in pending if by_name[t.name].status == "pending"]
@@ -518,11 +522,11 @@ class Builder:
             else:
                 results[name] = result
                 by_name[name].stages.append("export")
+                by_name[name].seconds += result["seconds"]
 
         # Record what now exists (per track, so a failure elsewhere never loses finished work).
         for t in pending:
             rep = by_name[t.name]
-            rep.seconds = time.perf_counter() - started[t.name]
             if rep.status != "pending":
                 continue
             plan = plans[t.name]

@@ -213,9 +213,8 @@ def resolve_model_dir(spec: str | Path | None) -> Path:
     raise ChiptuneError(f"{path}: not a model folder (no {MODEL_JSON}) and not a run folder (no export/)")
 
 
-def load_model(spec: str | Path | None = None) -> LstmModel:
-    """Load an exported model: "default"/None, an export folder, or a training run folder."""
-    folder = resolve_model_dir(spec)
+def read_export(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """An export folder's model.json and raw arrays, checked against the format this version reads."""
     json_path, npz_path = folder / MODEL_JSON, folder / WEIGHTS_NPZ
     try:
         info = json.loads(json_path.read_text(encoding="utf-8"))
@@ -239,4 +238,11 @@ def load_model(spec: str | Path | None = None) -> LstmModel:
             arrays = {name: npz[name] for name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ChiptuneError(f"{npz_path}: not a readable weights archive ({exc})") from None
+    return info, arrays
+
+
+def load_model(spec: str | Path | None = None) -> LstmModel:
+    """Load an exported model: "default"/None, an export folder, or a training run folder."""
+    folder = resolve_model_dir(spec)
+    info, arrays = read_export(folder)
     return LstmModel(arrays, info, folder)

@@ -19,9 +19,10 @@ from chiptune_forge.hparams import HParams
 
 tf = pytest.importorskip("tensorflow")
 
+from chiptune_forge.lstm import read_export  # noqa: E402
 from chiptune_forge.model import train as train_module  # noqa: E402
 from chiptune_forge.model.evaluate import model_from_export  # noqa: E402
-from chiptune_forge.model.export import export_weights, load_export, model_card  # noqa: E402
+from chiptune_forge.model.export import export_weights, model_card  # noqa: E402
 from chiptune_forge.model.network import build_model  # noqa: E402
 from chiptune_forge.model.train import (  # noqa: E402
     BatchSchedule,
@@ -177,7 +178,7 @@ def test_exported_weights_give_the_keras_logits(tmp_path: Path) -> None:
     for w in model.weights:  # random non-trivial weights in every array
         w.assign(rng.normal(0.0, 0.3, size=w.shape).astype(np.float32))
     export_weights(model, hp, tmp_path / "m", {"training_steps": 7})
-    description, arrays = load_export(tmp_path / "m")
+    description, arrays = read_export(tmp_path / "m")
     assert description["format"] == "chiptune-forge-lstm-1" and description["encoding"] == "polyphony-1"
     assert description["layers"] == [24, 16, 20] and description["embedding_dim"] == 24
     assert description["training_steps"] == 7 and description["num_classes"] == 259
@@ -231,11 +232,11 @@ def test_missing_default_model_is_a_clean_error(tmp_path: Path, capsys: pytest.C
 
 
 def test_shipped_default_model_is_complete_and_small() -> None:
-    from chiptune_forge.model.export import resolve_model_dir
+    from chiptune_forge.lstm import resolve_model_dir
 
     folder = resolve_model_dir("default")
     assert sum(p.stat().st_size for p in folder.iterdir()) <= 10 * 1024 * 1024
-    description, arrays = load_export(folder)
+    description, arrays = read_export(folder)
     assert (folder / "MODEL_CARD.md").is_file()
     layers, width = description["layers"], description["embedding_dim"]
     assert arrays["embedding"].shape == (259, width)

@@ -81,9 +81,9 @@ def evaluate_model(model, sequences: list[np.ndarray], rows: int = EVAL_ROWS) ->
 
 def model_from_export(model_dir: str | Path):
     """A Keras network holding an exported model's weights, and its hparams."""
-    from .export import load_export
+    from ..lstm import read_export
 
-    description, arrays = load_export(model_dir)
+    description, arrays = read_export(Path(model_dir))
     hparams = HParams.from_dict(description["hparams"])
     model = build_model(hparams)
     model.get_layer("embedding").set_weights([arrays["embedding"]])
@@ -97,7 +97,7 @@ def model_from_export(model_dir: str | Path):
 def evaluate_dir(dataset_dir: str | Path, split: str = "eval", run_dir: str | Path | None = None,
                  model: str | None = None) -> dict:
     """Evaluate a run's latest weights or an exported model (`default` or a folder) on a dataset split."""
-    from .export import resolve_model_dir
+    from ..lstm import resolve_model_dir
     from .train import load_run_model
 
     if run_dir is not None:

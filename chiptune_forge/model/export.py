@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ..encoding import ENCODING_VERSION, NUM_CLASSES
-from ..errors import ChiptuneError
 from ..hparams import HParams
 
 FORMAT = "chiptune-forge-lstm-1"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 
 MATH = ("x_t = embedding[event_t]; per LSTM layer: z = x_t @ kernel + h_{t-1} @ recurrent + bias; "
         "i, f, g, o = split(z, 4); i, f, o = sigmoid(i, f, o); g = tanh(g); c_t = f * c_{t-1} + i * g; "
@@ -71,32 +69,6 @@ def write_export(arrays: dict[str, np.ndarray], hparams: HParams, out_dir: str |
 def export_weights(model, hparams: HParams, out_dir: str | Path, info: dict) -> Path:
     """Export a Keras network (from `network.build_model`) to the framework-free folder format."""
     return write_export(weight_arrays(model), hparams, out_dir, info)
-
-
-def resolve_model_dir(name: str) -> Path:
-    """`default` -> the shipped model; anything else is a folder holding model.json + weights.npz."""
-    path = DEFAULT_MODEL_DIR if name == "default" else Path(name)
-    if not (path / "model.json").is_file() or not (path / "weights.npz").is_file():
-        what = "the shipped default model" if name == "default" else str(path)
-        raise ChiptuneError(f"{what}: no exported model there (expected model.json and weights.npz in {path})")
-    return path
-
-
-def load_export(model_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read an exported model folder: its description and arrays, checked against this encoding."""
-    model_dir = Path(model_dir)
-    json_path = model_dir / "model.json"
-    try:
-        description = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ChiptuneError(f"{json_path}: unreadable model description ({exc})") from None
-    if description.get("format") != FORMAT:
-        raise ChiptuneError(f"{json_path}: format {description.get('format')!r} is not {FORMAT!r}")
-    if description.get("encoding") != ENCODING_VERSION:
-        raise ChiptuneError(f"{json_path}: encoding {description.get('encoding')!r} is not {ENCODING_VERSION!r}")
-    with np.load(model_dir / "weights.npz") as data:
-        arrays = {k: data[k] for k in data.files}
-    return description, arrays
 
 
 def model_card(description: dict) -> str:
