@@ -162,6 +162,9 @@ def test_check_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert all(t["files"] for t in report["tracks"])
     assert main(["build", str(manifest), "--check"]) == 0
     assert capsys.readouterr().out.splitlines() == ["theme: up to date", "given: up to date"]
+    import chiptune_forge
+
+    assert chiptune_forge.build(manifest, check=True).changed == []
     project(tmp_path, loop="false")
     assert main(["build", str(manifest), "--check", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
