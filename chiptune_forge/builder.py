@@ -282,7 +282,7 @@ def render_job(job: RenderJob) -> dict[str, Any]:
     with open(tmp, "wb") as fh:
         np.savez(fh, audio=track.audio, meta=json.dumps(meta))
     os.replace(tmp, job.audio_path)
-    return meta | {"render_seconds": time.perf_counter() - start}
+    return meta | {"seconds": time.perf_counter() - start}
 
 
 def load_track_audio(path: str):
@@ -489,14 +489,7 @@ class Builder:
                                   self.m.project.sample_rate, t.loop, t.intro_bars, t.bars,
                                   str(self.cache / "audio" / f"{plans[t.name]['render_key']}.npz"))
                 for t in to_render}
-        metas = {}
-        for name, result, error in self._map(render_job, jobs, "render"):
-            if error:
-                by_name[name].status, by_name[name].error = "failed", error
-            else:
-                metas[name] = result
-                by_name[name].stages.append("render")
-                by_name[name].seconds += result["render_seconds"]
+        metas = self._run_stage(render_job, jobs, "render", by_name)
 
         # Stage 3 (workers): export, with one shared gain when asked.
         ok = [t for t in pending if by_name[t.name].status == "pending"]
@@ -515,14 +508,7 @@ class Builder:
             export_jobs[t.name] = ExportJob(t.name, str(self.cache / "audio" / f"{plan['render_key']}.npz"),
                                             str(p.output_dir), self.m.formats_for(t), p.loudness_lufs,
                                             p.true_peak_db, shared_gain, p.godot_import, p.split, sidecar)
-        results = {}
-        for name, result, error in self._map(export_job, export_jobs, "export"):
-            if error:
-                by_name[name].status, by_name[name].error = "failed", error
-            else:
-                results[name] = result
-                by_name[name].stages.append("export")
-                by_name[name].seconds += result["seconds"]
+        results = self._run_stage(export_job, export_jobs, "export", by_name)
 
         # Record what now exists (per track, so a failure elsewhere never loses finished work).
         for t in pending:
@@ -541,6 +527,19 @@ class Builder:
             rep.status, rep.files = "built", files
         self._prune(state)
         write_json(self.cache / "state.json", state)
+
+    def _run_stage(self, fn: Callable, jobs: dict[str, Any], stage: str,
+                   reports: dict[str, TrackReport]) -> dict[str, dict[str, Any]]:
+        """Run one stage's jobs; record each track's outcome and time in its report."""
+        results = {}
+        for name, result, error in self._map(fn, jobs, stage):
+            if error:
+                reports[name].status, reports[name].error = "failed", error
+            else:
+                results[name] = result
+                reports[name].stages.append(stage)
+                reports[name].seconds += result["seconds"]
+        return results
 
     def _take_and_midi(self, track: TrackSpec, plan: dict[str, Any], lock: dict, rep: TrackReport) -> Path:
         midi_path = self.cache / "midi" / f"{track.name}-{plan['midi_key'][:16]}.mid"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .errors import ChiptuneError
 
@@ -94,8 +95,407 @@ def _run_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_dir(path: str) -> Path:
+    """A dataset folder, or (Magenta style) a file inside one such as a shard given as --sequence_example_file."""
+    p = Path(path)
+    return p.parent if p.is_file() else p
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the polyphony LSTM on a dataset (resumes a run folder)",
+                       description="Train the LSTM on a dataset's train split. Running the same command again "
+                                   "resumes from the latest checkpoint; Ctrl-C writes a checkpoint and stops.")
+    p.add_argument(*option("run-dir"), dest="run_dir", required=True, help="run folder (checkpoints, export, logs)")
+    p.add_argument("--dataset", *option("sequence-example-file"), dest="dataset", required=True,
+                   help="dataset folder written by 'chiptune-forge dataset' (or a file inside it)")
+    p.add_argument("--hparams", default=None,
+                   help='Magenta hparams string, e.g. "batch_size=64,rnn_layer_sizes=[128,128,128]"')
+    p.add_argument(*option("num-training-steps"), dest="num_training_steps", type=int, default=0,
+                   help="stop at this total step count (default 0: train until stopped)")
+    p.add_argument(*option("checkpoint-every"), dest="checkpoint_every", type=int, default=100,
+                   help="steps between checkpoints and exports (default 100)")
+    p.add_argument(*option("max-length"), dest="max_length", type=int, default=None,
+                   help="train on chunks of at most this many events (default 512; fixed for a run)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch order of a new run (default 0)")
+    add_flag(p, "eval", False, "evaluate on the eval split at every checkpoint (recorded in the export)")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .hparams import parse_hparams
+
+    hparams, given = parse_hparams(args.hparams) if args.hparams is not None else (None, set())
+    if args.checkpoint_every < 1:
+        raise ChiptuneError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    if args.num_training_steps < 0:
+        raise ChiptuneError(f"--num-training-steps must be 0 or more, got {args.num_training_steps}")
+    if args.max_length is not None and args.max_length < 2:
+        raise ChiptuneError(f"--max-length must be at least 2, got {args.max_length}")
+    dataset = _dataset_dir(args.dataset)
+    if not (dataset / "summary.json").is_file():
+        raise ChiptuneError(f"{args.dataset}: not a dataset folder (no summary.json); "
+                            "build one with 'chiptune-forge dataset'")
+    from .model.train import TrainOptions, train
+
+    result = train(TrainOptions(run_dir=Path(args.run_dir), dataset_dir=dataset, hparams=hparams,
+                                given=frozenset(given), num_training_steps=args.num_training_steps,
+                                checkpoint_every=args.checkpoint_every, evaluate=args.eval,
+                                max_length=args.max_length, seed=args.seed))
+    line = f"step {result['step']}; exported model: {Path(args.run_dir) / 'export'}"
+    if result.get("eval"):
+        m = result["eval"]
+        line += f"; eval loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, accuracy {m['accuracy']:.4f}"
+    print(line)
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="loss, perplexity and accuracy of a model on a dataset",
+                       description="Score a run's latest checkpoint or an exported model on a dataset split.")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(*option("run-dir"), dest="run_dir", default=None, help="training run folder")
+    which.add_argument("--model", default=None,
+                       help="'default' (the shipped model) or an exported model folder (default: default)")
+    p.add_argument("--dataset", *option("sequence-example-file"), dest="dataset", required=True,
+                   help="dataset folder (or a file inside it)")
+    p.add_argument("--split", choices=("eval", "train"), default="eval", help="which split to score (default eval)")
+    add_flag(p, "json", False, "print the result as JSON")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .model.evaluate import evaluate_dir
+
+    result = evaluate_dir(_dataset_dir(args.dataset), args.split, run_dir=args.run_dir, model=args.model)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+              f"accuracy {result['accuracy']:.4f} over {result['events']} events ({result['split']} split)")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run's weights as a framework-free model folder",
+                       description="Write a run's latest checkpoint as model.json + weights.npz (no TensorFlow "
+                                   "needed to use it), into RUN/export or --output-dir.")
+    p.add_argument(*option("run-dir"), dest="run_dir", required=True, help="training run folder")
+    p.add_argument(*option("output-dir"), dest="output_dir", default=None, help="where to write (default RUN/export)")
+    add_flag(p, "model-card", False, "also write MODEL_CARD.md from the run's recorded numbers")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import json
+
+    from .model.export import model_card
+    from .model.train import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.output_dir) if args.output_dir else None)
+    if args.model_card:
+        description = json.loads((out / "model.json").read_text(encoding="utf-8"))
+        (out / "MODEL_CARD.md").write_text(model_card(description), encoding="utf-8")
+    print(f"exported {args.run_dir} to {out}")
+    return 0
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build a game's soundtrack from its manifest (chiptune.toml)",
+                       description="Generate, pick, render and export every track of a manifest, redoing only "
+                                   "what changed. Exit codes: 0 done or up to date, 1 out of date (--check), "
+                                   "2 invalid manifest or usage, 3 a track failed.")
+    p.add_argument("manifest", nargs="?", default="chiptune.toml", help="manifest file or its folder")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="build only these tracks")
+    p.add_argument("--force", action="store_true", help="render and export again even if nothing changed")
+    p.add_argument("--regenerate", nargs="+", metavar="NAME", default=[],
+                   help="drop these tracks' locked takes and generate them anew")
+    p.add_argument("--check", action="store_true", help="list what is out of date and exit 1 if anything is")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
+    p.set_defaults(func=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    import json
+
+    from .builder import build
+    from .manifest import ManifestError
+
+    try:
+        report = build(args.manifest, only=args.only, force=args.force, regenerate=args.regenerate,
+                       check=args.check, show_progress=not args.json)
+    except ManifestError as exc:
+        for line in exc.problems:
+            print(f"chiptune-forge: error: {line}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for t in report.tracks:
+            why = f" ({'; '.join(t.reasons)})" if t.reasons else ""
+            if t.status == "failed":
+                print(f"{t.name}: FAILED: {t.error}", file=sys.stderr)
+            elif t.status == "built":
+                print(f"{t.name}: built [{', '.join(t.stages) or 'export'}] in {t.seconds:.2f} s{why}")
+            elif t.status == "outdated":
+                print(f"{t.name}: out of date{why}")
+            else:
+                print(f"{t.name}: up to date")
+    if report.failed:
+        return 3
+    if args.check and report.changed:
+        return 1
+    return 0
+
+
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="write a commented starter chiptune.toml",
+                       description="Write a starter manifest with every option explained.")
+    p.add_argument("path", nargs="?", default="chiptune.toml", help="where to write it (default chiptune.toml)")
+    p.set_defaults(func=_run_init)
+
+
+def _run_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .manifest import STARTER
+
+    path = Path(args.path)
+    if path.is_dir():
+        path = path / "chiptune.toml"
+    if path.exists():
+        raise ChiptuneError(f"{path}: already exists; not overwriting it")
+    path.write_text(STARTER, encoding="utf-8")
+    print(f"wrote {path}; build it with: chiptune-forge build {path}")
+    return 0
+
+
+def _add_watch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("watch", help="build, then rebuild what each edit affects",
+                       description="Build once, then watch the manifest, its presets, MIDI and primer files and "
+                                   "the model, rebuilding only the affected tracks after each save.")
+    p.add_argument("manifest", nargs="?", default="chiptune.toml", help="manifest file or its folder")
+    p.add_argument("--debounce", type=float, default=0.2, metavar="SECONDS",
+                   help="quiet time after the last change before rebuilding (default 0.2)")
+    p.add_argument("--once-after", type=float, default=None, metavar="SECONDS",
+                   help="stop by itself after this many seconds (for scripts and tests)")
+    p.set_defaults(func=_run_watch)
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    from .watch import Watcher
+
+    return Watcher(args.manifest, debounce=args.debounce, log=lambda m: print(m, flush=True)).run(args.once_after)
+
+
+def _add_plugins(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plugins", help="inspect VST3 plugins and capture their state for presets",
+                       description="Look at a VST3 plugin the way a preset sees it. A plugin may be a path or a "
+                                   "bundle name found on $CHIPTUNE_FORGE_VST3_PATH or the standard VST3 folders.")
+    actions = p.add_subparsers(dest="plugins_command", metavar="ACTION", required=True)
+    info = actions.add_parser("info", help="name, kind, latency and parameters (with ranges and defaults)",
+                              description="Load a plugin and list its parameters under the names presets use.")
+    info.add_argument("plugin", help="a .vst3 bundle path or bundle name")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(func=_run_plugins_info)
+    state = actions.add_parser("state", help="set parameters and save the plugin's state for a preset",
+                               description="Load a plugin, apply --set values, and write its state: raw state "
+                                           "(a preset's state_file), or .vstpreset data if OUTPUT ends in "
+                                           ".vstpreset (a preset's preset_file).")
+    state.add_argument("plugin", help="a .vst3 bundle path or bundle name")
+    state.add_argument("--set", dest="assignments", action="append", default=[], metavar="NAME=VALUE",
+                       help="set a parameter first (repeatable; names as `plugins info` shows them)")
+    state.add_argument("-o", "--output", required=True, help="file to write (e.g. lead.bin or lead.vstpreset)")
+    state.set_defaults(func=_run_plugins_state)
+
+
+def _run_plugins_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .plugins import format_info, plugin_info
+
+    info = plugin_info(args.plugin)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _run_plugins_state(args: argparse.Namespace) -> int:
+    from .plugins import save_state
+
+    size = save_state(args.plugin, args.assignments, Path(args.output))
+    print(f"wrote {args.output} ({size} bytes)")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate pieces with a trained model and write them as MIDI",
+                       description="Sample pieces from a trained model (numpy only, all outputs as one batch) and "
+                                   "write one MIDI file per output plus generate.json with each output's seed and "
+                                   "scores. Magenta's polyphony_rnn_generate flags and spellings are accepted.")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(*option("run-dir"), dest="run_dir", default=None, help="training run folder (uses RUN/export)")
+    which.add_argument("--model", default=None,
+                       help="'default' (the shipped model) or an exported model folder (default: default)")
+    p.add_argument("--hparams", default=None, help="Magenta hparams string; checked against the model's own")
+    p.add_argument(*option("output-dir"), dest="output_dir", required=True,
+                   help="folder for the MIDI files and generate.json")
+    p.add_argument(*option("num-outputs"), dest="num_outputs", type=int, default=10,
+                   help="how many pieces to generate (default 10)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument(*option("num-steps"), dest="num_steps", type=int, default=None,
+                        help="total length in sixteenth-note steps, primer included (default 128)")
+    length.add_argument("--bars", type=int, default=None, help="total length in 4/4 bars of 16 steps")
+    primer = p.add_mutually_exclusive_group()
+    primer.add_argument(*option("primer-melody"), dest="primer_melody", default=None, metavar="LIST",
+                        help='one entry per step: a pitch starts a note, -2 holds, -1 ends it; e.g. "[60,-2,64]"')
+    primer.add_argument(*option("primer-pitches"), dest="primer_pitches", default=None, metavar="LIST",
+                        help='a chord held for one quarter note, e.g. "[67,64,60]"')
+    primer.add_argument(*option("primer-midi"), dest="primer_midi", default=None, metavar="FILE",
+                        help="a MIDI file whose first section primes the model")
+    add_flag(p, "condition-on-primer", True, "feed the primer through the model before sampling")
+    add_flag(p, "inject-primer-during-generation", False,
+             "force the primer's notes into every output at their steps (to harmonize a melody)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits: below 1 is safer, above 1 wilder, 0 always takes the likeliest event")
+    p.add_argument(*option("beam-size"), dest="beam_size", type=int, default=1, help="beam search width (default 1)")
+    p.add_argument(*option("branch-factor"), dest="branch_factor", type=int, default=1,
+                   help="branches per beam and iteration (default 1)")
+    p.add_argument(*option("steps-per-iteration"), dest="steps_per_iteration", type=int, default=1,
+                   help="events sampled per beam search iteration (default 1)")
+    p.add_argument(*option("max-polyphony"), dest="max_polyphony", type=int, default=8,
+                   help="most notes sounding in one step (default 8, the SNES voice count)")
+    p.add_argument("--qpm", type=float, default=None, help="tempo of the output (default: the primer MIDI's, else 120)")
+    p.add_argument("--seed", type=int, default=0, help="output i uses seed SEED + i (default 0)")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    # One event per step on small matrices: BLAS threads only add hand-offs (effective before numpy loads).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    started = time.perf_counter()
+    from .generate import GenerationRequest, check_hparams, generate, output_name, parse_int_list, rank, write_outputs
+    from .lstm import load_model
+
+    request = GenerationRequest(
+        num_outputs=args.num_outputs, num_steps=args.num_steps, bars=args.bars,
+        primer_melody=parse_int_list(args.primer_melody, "--primer-melody") if args.primer_melody else None,
+        primer_pitches=parse_int_list(args.primer_pitches, "--primer-pitches") if args.primer_pitches else None,
+        primer_midi=args.primer_midi, condition_on_primer=args.condition_on_primer,
+        inject_primer_during_generation=args.inject_primer_during_generation, temperature=args.temperature,
+        beam_size=args.beam_size, branch_factor=args.branch_factor, steps_per_iteration=args.steps_per_iteration,
+        max_polyphony=args.max_polyphony, qpm=args.qpm, seed=args.seed)
+    request.validate()
+    model = load_model(args.run_dir or args.model)
+    if args.hparams is not None:
+        check_hparams(model, args.hparams)
+    pieces = generate(model, request)
+    path = write_outputs(pieces, args.output_dir, request, model)
+    best = rank(pieces)[0]
+    events = sum(len(p.events) for p in pieces)
+    print(f"wrote {len(pieces)} MIDI files and {path} in {time.perf_counter() - started:.2f} s ({events} events); "
+          f"best: {output_name(best.index, len(pieces))} (rank score {best.scores['rank_score']:.3f})")
+    return 0
+
+
+def _add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="render a MIDI file to WAV or OGG with the built-in SNES sampler",
+                       description="Arrange a MIDI file into parts, play it on the emulated SNES sound chip with a "
+                                   "preset's instruments, echo and effects, and write the whole piece with its tail.")
+    p.add_argument("input", metavar="IN.mid", help="MIDI file to render")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.wav|OUT.ogg",
+                   help="output file; .wav writes 16-bit PCM, .ogg writes Ogg Vorbis")
+    p.add_argument("--preset", default="snes", metavar="NAME|PATH",
+                   help="a shipped preset (see 'chiptune-forge presets') or a preset .toml file (default: snes)")
+    p.add_argument(*option("sample-rate"), dest="sample_rate", type=int, default=32000,
+                   help="output rate: 32000 (the chip's own), 44100 or 48000 (default 32000)")
+    add_flag(p, "loop", False, "write a seamless loop: the intro once, then the body forever "
+                               "(OGG LOOPSTART/LOOPLENGTH, WAV smpl); without it a jingle that fades to silence")
+    p.add_argument(*option("intro-bars"), dest="intro_bars", type=int, default=0,
+                   help="bars of intro from the start of the MIDI before the loop body (default 0)")
+    p.add_argument("--bars", type=int, default=None,
+                   help="bars in the loop body (default: up to the piece's last bar line)")
+    p.add_argument("--loudness", type=float, default=-16.0, metavar="LUFS",
+                   help="target integrated loudness (default -16)")
+    p.add_argument(*option("true-peak"), dest="true_peak", type=float, default=-1.0, metavar="DBTP",
+                   help="true-peak ceiling, checked after encoding (default -1)")
+    add_flag(p, "godot-import", False, "also write Godot 4 .import settings (loop, loop offset)")
+    add_flag(p, "split", False, "also write NAME_intro and NAME_loop clips for engines that chain clips")
+    p.set_defaults(func=_run_render)
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    from .export import export_track, file_sha256, normalize
+    from .loops import render_track
+    from .midi import read_midi
+    from .presets import load_preset
+    from .render import check_output_path, check_sample_rate, render_piece
+
+    output = check_output_path(args.output)
+    check_sample_rate(args.sample_rate)
+    if not -70.0 <= args.loudness < 0.0:
+        raise ChiptuneError(f"--loudness {args.loudness} LUFS is out of range (use -70 to 0, e.g. -16)")
+    if args.true_peak > 0.0:
+        raise ChiptuneError(f"--true-peak {args.true_peak} dBTP is above full scale (use 0 or less, e.g. -1)")
+    preset = load_preset(args.preset)
+    piece = read_midi(args.input)
+    if not piece.notes:
+        raise ChiptuneError(f"{args.input}: no notes to render")
+    try:
+        track = render_track(piece, lambda p, rate: render_piece(p, preset, rate), args.sample_rate,
+                             loop=args.loop, intro_bars=args.intro_bars, bars=args.bars)
+    except ChiptuneError as exc:
+        raise ChiptuneError(f"{args.input}: {exc}") from None
+    track, gain = normalize(track, args.loudness, args.true_peak)
+    info = {"source_midi": Path(args.input).name, "midi_sha256": file_sha256(args.input), "preset": preset.name,
+            "gain_db": round(gain, 3)}
+    paths = export_track(track, output.parent, output.stem, (output.suffix[1:].lower(),), info,
+                         godot_import=args.godot_import, split=args.split)
+    rate = args.sample_rate
+    loop = (f"loop {track.loop_start / rate:.3f} s + {track.loop_length / rate:.3f} s "
+            f"(LOOPSTART={track.loop_start}, LOOPLENGTH={track.loop_length})" if track.looping else "jingle")
+    print(f"{output}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, "
+          f"gain {gain:+.2f} dB to {args.loudness:g} LUFS; wrote {', '.join(p.name for p in paths)}")
+    return 0
+
+
+def _add_presets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the shipped render presets and built-in instruments",
+                       description="List the shipped presets and the built-in instruments, one line each.")
+    p.set_defaults(func=_run_presets)
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    from .presets import list_presets
+    from .snes.instruments import describe_instruments
+
+    presets = list_presets()
+    instruments = describe_instruments()
+    width = max(len(name) for name, _ in presets + instruments)
+    print("presets:")
+    for name, text in presets:
+        print(f"  {name:<{width}}  {text}")
+    print("instruments:")
+    for name, text in instruments:
+        print(f"  {name:<{width}}  {text}")
+    return 0
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_dataset,
+    _add_build,
+    _add_init,
+    _add_watch,
+    _add_train,
+    _add_evaluate,
+    _add_export,
+    _add_generate,
+    _add_plugins,
+    _add_render,
+    _add_presets,
 ]
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChiptuneError
+from .loops import SAMPLE_RATES
 
-SAMPLE_RATES = (32000, 44100, 48000)
 FORMATS = ("ogg", "wav")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 GENERATION_KEYS = ("seed", "temperature", "primer_pitches", "primer_melody", "primer_midi", "candidates", "pick",

@@ -162,8 +162,8 @@ def restore_checkpoint(path: Path, model, optimizer=None) -> tuple[int, dict]:
         return int(data["step"]), json.loads(str(data["state"]))
 
 
-def load_run_model(run_dir: Path):
-    """The network of a run at its latest checkpoint, its hparams and step (for evaluate and export)."""
+def _restore_run(run_dir: Path):
+    """A run's config and its network restored from the latest checkpoint, with hparams, step and state."""
     config = read_run_config(run_dir)
     if config is None:
         raise ChiptuneError(f"{run_dir}: not a training run folder (no hparams.json)")
@@ -172,7 +172,13 @@ def load_run_model(run_dir: Path):
         raise ChiptuneError(f"{run_dir}: the run has no checkpoint yet")
     hparams = HParams.from_dict(config["hparams"])
     model = build_model(hparams)
-    step, _ = restore_checkpoint(ckpt, model)
+    step, state = restore_checkpoint(ckpt, model)
+    return config, model, hparams, step, state
+
+
+def load_run_model(run_dir: Path):
+    """The network of a run at its latest checkpoint, its hparams and step (for evaluate and export)."""
+    _, model, hparams, step, _ = _restore_run(run_dir)
     return model, hparams, step
 
 
@@ -194,15 +200,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
     """Export a run's latest checkpoint (default: into RUN/export)."""
     from .export import export_weights
 
-    config = read_run_config(run_dir)
-    if config is None:
-        raise ChiptuneError(f"{run_dir}: not a training run folder (no hparams.json)")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise ChiptuneError(f"{run_dir}: the run has no checkpoint yet")
-    hparams = HParams.from_dict(config["hparams"])
-    model = build_model(hparams)
-    step, state = restore_checkpoint(ckpt, model)
+    config, model, hparams, step, state = _restore_run(run_dir)
     return export_weights(model, hparams, out_dir or run_dir / "export", export_info(run_dir, config, step, state))
 
 

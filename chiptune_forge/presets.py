@@ -1,0 +1,447 @@
+"""Render presets: TOML files that say which instrument plays each role, how it is voiced, the echo, effects.
+
+A preset is checked completely before anything renders: an unknown key, a bad value or an unknown instrument
+is reported on one line naming the preset file and the key, with a did-you-mean where one is close.
+
+Shape (every table and key optional; missing roles and keys take the engine defaults)::
+
+    description = "one line for `chiptune-forge presets`"
+    [arrange]
+    drums = true                      # add a rule-made drum part when the piece has none
+    [roles.lead]                      # roles: lead, harmony, bass, drums
+    instrument = "builtin:pulse50"    # the role's source (`chiptune-forge presets` lists them)
+    adsr = [15, 5, 6, 12]             # attack 0-15, decay 0-7, sustain level 0-7, sustain rate 0-31
+    # gain = "direct:100"             # or a GAIN mode instead of ADSR: direct:0-127, increase:R, bent:R
+    release = 0                       # 0 = hardware key-off (8 ms); 1-31 = exponential fade at that rate
+    volume = 0.5                      # 0-1
+    pan = 0.0                         # -1 (left) .. 1 (right)
+    octave = 0                        # -4..4
+    echo = true                       # send this role to the echo unit (EON)
+    [programs.33]                     # same keys as a role: tracks of a multi-track MIDI with program 33
+    instrument = "builtin:bass"
+    [echo]
+    delay_ms = 64                     # 16..240 in steps of 16 (EDL)
+    feedback = 0.3                    # -1..1 (EFB)
+    fir = [127, 0, 0, 0, 0, 0, 0, 0]  # 8 signed 8-bit taps, first = oldest sample
+    volume = 0.25                     # -1..1, or [left, right] (EVOL)
+    [master]
+    volume = 0.9                      # -1..1, or [left, right] (MVOL)
+    [[effects]]                       # pedalboard effects run after the DSP, in order
+    type = "Reverb"
+    room_size = 0.3                   # pedalboard's own parameter names
+
+A role's instrument is its *source*: today a built-in sampler instrument (`builtin:NAME`). The role table
+is where another kind of source (a hosted plugin) would be named instead, rendered to its own stem.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ChiptuneError
+from .snes.dsp import Envelope
+from .snes.echo import FIR_TAPS, MAX_EDL, EchoSettings
+from .snes.instruments import BUILTIN_PREFIX, INSTRUMENTS, KIT_NAME, instrument_names
+
+ROLES = ("lead", "harmony", "bass", "drums")
+DEFAULT_PRESET = "snes"
+FINGERPRINT_VERSION = 1
+ECHO_STEP_MS = 16
+TOP_KEYS = ("description", "arrange", "roles", "programs", "echo", "master", "effects")
+ROLE_KEYS = ("instrument", "adsr", "gain", "release", "volume", "pan", "octave", "echo")
+ECHO_KEYS = ("delay_ms", "feedback", "fir", "volume")
+GAIN_MODES = ("direct", "increase", "bent")
+# Pedalboard classes that are containers or hosts, not effects a preset can name.
+NOT_EFFECTS = {"Plugin", "Pedalboard", "Chain", "Mix", "PluginContainer", "ExternalPlugin", "VST3Plugin",
+               "AudioUnitPlugin", "IIRFilter"}
+
+DEFAULT_ROLES: dict[str, dict[str, Any]] = {
+    "lead": {"instrument": "builtin:pulse50", "volume": 0.5, "pan": 0.0, "octave": 0, "echo": True},
+    "harmony": {"instrument": "builtin:strings", "volume": 0.3, "pan": 0.0, "octave": 0, "echo": True},
+    "bass": {"instrument": "builtin:bass", "volume": 0.55, "pan": 0.0, "octave": 0, "echo": False},
+    "drums": {"instrument": "builtin:kit", "volume": 0.5, "pan": 0.0, "octave": 0, "echo": False},
+}
+
+
+class PresetError(ChiptuneError):
+    """A preset problem, located by file and dotted key (`roles.lead.volume`)."""
+
+    def __init__(self, path: object, key: str, reason: str) -> None:
+        super().__init__(f"{path}: {key}: {reason}" if key else f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """How one role (or one MIDI program) is played.
+
+    `instrument` is the source, `builtin:NAME`; `envelope` is None only for the drum kit, whose keys carry
+    their own envelopes.
+    """
+
+    instrument: str
+    envelope: Envelope | None
+    volume: float
+    pan: float
+    octave: int
+    echo: bool
+
+    @property
+    def builtin_name(self) -> str:
+        return self.instrument.removeprefix(BUILTIN_PREFIX)
+
+    @property
+    def is_kit(self) -> bool:
+        return self.builtin_name == KIT_NAME
+
+    def to_dict(self) -> dict[str, Any]:
+        env = None
+        if self.envelope is not None:
+            e = self.envelope
+            env = {"adsr": [e.attack, e.decay, e.sustain_level, e.sustain_rate],
+                   "gain": list(e.gain) if e.gain else None, "release": e.release}
+        return {"instrument": self.instrument, "envelope": env, "volume": self.volume, "pan": self.pan,
+                "octave": self.octave, "echo": self.echo}
+
+
+@dataclass(frozen=True)
+class EffectSpec:
+    """One pedalboard effect: its class name and constructor parameters (pedalboard's names)."""
+
+    type: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A fully resolved preset (defaults filled in). Identity for caching is `fingerprint()`."""
+
+    name: str
+    path: Path | None
+    description: str
+    roles: Mapping[str, RoleSpec]
+    programs: Mapping[int, RoleSpec] = field(default_factory=dict)
+    echo: EchoSettings | None = None
+    master_volume: tuple[int, int] = (127, 127)
+    effects: tuple[EffectSpec, ...] = ()
+    drums: bool = True
+
+    def spec_for(self, role: str, program: int | None = None) -> RoleSpec:
+        """The spec for a part: its program's entry when the preset maps that program, else its role's."""
+        if program is not None and program in self.programs:
+            return self.programs[program]
+        return self.roles[role]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything that affects the sound, resolved (name, path and description left out)."""
+        echo = None
+        if self.echo is not None:
+            echo = {"edl": self.echo.edl, "efb": self.echo.feedback, "fir": list(self.echo.fir),
+                    "evol": list(self.echo.volume)}
+        return {
+            "version": FINGERPRINT_VERSION,
+            "roles": {k: v.to_dict() for k, v in sorted(self.roles.items())},
+            "programs": {str(k): v.to_dict() for k, v in sorted(self.programs.items())},
+            "echo": echo,
+            "mvol": list(self.master_volume),
+            "effects": [{"type": e.type, "params": dict(e.params)} for e in self.effects],
+            "drums": self.drums,
+        }
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
+
+    def fingerprint(self) -> str:
+        """A stable hash of the resolved content: equal for presets that render identically."""
+        import hashlib
+        import json
+
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def shipped_presets_dir() -> Path:
+    """The folder holding the shipped preset files (the data package `chiptune_forge.preset_library`)."""
+    from . import preset_library
+
+    return Path(preset_library.__file__).parent
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in shipped_presets_dir().glob("*.toml"))
+
+
+def list_presets() -> list[tuple[str, str]]:
+    """(name, description) of every shipped preset, sorted by name."""
+    return [(name, load_preset(name).description) for name in shipped_names()]
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or text.endswith(".toml")
+
+
+def load_preset(name_or_path: str | Path, base_dir: Path | None = None) -> Preset:
+    """Load a shipped preset by name (`snes`) or a preset file by path, validated and resolved.
+
+    A Path, or a string that contains a slash or ends in .toml, is a file; a relative one is taken from
+    `base_dir` (for a preset named in a manifest, the manifest's folder) or else the working directory.
+    """
+    if isinstance(name_or_path, Path) or _looks_like_path(name_or_path):
+        path = Path(name_or_path)
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        if not path.is_file():
+            raise ChiptuneError(f"{path}: preset file not found")
+        return parse_preset(path.read_bytes(), path.stem, path)
+    name = str(name_or_path)
+    path = shipped_presets_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ChiptuneError(f"unknown preset {name!r}{_did_you_mean(name, shipped_names())}; "
+                            f"give a shipped name or a path to a .toml file")
+    return parse_preset(path.read_bytes(), name, path)
+
+
+def parse_preset(data: bytes, name: str, path: Path | None) -> Preset:
+    """Validate and resolve preset TOML (`path` is only used in messages and kept on the result)."""
+    where = path if path is not None else f"preset {name!r}"
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PresetError(where, "", f"not valid TOML ({exc})") from None
+    v = _Validator(where, path.parent if path is not None else None)
+    v.keys(doc, TOP_KEYS, "")
+    description = v.string(doc, "description", "", "")
+    arrange = v.table(doc, "arrange", "")
+    v.keys(arrange, ("drums",), "arrange")
+    drums = v.boolean(arrange, "drums", "arrange", True)
+    roles_doc = v.table(doc, "roles", "")
+    v.keys(roles_doc, ROLES, "roles")
+    roles = {role: v.role(v.table(roles_doc, role, "roles"), f"roles.{role}", DEFAULT_ROLES[role])
+             for role in ROLES}
+    programs = {}
+    for key, table in v.table(doc, "programs", "").items():
+        if not (key.isdigit() and 0 <= int(key) <= 127):
+            raise PresetError(where, f"programs.{key}", "a MIDI program number 0-127 is expected")
+        if not isinstance(table, dict):
+            raise PresetError(where, f"programs.{key}", "expected a table of role keys")
+        programs[int(key)] = v.role(table, f"programs.{key}", DEFAULT_ROLES["harmony"])
+    echo = v.echo(doc)
+    master = v.table(doc, "master", "")
+    v.keys(master, ("volume",), "master")
+    master_volume = v.stereo_volume(master, "volume", "master", 0.9)
+    effects = v.effects(doc.get("effects", []))
+    return Preset(name, path, description, roles, programs, echo, master_volume, effects, drums)
+
+
+def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Validator:
+    """Reads values out of the parsed TOML, raising PresetError at the first problem."""
+
+    def __init__(self, where: object, folder: Path | None) -> None:
+        self.where = where
+        self.folder = folder
+
+    def fail(self, key: str, reason: str) -> PresetError:
+        return PresetError(self.where, key, reason)
+
+    @staticmethod
+    def _join(prefix: str, key: str) -> str:
+        return f"{prefix}.{key}" if prefix else key
+
+    def keys(self, table: dict, allowed: tuple[str, ...], prefix: str) -> None:
+        for key in table:
+            if key not in allowed:
+                raise self.fail(self._join(prefix, key), f"unknown key{_did_you_mean(key, allowed)}; "
+                                                         f"expected one of {', '.join(allowed)}")
+
+    def table(self, doc: dict, key: str, prefix: str) -> dict:
+        value = doc.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(self._join(prefix, key), f"expected a table, got {value!r}")
+        return value
+
+    def string(self, doc: dict, key: str, prefix: str, default: str) -> str:
+        value = doc.get(key, default)
+        if not isinstance(value, str):
+            raise self.fail(self._join(prefix, key), f"expected a string, got {value!r}")
+        return value
+
+    def boolean(self, doc: dict, key: str, prefix: str, default: bool) -> bool:
+        value = doc.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(self._join(prefix, key), f"expected true or false, got {value!r}")
+        return value
+
+    def number(self, doc: dict, key: str, prefix: str, default: float, lo: float, hi: float,
+               integer: bool = False) -> float:
+        value = doc.get(key, default)
+        ok = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok:
+            kind = "an integer" if integer else "a number"
+            raise self.fail(self._join(prefix, key), f"expected {kind} from {lo} to {hi}, got {value!r}")
+        if not lo <= value <= hi:
+            raise self.fail(self._join(prefix, key), f"{value!r} is out of range {lo}..{hi}")
+        return value
+
+    def stereo_volume(self, doc: dict, key: str, prefix: str, default: float) -> tuple[int, int]:
+        """A volume in -1..1 (or [left, right]) as signed 8-bit register values."""
+        value = doc.get(key, default)
+        pair = value if isinstance(value, list) else [value, value]
+        if len(pair) != 2:
+            raise self.fail(self._join(prefix, key), f"expected a number or [left, right], got {value!r}")
+        regs = []
+        for side in pair:
+            regs.append(round(127 * self.number({key: side}, key, prefix, default, -1.0, 1.0)))
+        return regs[0], regs[1]
+
+    def role(self, table: dict, prefix: str, defaults: dict[str, Any]) -> RoleSpec:
+        self.keys(table, ROLE_KEYS, prefix)
+        instrument = self.string(table, "instrument", prefix, defaults["instrument"])
+        names = instrument_names()
+        if instrument not in names:
+            spelled = instrument if ":" in instrument else BUILTIN_PREFIX + instrument
+            raise self.fail(f"{prefix}.instrument", f"unknown instrument {instrument!r}"
+                                                    f"{_did_you_mean(spelled, names)}")
+        kit = instrument == BUILTIN_PREFIX + KIT_NAME
+        if kit and ("adsr" in table or "gain" in table or "release" in table):
+            key = next(k for k in ("adsr", "gain", "release") if k in table)
+            raise self.fail(f"{prefix}.{key}", "the drum kit sets its own envelope per drum")
+        default = None if kit else INSTRUMENTS[instrument.removeprefix(BUILTIN_PREFIX)].envelope
+        envelope = None if default is None else self.envelope(table, prefix, default)
+        return RoleSpec(
+            instrument=instrument,
+            envelope=envelope,
+            volume=float(self.number(table, "volume", prefix, defaults["volume"], 0.0, 1.0)),
+            pan=float(self.number(table, "pan", prefix, defaults["pan"], -1.0, 1.0)),
+            octave=int(self.number(table, "octave", prefix, defaults["octave"], -4, 4, integer=True)),
+            echo=self.boolean(table, "echo", prefix, defaults["echo"]),
+        )
+
+    def envelope(self, table: dict, prefix: str, default: Envelope) -> Envelope:
+        if "adsr" in table and "gain" in table:
+            raise self.fail(f"{prefix}.gain", "give either adsr or gain, not both")
+        release = int(self.number(table, "release", prefix, default.release, 0, 31, integer=True))
+        if "adsr" in table:
+            value = table["adsr"]
+            limits = ((0, 15), (0, 7), (0, 7), (0, 31))
+            if not (isinstance(value, list) and len(value) == 4):
+                raise self.fail(f"{prefix}.adsr", f"expected [attack, decay, sustain_level, sustain_rate], "
+                                                  f"got {value!r}")
+            fields = [int(self.number({"adsr": x}, "adsr", prefix, 0, lo, hi, integer=True))
+                      for x, (lo, hi) in zip(value, limits, strict=True)]
+            return Envelope(*fields, gain=None, release=release)
+        if "gain" in table:
+            return Envelope(gain=self.gain(table["gain"], f"{prefix}.gain"), release=release)
+        return Envelope(default.attack, default.decay, default.sustain_level, default.sustain_rate,
+                        default.gain, release)
+
+    def gain(self, value: Any, key: str) -> tuple[str, int]:
+        match = re.fullmatch(r"(\w+):(\d+)", value) if isinstance(value, str) else None
+        if match is None:
+            raise self.fail(key, f"expected \"direct:0-127\", \"increase:1-31\" or \"bent:1-31\", got {value!r}")
+        mode, amount = match.group(1), int(match.group(2))
+        if mode not in GAIN_MODES:
+            raise self.fail(key, f"unknown GAIN mode {mode!r}{_did_you_mean(mode, GAIN_MODES)} (decrease "
+                                 f"modes would be silent: a key-on starts the envelope at 0)")
+        top = 127 if mode == "direct" else 31
+        low = 0 if mode == "direct" else 1
+        if not low <= amount <= top:
+            raise self.fail(key, f"{mode} takes {low}..{top}, got {amount}")
+        return mode, amount
+
+    def echo(self, doc: dict) -> EchoSettings | None:
+        if "echo" not in doc:
+            return None
+        table = self.table(doc, "echo", "")
+        self.keys(table, ECHO_KEYS, "echo")
+        if "delay_ms" not in table:
+            raise self.fail("echo.delay_ms", "missing (16..240 in steps of 16)")
+        delay = int(self.number(table, "delay_ms", "echo", 0, ECHO_STEP_MS, ECHO_STEP_MS * MAX_EDL,
+                                integer=True))
+        if delay % ECHO_STEP_MS:
+            near = min(max(round(delay / ECHO_STEP_MS), 1), MAX_EDL) * ECHO_STEP_MS
+            raise self.fail("echo.delay_ms", f"{delay} is not a multiple of {ECHO_STEP_MS} ms (did you mean "
+                                             f"{near}?)")
+        feedback = round(127 * self.number(table, "feedback", "echo", 0.0, -1.0, 1.0))
+        fir = table.get("fir", [127] + [0] * (FIR_TAPS - 1))
+        if not (isinstance(fir, list) and len(fir) == FIR_TAPS):
+            raise self.fail("echo.fir", f"expected a list of {FIR_TAPS} integers -128..127, got {fir!r}")
+        taps = tuple(int(self.number({"fir": c}, "fir", "echo", 0, -128, 127, integer=True)) for c in fir)
+        volume = self.stereo_volume(table, "volume", "echo", 0.25)
+        return EchoSettings(delay // ECHO_STEP_MS, feedback, taps, volume)
+
+    def effects(self, items: Any) -> tuple[EffectSpec, ...]:
+        if not isinstance(items, list):
+            raise self.fail("effects", "expected [[effects]] tables")
+        if not items:
+            return ()
+        import pedalboard
+
+        kinds = sorted(n for n in dir(pedalboard) if n not in NOT_EFFECTS and isinstance(
+            getattr(pedalboard, n), type) and issubclass(getattr(pedalboard, n), pedalboard.Plugin))
+        out = []
+        for i, item in enumerate(items):
+            key = f"effects[{i}]"
+            if not isinstance(item, dict):
+                raise self.fail(key, "expected a table with a type")
+            kind = item.get("type")
+            if kind not in kinds:
+                raise self.fail(f"{key}.type", f"unknown effect {kind!r}{_did_you_mean(str(kind), kinds)}")
+            cls = getattr(pedalboard, kind)
+            allowed = effect_parameters(cls)
+            params = []
+            for name, value in item.items():
+                if name == "type":
+                    continue
+                if name not in allowed:
+                    raise self.fail(f"{key}.{name}", f"unknown parameter for {kind}"
+                                                     f"{_did_you_mean(name, allowed)}")
+                if isinstance(value, str) and name.endswith("_filename") and self.folder is not None:
+                    value = str((self.folder / value).resolve())
+                if not isinstance(value, bool | int | float | str):
+                    raise self.fail(f"{key}.{name}", f"expected a number, true/false or a string, got {value!r}")
+                params.append((name, value))
+            spec = EffectSpec(kind, tuple(params))
+            try:
+                make_effect(spec)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise self.fail(key, f"{kind}: {str(exc).splitlines()[0]}") from None
+            out.append(spec)
+        return tuple(out)
+
+
+def effect_parameters(cls: type) -> list[str]:
+    """Constructor parameter names of a pedalboard effect, read from its signature text."""
+    doc = cls.__init__.__doc__ or ""
+    return sorted({name for name in re.findall(r"(\w+): ", doc) if name != "self"})
+
+
+def make_effect(spec: EffectSpec) -> Any:
+    """A fresh pedalboard plugin for the spec; a string naming a member of one of the class's enums
+    (such as Resample's quality "ZeroOrderHold") becomes that member."""
+    import pedalboard
+
+    cls = getattr(pedalboard, spec.type)
+    kwargs = {}
+    for name, value in spec.params:
+        if isinstance(value, str):
+            for attr in dir(cls):
+                members = getattr(getattr(cls, attr), "__members__", None)
+                if isinstance(members, dict) and value in members:
+                    value = members[value]
+                    break
+        kwargs[name] = value
+    return cls(**kwargs)

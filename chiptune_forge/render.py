@@ -1,0 +1,286 @@
+"""Roles + preset -> stereo audio: arrangement, the built-in S-DSP sampler, echo, pedalboard effects.
+
+`render_piece` is a pure function of its inputs and time-exact: a note starting at t seconds is keyed on at
+sample round(t * 32000) and sounds from 6 samples later (the chip's key-on delay), so a passage moved by
+whole samples renders the same samples moved. The DSP runs at 32 kHz with 16-bit output; the result is
+then resampled (soxr) to the requested rate.
+
+Parts are rendered per role and mixed: each role's notes go through the sampler's 8 shared voices into the
+mixer's main or echo bus (`Mixer.add`), where a stem rendered by other means can be scheduled the same way,
+as one long signal from sample 0, with or without the echo send.
+TensorFlow is never imported here; pedalboard and soxr only when a preset or rate needs them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from .arrange import Part, arrange
+from .errors import ChiptuneError
+from .loops import check_sample_rate
+from .midi import Piece
+from .presets import EffectSpec, Preset, RoleSpec, make_effect
+from .snes.dsp import (
+    DSP_RATE,
+    OUTPUT_DELAY,
+    PITCH_MAX,
+    PITCH_ONE,
+    Envelope,
+    EnvelopeCurves,
+    apply_envelope,
+    noise_stream,
+    pitch_value,
+)
+from .snes.echo import Mixer
+from .snes.instruments import INSTRUMENTS, NOISE_CLOCK, drum_hit, sample_rate_of, sample_source
+from .snes.voices import Assignment, VoiceRequest, allocate_voices
+
+ROLE_PRIORITY = {"lead": 4, "bass": 3, "drums": 2, "harmony": 1}
+MIN_HOLD = 32  # samples a key stays down at least (a key-off during the key-on delay would silence the note)
+SILENCE_LSB = 2  # |sample| at or below this many LSBs ends the tail (the echo can idle in a tiny limit cycle)
+EFFECT_SILENCE = 1e-4  # -80 dBFS: where an effect's tail is cut
+REVERB_TAIL_SECONDS = (1.0, 6.0)  # a Reverb's tail: 1 s plus 6 s x room_size
+MAX_EFFECT_TAIL_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceNote:
+    """One note, ready for the sampler: where it keys on and off, what it plays and how loud."""
+
+    kon: int
+    koff: int
+    end: int  # where it falls silent by itself
+    source: str  # instrument name, or "noise"
+    pitch: int
+    envelope: Envelope
+    left: int
+    right: int
+    echo: bool
+    priority: int
+
+    @property
+    def start(self) -> int:
+        return self.kon + OUTPUT_DELAY
+
+    @property
+    def hold(self) -> int:
+        """Audible samples before the key-off's release run."""
+        return self.koff - self.start + 1
+
+
+def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: bool = True) -> np.ndarray:
+    """Render the whole piece: float32, shape (frames, 2), values in [-1, 1].
+
+    With `tail` the audio runs on past the last note's end until releases, echo and effects have died
+    away; without it, it is exactly round(piece.end_time * sample_rate) frames. Deterministic: the same
+    piece and preset give identical samples.
+    """
+    check_sample_rate(sample_rate)
+    music_end = round(piece.end_time * DSP_RATE)
+    curves = EnvelopeCurves()
+    voices, assignments = plan_voices(arrange(piece, drums=preset.drums), preset, curves)
+    frames = music_end
+    if tail:
+        frames = max([music_end] + [a.end for a in assignments if a is not None])
+        if preset.echo is not None:
+            frames += preset.echo.tail_frames()
+    mixer = Mixer(frames, preset.echo)
+    outputs = _Outputs(curves, voices, assignments)
+    for voice, assignment in zip(voices, assignments, strict=True):
+        if assignment is not None:  # the note sounds until its own end or until its voice is taken
+            length = assignment.end - voice.start
+            mixer.add(voice.start, assignment.end, voice.echo, partial(outputs.get, voice, length))
+    audio = mixer.output(preset.master_volume)
+    del mixer, outputs
+    if tail:
+        audio = audio[:_sounding_end(audio, music_end, SILENCE_LSB / 32768)]
+    if preset.effects:
+        audio = _apply_effects(audio, preset.effects, music_end if tail else None)
+    if sample_rate != DSP_RATE:
+        import soxr
+
+        audio = soxr.resample(audio, DSP_RATE, sample_rate, quality="HQ").astype(np.float32, copy=False)
+    if preset.effects or sample_rate != DSP_RATE:  # effects and resampling can overshoot; the DSP cannot
+        np.clip(audio, -1.0, 1.0, out=audio)
+    if not tail:
+        audio = _fit_length(audio, round(piece.end_time * sample_rate))
+    return audio
+
+
+def plan_voices(parts: Sequence[Part], preset: Preset, curves: EnvelopeCurves | None = None
+                ) -> tuple[list[VoiceNote], list[Assignment | None]]:
+    """Every sampler note of the parts, in key-on order, with its voice (None: dropped by the 8-voice
+    limit) and the sample where its output stops. All parts share the chip's 8 voices."""
+    curves = curves or EnvelopeCurves()
+    voices: list[VoiceNote] = []
+    for part in parts:
+        voices += _part_voices(part, preset.spec_for(part.role, part.program), curves)
+    voices.sort(key=lambda v: (v.kon, -v.priority, -v.pitch))
+    return voices, allocate_voices([VoiceRequest(v.kon, v.koff, v.end, v.priority) for v in voices])
+
+
+def _part_voices(part: Part, spec: RoleSpec, curves: EnvelopeCurves) -> list[VoiceNote]:
+    """Sampler voices for a part's notes (a drum kit maps each key to its own drum sound)."""
+    priority = ROLE_PRIORITY[part.role]
+    planned = []
+    for note in part.notes:
+        if spec.is_kit:
+            hit = drum_hit(note.pitch)
+            source, envelope, level = hit.sound, hit.envelope, spec.volume * hit.volume
+            pitch = PITCH_ONE if source == "noise" else pitch_value(hit.ratio * sample_rate_of(source) / DSP_RATE)
+            length = max(note.end - note.start, hit.hold)
+        else:
+            inst = INSTRUMENTS[spec.builtin_name]
+            key = note.pitch + 12 * spec.octave
+            ratio = inst.pitch_ratio(440.0 * 2 ** ((key - 69) / 12))
+            while ratio * PITCH_ONE > PITCH_MAX + 0.5:  # above the pitch register's range: an octave down
+                ratio /= 2
+            envelope = spec.envelope if spec.envelope is not None else inst.envelope
+            source, level, pitch = inst.name, spec.volume, pitch_value(ratio)
+            length = note.end - note.start
+            if pitch == 0:
+                continue
+        kon = round(note.start * DSP_RATE)
+        koff = kon + max(round(length * DSP_RATE), MIN_HOLD)  # equal durations give equal holds
+        gain = 127 * level * (0.4 + 0.6 * note.velocity / 127)
+        left, right = round(gain * min(1.0, 1.0 - spec.pan)), round(gain * min(1.0, 1.0 + spec.pan))
+        planned.append((kon, koff, source, pitch, envelope, left, right))
+    longest: dict[Envelope, int] = {}
+    for kon, koff, _, _, envelope, _, _ in planned:
+        longest[envelope] = max(longest.get(envelope, 0), koff - kon - OUTPUT_DELAY + 1)
+    for envelope, hold in longest.items():  # one curve per envelope, as long as its longest hold
+        curves.held(envelope, hold)
+    voices = []
+    for kon, koff, source, pitch, envelope, left, right in planned:
+        start = kon + OUTPUT_DELAY
+        hold = koff - start + 1
+        end = start + hold + curves.release_length(envelope, curves.level_at(envelope, hold))
+        if source != "noise":
+            audible = sample_source(source).audible_samples(pitch)
+            if audible is not None:
+                end = min(end, start + audible)
+        voices.append(VoiceNote(kon, koff, end, source, pitch, envelope, left, right, spec.echo, priority))
+    return voices
+
+
+class _Outputs:
+    """Voice outputs of one render, shared by notes that are sample-for-sample the same.
+
+    A sampled note's output depends only on its instrument, pitch value, envelope, key-off point and
+    volumes (every key-on restarts the voice), and music repeats itself, so most notes are copies of
+    earlier ones; interpolated streams likewise depend only on instrument and pitch. Both are kept for
+    the length of one render. Noise notes depend on when they play and are not shared.
+    """
+
+    LIMIT = 1 << 22  # samples of note outputs kept at most (32 MiB of left/right pairs)
+
+    def __init__(self, curves: EnvelopeCurves, voices: Sequence[VoiceNote],
+                 assignments: Sequence[Assignment | None]) -> None:
+        self.curves = curves
+        self.kept: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.size = 0
+        self.longest: dict[tuple[str, int], int] = {}  # each stream is made once, as long as it is needed
+        for voice, assignment in zip(voices, assignments, strict=True):
+            if assignment is not None and voice.source != "noise":
+                key = (voice.source, voice.pitch)
+                self.longest[key] = max(self.longest.get(key, 0), voice.end - voice.start)
+        self.streams: dict[tuple[str, int], np.ndarray] = {}
+
+    def stream(self, source: str, pitch: int, n: int) -> np.ndarray:
+        key = (source, pitch)
+        out = self.streams.get(key)
+        if out is None or len(out) < n:
+            out = sample_source(source).stream(pitch, max(n, self.longest.get(key, 0)))
+            self.streams[key] = out
+        return out[:n]
+
+    def get(self, voice: VoiceNote, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Left and right output (VOLL/VOLR applied) of the voice's first n samples."""
+        if voice.source == "noise":
+            stream = noise_stream(NOISE_CLOCK, voice.start, n)
+            return _stereo(apply_envelope(stream, self.curves.note(voice.envelope, voice.hold, n)), voice)
+        key = (voice.source, voice.pitch, voice.envelope, voice.hold, voice.left, voice.right)
+        pair = self.kept.get(key)
+        if pair is None or len(pair[0]) < n:
+            # the whole note, so that a copy cut short by a steal can share it
+            full = max(n, voice.end - voice.start)
+            stream = self.stream(voice.source, voice.pitch, full)
+            pair = _stereo(apply_envelope(stream, self.curves.note(voice.envelope, voice.hold, full)), voice)
+            if self.size + full <= self.LIMIT:
+                self.kept[key] = pair
+                self.size += full
+        return pair[0][:n], pair[1][:n]
+
+
+def _stereo(out: np.ndarray, voice: VoiceNote) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the voice's VOLL/VOLR: (out * vol) >> 7 per side (one array when they are equal)."""
+    left = out * voice.left
+    left >>= 7
+    if voice.right == voice.left:
+        return left, left
+    out *= voice.right
+    out >>= 7
+    return left, out
+
+
+def _sounding_end(audio: np.ndarray, music_end: int, threshold: float) -> int:
+    """One past the last frame (of (frames, 2) audio) after `music_end` louder than `threshold`, at least
+    music_end."""
+    tail = np.abs(audio[music_end:]).max(axis=1) if audio.shape[0] > music_end else np.zeros(0)
+    loud = np.flatnonzero(tail > threshold)
+    return music_end + (int(loud[-1]) + 1 if len(loud) else 0)
+
+
+def _effects_tail_seconds(effects: Sequence[EffectSpec]) -> float:
+    """A generous bound on how long the effects ring after the input stops (reverb and delay)."""
+    seconds = 0.0
+    for effect in effects:
+        params = dict(effect.params)
+        if effect.type == "Reverb":
+            seconds += REVERB_TAIL_SECONDS[0] + REVERB_TAIL_SECONDS[1] * float(params.get("room_size", 0.5))
+        elif effect.type == "Delay":
+            delay, feedback = float(params.get("delay_seconds", 0.5)), abs(float(params.get("feedback", 0.0)))
+            repeats = 1 if feedback <= 1e-4 else math.log(EFFECT_SILENCE) / math.log(min(feedback, 0.999))
+            seconds += delay * (repeats + 1)
+    return min(seconds, MAX_EFFECT_TAIL_SECONDS)
+
+
+def _apply_effects(audio: np.ndarray, effects: Sequence[EffectSpec], music_end: int | None) -> np.ndarray:
+    """Run the preset's pedalboard chain at 32 kHz; with a tail (music_end given), let it ring out and trim."""
+    from pedalboard import Pedalboard
+
+    board = Pedalboard([make_effect(e) for e in effects])
+    if music_end is not None:
+        pad = round(_effects_tail_seconds(effects) * DSP_RATE)
+        audio = np.concatenate((audio, np.zeros((pad, 2), dtype=np.float32)))
+    processed = np.asarray(board(audio, DSP_RATE), dtype=np.float32)
+    if music_end is not None:
+        processed = processed[:_sounding_end(processed, min(music_end, len(processed)), EFFECT_SILENCE)]
+    return processed
+
+
+def _fit_length(audio: np.ndarray, frames: int) -> np.ndarray:
+    if audio.shape[0] >= frames:
+        return audio[:frames]
+    return np.concatenate((audio, np.zeros((frames - audio.shape[0], 2), dtype=np.float32)))
+
+
+# -------------------------------------------------------------------------------------------------- files
+
+OUTPUT_SUFFIXES = (".wav", ".ogg")
+
+
+def check_output_path(path: str | Path) -> Path:
+    """The output path, checked before any work: a .wav or .ogg name in an existing folder."""
+    p = Path(path)
+    if p.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ChiptuneError(f"{p}: unsupported output format {p.suffix or '(none)'!r} (use .wav or .ogg)")
+    if str(p.parent) and not p.parent.is_dir():
+        raise ChiptuneError(f"{p}: folder {p.parent} does not exist")
+    return p

@@ -1,0 +1,221 @@
+"""The DSP's output stage: the main and echo buses, the echo unit (delay, 8-tap FIR, feedback) and volumes.
+
+Voices add into two buses: `dry` (main output only) and `wet` (main output and echo input: the EON voices).
+The echo is recursive (what is written now is read back EDL x 512 samples later and fed back), but every
+sample of a block of up to that many samples depends only on samples written before the block, so it runs
+one delay-length block at a time with exact integer arithmetic; the echo bus keeps the last delay's worth
+of what was written as the history the next block reads. Voice sums are clamped once per sample
+rather than after each voice is added (the chip clamps the running sum; the two differ only when a partial
+sum overflows and a later voice pulls it back). EDL 0 (a one-sample echo loop) is not offered: the shortest
+echo is EDL 1, 16 ms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dsp import DSP_RATE, wrap16
+
+FRAMES_PER_EDL = 512  # 2 KiB of echo RAM per EDL step, 4 bytes per stereo frame: 16 ms
+MAX_EDL = 15
+FIR_TAPS = 8
+MAX_TAIL_SECONDS = 10.0
+WINDOW = 32768  # frames mixed at a time (a whole number of echo delays when there is echo)
+SCALE = np.float32(1 / 32768)
+
+
+@dataclass(frozen=True)
+class EchoSettings:
+    """Echo registers: EDL (1-15, x 16 ms), EFB feedback, FIR c0..c7 (c0 weights the oldest sample), EVOL."""
+
+    edl: int
+    feedback: int
+    fir: tuple[int, ...]
+    volume: tuple[int, int]
+
+    @property
+    def delay(self) -> int:
+        """The echo delay in samples."""
+        return self.edl * FRAMES_PER_EDL
+
+    @property
+    def history(self) -> int:
+        """Samples before the current one that the echo may read: the delay plus the FIR's 7 older taps."""
+        return self.delay + FIR_TAPS - 1
+
+    def tail_frames(self) -> int:
+        """How long the echo keeps sounding after its input stops, until it drops below one LSB.
+
+        The loop gain per pass is at most |EFB|/128 times the FIR's summed |c|/128; a loop that does not
+        decay is cut at MAX_TAIL_SECONDS.
+        """
+        if self.volume == (0, 0):
+            return 0
+        gain = abs(self.feedback) / 128 * sum(abs(c) for c in self.fir) / 128
+        if gain >= 1.0:
+            return int(MAX_TAIL_SECONDS * DSP_RATE)
+        passes = 1 if gain == 0 else math.ceil(math.log(32768) / -math.log(gain))
+        return min((passes + 1) * self.delay + FIR_TAPS, int(MAX_TAIL_SECONDS * DSP_RATE))
+
+
+Signal = Callable[[], tuple[np.ndarray, np.ndarray]]
+"""Makes a stereo signal (left, right: 16-bit-scale integer arrays) when the mix reaches it."""
+
+
+class Mixer:
+    """Mixes scheduled stereo signals through the main and echo buses, a window of samples at a time.
+
+    Each signal (a sampler note, or a stem rendered by other means) is scheduled with its start and end and
+    made only when the mix reaches its start, and dropped once past its end, so only the voices sounding
+    now are held. The buses cover one window (a whole number of echo delays, around a second), one row per
+    channel, so every addition and every step of the output stage works on contiguous data in cache; only
+    the float result spans the piece.
+    """
+
+    def __init__(self, frames: int, echo: EchoSettings | None) -> None:
+        self.frames = frames
+        self.echo = echo
+        self._items: list[tuple[int, int, bool, Signal]] = []
+
+    def add(self, start: int, end: int, echo: bool, signal: Signal) -> None:
+        """Schedule a signal for samples [start, end); `echo` routes it to the echo input too (EON)."""
+        if end > start and start < self.frames:
+            self._items.append((start, end, echo, signal))
+
+    def output(self, master: tuple[int, int]) -> np.ndarray:
+        """The DSP's final output as float32 (frames, 2) in [-1, 1): main x MVOL plus echo x EVOL, clamped
+        to 16 bits, divided by 32768."""
+        audio = np.empty((self.frames, 2), dtype=np.float32)
+        echo = self.echo if any(item[2] for item in self._items) else None
+        if echo is not None and echo.volume == (0, 0):
+            echo = None
+        step = echo.delay if echo is not None else WINDOW
+        window = step * max(1, WINDOW // step)
+        pad = echo.history if echo is not None else 0
+        dry = np.zeros((2, window), dtype=np.int32)
+        wet = np.zeros((2, pad + window), dtype=np.int32)  # echo history, then this window's echo input
+        fir_step = _FirStep(echo, step) if echo is not None else None
+        clamp = _Clamp(window)
+        items = sorted(self._items, key=lambda item: item[0])
+        active: list[tuple[int, int, bool, np.ndarray, np.ndarray]] = []
+        nxt = 0
+        for b in range(0, self.frames, window):
+            e = min(b + window, self.frames)
+            n = e - b
+            dry[:, :n] = 0
+            wet[:, pad:pad + n] = 0
+            while nxt < len(items) and items[nxt][0] < e:
+                start, end, sends, signal = items[nxt]
+                left, right = signal()
+                active.append((start, min(end, start + len(left)), sends, left, right))
+                nxt += 1
+            for start, end, sends, left, right in active:
+                lo, hi = max(start, b), min(end, e)
+                if hi > lo:
+                    buf, offset = (wet, pad - b) if sends and echo is not None else (dry, -b)
+                    buf[0, lo + offset:hi + offset] += left[lo - start:hi - start]
+                    buf[1, lo + offset:hi + offset] += right[lo - start:hi - start]
+            active = [a for a in active if a[1] > e]
+            main = dry[:, :n]
+            if fir_step is not None:
+                main += wet[:, pad:pad + n]
+            clamp(main)  # the voices' sum, then MVOL
+            _scale(main, master, 7)
+            if fir_step is not None:  # the echo, a delay at a time, then the output clamp
+                for k in range(0, n, step):
+                    fir_step(main, wet, k, min(k + step, n))
+                clamp(main)
+            out = audio[b:e]
+            out[:, 0] = dry[0, :n]
+            out[:, 1] = dry[1, :n]
+            out *= SCALE
+            if pad:
+                wet[:, :pad] = wet[:, n:n + pad].copy()  # the echo history the next window reads
+        return audio
+
+
+class _Clamp:
+    """Clamp to signed 16 bits in place, against bound arrays made once per block size (numpy's minimum
+    and maximum run several times faster against an array than against a scalar)."""
+
+    def __init__(self, frames: int) -> None:
+        self.lo = np.full((2, frames), -0x8000, dtype=np.int32)
+        self.hi = np.full((2, frames), 0x7FFF, dtype=np.int32)
+
+    def __call__(self, x: np.ndarray) -> None:
+        n = x.shape[1]
+        np.minimum(x, self.hi[:, :n], out=x)
+        np.maximum(x, self.lo[:, :n], out=x)
+
+
+def _scale(x: np.ndarray, volume: tuple[int, int], shift: int) -> None:
+    """x = (x * volume) >> shift per channel, in place (one scalar multiply when both sides are equal)."""
+    if volume[0] == volume[1]:
+        x *= volume[0]
+    else:
+        x[0] *= volume[0]
+        x[1] *= volume[1]
+    x >>= shift
+
+
+class _FirStep:
+    """One block of the echo unit: FIR over the echo history, echo output (added to the main output, which
+    the caller clamps), feedback write.
+
+    The echo bus holds, at pad + n, the echo input of sample n; once sample n is done it holds what the DSP
+    wrote to echo RAM at n, already halved as the FIR reads it back at n + delay (the written value has
+    bit 0 clear, so halving loses nothing). A block is at most one delay long, so everything it reads was
+    written by earlier blocks.
+    """
+
+    def __init__(self, echo: EchoSettings, block: int) -> None:
+        self.echo = echo
+        self.taps = [(i, c) for i, c in enumerate(echo.fir) if c]
+        # The chip wraps the sum of taps 0-6 to 16 bits, casts tap 7 to 16 bits and clamps the total; with
+        # sum(|c|) <= 128 none of these can change a value (|history| <= 16384), so they are skipped.
+        self.overflow = sum(abs(c) for c in echo.fir) > 128
+        self.clamp = _Clamp(block)
+        self.fir = np.zeros((2, block), dtype=np.int32)
+        self.work = np.zeros((2, block), dtype=np.int32)
+
+    def __call__(self, main: np.ndarray, wet: np.ndarray, b: int, e: int) -> None:
+        """Echo for window samples b..e: adds EVOL x FIR to main[:, b:e] and writes the echo buffer."""
+        n = e - b
+        history = wet[:, b:e + FIR_TAPS - 1]
+        fir, work = self.fir[:, :n], self.work[:, :n]
+        if not self.taps:
+            fir.fill(0)
+        for k, (i, c) in enumerate(self.taps):
+            tap = work if k else fir  # the first tap is written straight into the sum
+            np.multiply(history[:, i:i + n], c, out=tap)
+            tap >>= 6
+            if self.overflow and i == FIR_TAPS - 1:  # taps 0-6 wrap as a sum, tap 7 on its own
+                fir[:] = wrap16(fir)
+                if k:
+                    fir += wrap16(work)
+            elif k:
+                fir += work
+        if self.overflow:
+            if self.echo.fir[-1] == 0:
+                fir[:] = wrap16(fir)
+            self.clamp(fir)
+        fir &= ~1
+        volume = self.echo.volume
+        if volume[0] == volume[1]:
+            np.multiply(fir, volume[0], out=work)
+            work >>= 7
+        else:
+            np.copyto(work, fir)
+            _scale(work, volume, 7)
+        main[:, b:e] += work
+        sent = wet[:, self.echo.history + b:self.echo.history + e]
+        if self.echo.feedback:
+            fir *= self.echo.feedback
+            fir >>= 7
+            sent += fir
+        self.clamp(sent)
+        sent >>= 1

@@ -1,0 +1,125 @@
+"""Presets: shipped files load, fingerprints are stable, and every mistake is one line naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chiptune_forge.cli import main
+from chiptune_forge.errors import ChiptuneError
+from chiptune_forge.presets import (
+    DEFAULT_PRESET,
+    ROLES,
+    list_presets,
+    load_preset,
+    shipped_names,
+    shipped_presets_dir,
+)
+
+SHIPPED = {"snes", "snes_overworld", "snes_dungeon", "snes_battle", "snes_dry"}
+
+
+def test_every_shipped_preset_loads_with_all_roles() -> None:
+    assert set(shipped_names()) >= SHIPPED
+    assert DEFAULT_PRESET == "snes"
+    for name in shipped_names():
+        preset = load_preset(name)
+        assert preset.name == name and preset.path is not None and preset.path.parent == shipped_presets_dir()
+        assert set(preset.roles) == set(ROLES)
+        assert preset.description
+    assert load_preset("snes_dry").echo is None
+    dungeon = load_preset("snes_dungeon")
+    assert dungeon.echo is not None and dungeon.echo.delay == 224 * 32 and dungeon.effects
+
+
+def test_list_presets_gives_one_description_per_preset() -> None:
+    listed = dict(list_presets())
+    assert set(listed) >= SHIPPED and all(listed.values())
+
+
+def test_presets_command_lists_presets_and_instruments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in SHIPPED | {"builtin:pulse50", "builtin:kit", "builtin:bell"}:
+        assert f"  {name} " in out
+
+
+def test_fingerprint_is_stable_and_follows_content(tmp_path: Path) -> None:
+    snes = load_preset("snes")
+    assert snes.fingerprint() == load_preset("snes").fingerprint()
+    assert len({load_preset(n).fingerprint() for n in SHIPPED}) == len(SHIPPED)
+    copy = tmp_path / "mine.toml"
+    copy.write_bytes((shipped_presets_dir() / "snes.toml").read_bytes())
+    assert load_preset(copy).fingerprint() == snes.fingerprint()  # name and place do not matter
+    copy.write_text(copy.read_text().replace("volume = 0.2\n", "volume = 0.21\n", 1))
+    assert load_preset(copy).fingerprint() != snes.fingerprint()
+
+
+def test_a_relative_path_is_taken_from_base_dir(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "quiet.toml").write_text('description = "q"\n[master]\nvolume = 0.5\n')
+    preset = load_preset("sub/quiet.toml", base_dir=tmp_path)
+    assert preset.name == "quiet" and preset.master_volume == (64, 64)
+    # roles left out take the engine defaults, instruments take their own envelopes
+    assert preset.roles["bass"].instrument == "builtin:bass" and preset.roles["lead"].envelope is not None
+
+
+def test_a_program_table_maps_tracks_of_that_program(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[programs.33]\ninstrument = "builtin:bass"\nvolume = 0.4\n')
+    preset = load_preset(path)
+    assert preset.spec_for("harmony", 33).instrument == "builtin:bass"
+    assert preset.spec_for("harmony", 5) is preset.roles["harmony"]
+
+
+def error_for(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    with pytest.raises(ChiptuneError) as info:
+        load_preset(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[ecco]\ndelay_ms = 64\n", ["ecco: unknown key", "did you mean 'echo'"]),
+    ("[roles.lead]\nvolum = 0.5\n", ["roles.lead.volum: unknown key", "did you mean 'volume'"]),
+    ("[roles.leed]\nvolume = 0.5\n", ["roles.leed: unknown key", "did you mean 'lead'"]),
+    ("[roles.lead]\nvolume = 1.5\n", ["roles.lead.volume: 1.5 is out of range"]),
+    ("[roles.lead]\npan = \"left\"\n", ["roles.lead.pan: expected a number"]),
+    ('[roles.lead]\ninstrument = "builtin:pulse5"\n', ["unknown instrument 'builtin:pulse5'",
+                                                      "did you mean 'builtin:pulse50'"]),
+    ('[roles.bass]\ninstrument = "bass"\n', ["roles.bass.instrument", "did you mean 'builtin:bass'"]),
+    ("[roles.lead]\nadsr = [15, 9, 6, 12]\n", ["roles.lead.adsr: 9 is out of range 0..7"]),
+    ('[roles.lead]\nadsr = [15, 5, 6, 12]\ngain = "direct:90"\n', ["roles.lead.gain: give either adsr or gain"]),
+    ('[roles.lead]\ngain = "decrease:9"\n', ["roles.lead.gain: unknown GAIN mode 'decrease'", "silent"]),
+    ('[roles.drums]\nadsr = [15, 5, 6, 12]\n', ["roles.drums.adsr: the drum kit sets its own envelope"]),
+    ("[echo]\ndelay_ms = 50\n", ["echo.delay_ms: 50 is not a multiple of 16", "did you mean 48"]),
+    ("[echo]\ndelay_ms = 300\n", ["echo.delay_ms: 300 is out of range 16..240"]),
+    ("[echo]\ndelay_ms = 64\nfir = [1, 2, 3]\n", ["echo.fir: expected a list of 8 integers"]),
+    ("[programs.200]\ninstrument = \"builtin:bass\"\n", ["programs.200: a MIDI program number"]),
+    ("[master\nvolume = 1\n", ["not valid TOML"]),
+    ("[[effects]]\ntype = \"Reverbb\"\n", ["effects[0].type: unknown effect 'Reverbb'", "did you mean 'Reverb'"]),
+    ("[[effects]]\ntype = \"Reverb\"\nroom_sise = 0.3\n", ["effects[0].room_sise: unknown parameter for Reverb",
+                                                          "did you mean 'room_size'"]),
+    ("[[effects]]\ntype = \"Reverb\"\nroom_size = 3.0\n", ["effects[0]: Reverb:", "between 0.0 and 1.0"]),
+])
+def test_broken_presets_name_the_file_and_key(tmp_path: Path, text: str, expected: list[str]) -> None:
+    message = error_for(tmp_path, text)
+    for part in expected:
+        assert part in message
+
+
+def test_unknown_names_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ChiptuneError, match="did you mean 'snes_overworld'"):
+        load_preset("snes_overwrld")
+    with pytest.raises(ChiptuneError, match="preset file not found"):
+        load_preset("nothing/here.toml", base_dir=tmp_path)
+
+
+def test_effect_enums_are_given_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "crunch.toml"
+    path.write_text('[[effects]]\ntype = "Resample"\ntarget_sample_rate = 16000.0\nquality = "ZeroOrderHold"\n')
+    assert load_preset(path).effects[0].params == (("target_sample_rate", 16000.0), ("quality", "ZeroOrderHold"))
