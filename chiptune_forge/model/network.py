@@ -159,7 +159,8 @@ class TimeMajorLSTM(keras.layers.Layer):
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         shape = tf.shape(inputs)
-        flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
+        # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
+        flat = tf.reshape(inputs, [-1, self.kernel.shape[0]])
         xproj = tf.reshape(tf.matmul(flat, self.kernel) + self.bias, tf.stack([shape[0], shape[1], 4 * self.units]))
         recurrent = tf.convert_to_tensor(self.recurrent_kernel)
         if training:
