@@ -30,8 +30,17 @@ Shape (every table and key optional; missing roles and keys take the engine defa
     type = "Reverb"
     room_size = 0.3                   # pedalboard's own parameter names
 
-A role's instrument is its *source*: today a built-in sampler instrument (`builtin:NAME`). The role table
-is where another kind of source (a hosted plugin) would be named instead, rendered to its own stem.
+A role's instrument is its *source*: a built-in sampler instrument (`builtin:NAME`), or a VST3 instrument
+the user owns, rendered through pedalboard in a separate process to its own stem and mixed in (volume, pan,
+octave and echo apply as for built-ins)::
+
+    [roles.lead]
+    plugin = "~/.vst3/Synth.vst3"     # a path (relative to this file; ~ and $VARS expand) or a bundle name
+    parameters = { cutoff = 0.4 }     # by `chiptune-forge plugins info` names, in the plugin's own units
+    state_file = "lead.bin"           # or preset_file = "lead.vstpreset" (`chiptune-forge plugins state`)
+    max_tail = 10.0                   # seconds rendered at most after the last note (releases, reverb)
+    [[roles.lead.effects]]            # pedalboard effects on this role's stem only
+    type = "Chorus"
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChiptuneError
+from .plugins import PRESET_KEYS, PluginSpec, preset_plugin
 from .snes.dsp import Envelope
 from .snes.echo import FIR_TAPS, MAX_EDL, EchoSettings
 from .snes.instruments import BUILTIN_PREFIX, INSTRUMENTS, KIT_NAME, instrument_names
@@ -54,6 +64,7 @@ FINGERPRINT_VERSION = 1
 ECHO_STEP_MS = 16
 TOP_KEYS = ("description", "arrange", "roles", "programs", "echo", "master", "effects")
 ROLE_KEYS = ("instrument", "adsr", "gain", "release", "volume", "pan", "octave", "echo")
+PLUGIN_ROLE_KEYS = (*PRESET_KEYS, "effects", "volume", "pan", "octave", "echo")
 ECHO_KEYS = ("delay_ms", "feedback", "fir", "volume")
 GAIN_MODES = ("direct", "increase", "bent")
 # Pedalboard classes that are containers or hosts, not effects a preset can name.
@@ -79,8 +90,9 @@ class PresetError(ChiptuneError):
 class RoleSpec:
     """How one role (or one MIDI program) is played.
 
-    `instrument` is the source, `builtin:NAME`; `envelope` is None only for the drum kit, whose keys carry
-    their own envelopes.
+    `instrument` is the source, `builtin:NAME` (or `plugin:BUNDLE` when `plugin` is set); `envelope` is None
+    for the drum kit, whose keys carry their own envelopes, and for plugins. `effects` run on a plugin
+    role's stem alone.
     """
 
     instrument: str
@@ -89,6 +101,8 @@ class RoleSpec:
     pan: float
     octave: int
     echo: bool
+    plugin: PluginSpec | None = None
+    effects: tuple[EffectSpec, ...] = ()
 
     @property
     def builtin_name(self) -> str:
@@ -104,8 +118,12 @@ class RoleSpec:
             e = self.envelope
             env = {"adsr": [e.attack, e.decay, e.sustain_level, e.sustain_rate],
                    "gain": list(e.gain) if e.gain else None, "release": e.release}
-        return {"instrument": self.instrument, "envelope": env, "volume": self.volume, "pan": self.pan,
-                "octave": self.octave, "echo": self.echo}
+        out = {"instrument": self.instrument, "envelope": env, "volume": self.volume, "pan": self.pan,
+               "octave": self.octave, "echo": self.echo}
+        if self.plugin is not None:
+            out["plugin"] = self.plugin.fingerprint()
+            out["effects"] = [{"type": e.type, "params": dict(e.params)} for e in self.effects]
+        return out
 
 
 @dataclass(frozen=True)
@@ -308,6 +326,11 @@ class _Validator:
         return regs[0], regs[1]
 
     def role(self, table: dict, prefix: str, defaults: dict[str, Any]) -> RoleSpec:
+        if "plugin" in table:
+            return self.plugin_role(table, prefix, defaults)
+        for key in PLUGIN_ROLE_KEYS:
+            if key in table and key not in ROLE_KEYS:
+                raise self.fail(f"{prefix}.{key}", "only for a plugin role (set plugin = \"Synth.vst3\")")
         self.keys(table, ROLE_KEYS, prefix)
         instrument = self.string(table, "instrument", prefix, defaults["instrument"])
         names = instrument_names()
@@ -328,6 +351,23 @@ class _Validator:
             pan=float(self.number(table, "pan", prefix, defaults["pan"], -1.0, 1.0)),
             octave=int(self.number(table, "octave", prefix, defaults["octave"], -4, 4, integer=True)),
             echo=self.boolean(table, "echo", prefix, defaults["echo"]),
+        )
+
+    def plugin_role(self, table: dict, prefix: str, defaults: dict[str, Any]) -> RoleSpec:
+        """A role played by a VST3 instrument: the bundle is found and checked now, loaded when rendering."""
+        if "instrument" in table:
+            raise self.fail(f"{prefix}.instrument", "give instrument or plugin, not both")
+        self.keys(table, PLUGIN_ROLE_KEYS, prefix)
+        plugin = preset_plugin(table, f"{self.where}: {prefix}", self.folder)
+        return RoleSpec(
+            instrument=f"plugin:{plugin.path.name}",
+            envelope=None,
+            volume=float(self.number(table, "volume", prefix, defaults["volume"], 0.0, 1.0)),
+            pan=float(self.number(table, "pan", prefix, defaults["pan"], -1.0, 1.0)),
+            octave=int(self.number(table, "octave", prefix, defaults["octave"], -4, 4, integer=True)),
+            echo=self.boolean(table, "echo", prefix, defaults["echo"]),
+            plugin=plugin,
+            effects=self.effects(table.get("effects", []), f"{prefix}.effects"),
         )
 
     def envelope(self, table: dict, prefix: str, default: Envelope) -> Envelope:
@@ -383,9 +423,9 @@ class _Validator:
         volume = self.stereo_volume(table, "volume", "echo", 0.25)
         return EchoSettings(delay // ECHO_STEP_MS, feedback, taps, volume)
 
-    def effects(self, items: Any) -> tuple[EffectSpec, ...]:
+    def effects(self, items: Any, prefix: str = "effects") -> tuple[EffectSpec, ...]:
         if not isinstance(items, list):
-            raise self.fail("effects", "expected [[effects]] tables")
+            raise self.fail(prefix, f"expected [[{prefix}]] tables")
         if not items:
             return ()
         import pedalboard
@@ -394,7 +434,7 @@ class _Validator:
             getattr(pedalboard, n), type) and issubclass(getattr(pedalboard, n), pedalboard.Plugin))
         out = []
         for i, item in enumerate(items):
-            key = f"effects[{i}]"
+            key = f"{prefix}[{i}]"
             if not isinstance(item, dict):
                 raise self.fail(key, "expected a table with a type")
             kind = item.get("type")

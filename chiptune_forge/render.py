@@ -7,7 +7,8 @@ then resampled (soxr) to the requested rate.
 
 Parts are rendered per role and mixed: each role's notes go through the sampler's 8 shared voices into the
 mixer's main or echo bus (`Mixer.add`), where a stem rendered by other means can be scheduled the same way,
-as one long signal from sample 0, with or without the echo send.
+as one long signal from sample 0, with or without the echo send: a role whose preset names a VST3 plugin
+is rendered that way, at 32 kHz in a separate process (`chiptune_forge.plugins`).
 TensorFlow is never imported here; pedalboard and soxr only when a preset or rate needs them.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -84,13 +85,20 @@ def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: b
     check_sample_rate(sample_rate)
     music_end = round(piece.end_time * DSP_RATE)
     curves = EnvelopeCurves()
-    voices, assignments = plan_voices(arrange(piece, drums=preset.drums), preset, curves)
+    parts = arrange(piece, drums=preset.drums)
+    on_plugin = [preset.spec_for(part.role, part.program).plugin is not None for part in parts]
+    stems = [_plugin_stem(part, preset.spec_for(part.role, part.program), music_end if tail else None)
+             for part, plugin in zip(parts, on_plugin, strict=True) if plugin and part.notes]
+    voices, assignments = plan_voices([p for p, plugin in zip(parts, on_plugin, strict=True) if not plugin],
+                                      preset, curves)
     frames = music_end
     if tail:
-        frames = max([music_end] + [a.end for a in assignments if a is not None])
+        frames = max([music_end] + [a.end for a in assignments if a is not None] + [len(s.left) for s in stems])
         if preset.echo is not None:
             frames += preset.echo.tail_frames()
     mixer = Mixer(frames, preset.echo)
+    for stem in stems:
+        mixer.add(0, len(stem.left), stem.echo, stem)
     outputs = _Outputs(curves, voices, assignments)
     for voice, assignment in zip(voices, assignments, strict=True):
         if assignment is not None:  # the note sounds until its own end or until its voice is taken
@@ -167,6 +175,39 @@ def _part_voices(part: Part, spec: RoleSpec, curves: EnvelopeCurves) -> list[Voi
                 end = min(end, start + audible)
         voices.append(VoiceNote(kon, koff, end, source, pitch, envelope, left, right, spec.echo, priority))
     return voices
+
+
+@dataclass(frozen=True)
+class _Stem:
+    """A part rendered by other means (a plugin), as a mixer signal from sample 0."""
+
+    left: np.ndarray
+    right: np.ndarray
+    echo: bool
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.left, self.right
+
+
+def _plugin_stem(part: Part, spec: RoleSpec, music_end: int | None) -> _Stem:
+    """A plugin role's part at the DSP rate, 16-bit scale, with the role's octave, volume, pan and effects.
+
+    The plugin plays in a separate process: if it crashes, this render fails with the plugin and role
+    named, and the process rendering goes on. With a tail (music_end given) the stem runs until the plugin
+    falls silent, then the role's effects ring out; without, it stops at the last note.
+    """
+    from .plugins import render_role
+
+    assert spec.plugin is not None
+    shift = 12 * spec.octave
+    notes = [replace(n, pitch=n.pitch + shift) for n in part.notes if 0 <= n.pitch + shift <= 127]
+    audio = render_role(spec.plugin, notes, DSP_RATE, max_tail=None if music_end is not None else 0.0)
+    if spec.effects:
+        audio = _apply_effects(np.ascontiguousarray(audio), spec.effects, music_end)
+    gain = 32768 * spec.volume
+    left = np.rint(audio[:, 0] * (gain * min(1.0, 1.0 - spec.pan))).astype(np.int32)
+    right = np.rint(audio[:, 1] * (gain * min(1.0, 1.0 + spec.pan))).astype(np.int32)
+    return _Stem(left, right, spec.echo)
 
 
 class _Outputs:
