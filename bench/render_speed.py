@@ -5,7 +5,8 @@ Three processes are timed on the same MIDI file, alternating, several times each
   engine  a bare process that imports the renderer, reads the MIDI, calls render_piece and writes a
           16-bit WAV: the cost of the sampler itself, without what the command adds around it
   fluid   `fluidsynth -ni -q -F OUT.wav -r 32000 SOUNDFONT IN.mid` with a Debian General MIDI SoundFont
-Targets: cli at most 0.5 x FluidSynth's wall time, peak memory at most 250 MB.
+Targets: cli at most 0.5 x FluidSynth's wall time, peak memory at most 250 MB. Each process's CPU time
+(user + system) is printed too: on a busy machine it moves less than wall time.
 
 The piece is `Chrono_SNES_Chrono Trigger_Secret of the Forest.mid` from ../shared/corpus/vgmidi, or a
 generated 2-minute stand-in where that is absent. The package is byte-compiled first, as an installed
@@ -74,8 +75,8 @@ def stand_in(path: Path) -> None:
     write_midi(Piece(notes, [TempoChange(0.0, 0.0, 78.0)]), path)
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process."""
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MB) of one child process."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -83,7 +84,7 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     if status != 0:
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         raise SystemExit(f"failed ({status}): {' '.join(cmd)}\n{err}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -111,17 +112,19 @@ def main() -> None:
         else:
             print("fluidsynth or a General MIDI SoundFont is missing "
                   "(apt-get install fluidsynth timgm6mb-soundfont): timing ours only")
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
         for _ in range(args.runs):
             for name, cmd in commands.items():
                 results[name].append(timed(cmd))
     print(f"piece: {midi.name}; preset {args.preset}; {args.runs} runs each, medians")
-    walls = {name: statistics.median(w for w, _ in runs) for name, runs in results.items()}
-    peaks = {name: max(p for _, p in runs) for name, runs in results.items()}
+    walls = {name: statistics.median(w for w, _, _ in runs) for name, runs in results.items()}
+    cpus = {name: statistics.median(c for _, c, _ in runs) for name, runs in results.items()}
+    peaks = {name: max(p for _, _, p in runs) for name, runs in results.items()}
     for name in commands:
-        line = f"  {name:<7} {walls[name]:6.3f} s wall   peak {peaks[name]:6.1f} MB"
+        line = f"  {name:<7} {walls[name]:6.3f} s wall  {cpus[name]:6.3f} s CPU   peak {peaks[name]:6.1f} MB"
         if "fluid" in walls and name != "fluid":
-            line += f"   {walls[name] / walls['fluid']:.2f} x FluidSynth"
+            line += (f"   {walls[name] / walls['fluid']:.2f} x FluidSynth (wall)"
+                     f"  {cpus[name] / cpus['fluid']:.2f} x (CPU)")
         print(line)
     if "fluid" in walls:
         print(f"target: cli <= {TARGET_RATIO} x FluidSynth, peak <= {TARGET_PEAK_MB} MB")

@@ -4,10 +4,11 @@ A looping track is an intro (0 or more whole bars from the start of the piece) f
 (1 or more whole bars). Playing it, a game engine plays the intro once and then the body forever, so the
 first frames of the body must already hold what the body's own end leaves sounding: note releases, echo,
 reverb and plugin tails. We get that without knowing anything about the renderer: the piece is rebuilt as
-intro + body + body + body (+ more copies when the body is short), rendered once with its tail, and the
-file keeps the intro and the second-to-last copy. Its start was rendered right after another copy of
-itself, and its end runs into another copy, so nothing the renderer or the arranger does differently at
-the very end of a piece (dropping drum hits after the last note, reassigning the last voices) is kept.
+intro + body + body + the start of another (+ more copies when the body is short), rendered once with its
+tail, and the file keeps the intro and the second-to-last copy. Its start was rendered right after another
+copy of itself, and its end runs on into the next copy, so nothing the renderer or the arranger does
+differently at the very end of a piece (dropping drum hits after the last note, reassigning the last
+voices) is kept. A renderer is causal, so the next copy is needed only as far as END_GUARD_SECONDS.
 The one join that was never rendered, intro into the kept copy on the first pass, gets a 10 ms crossfade
 from the intro's end into the frames that preceded the kept copy, so it is as smooth as every loop seam.
 
@@ -34,7 +35,8 @@ from .errors import ChiptuneError
 from .midi import Note, Piece, TempoChange, TimeSignature
 
 RenderFn = Callable[[Piece, int], np.ndarray]
-"""Renders a Piece to float32 stereo audio (frames, 2) at the given rate, tail included; deterministic."""
+"""Renders a Piece to float32 stereo audio (frames, 2) at the given rate, tail included; deterministic.
+The array is the caller's: a jingle is faded out in place rather than copied."""
 
 SAMPLE_RATES = (32000, 44100, 48000)
 """The renderer's output rates: the S-DSP's own 32 kHz and the two rates every engine plays natively."""
@@ -50,6 +52,11 @@ WARMUP_SECONDS = 8.0
 """The kept body is rendered after at least one copy of itself and at least this many seconds of them, so
 tails up to this long (long echo feedback, reverb) are the body's own at the loop start."""
 
+END_GUARD_SECONDS = 4.0
+"""How far the last copy runs past the kept one: what renderers and the arranger do differently at the end
+of a piece stays within its last bar or a fade of a second or two, and nothing later changes the kept copy.
+For a long body this spares rendering most of a copy."""
+
 JOIN_FADE_SECONDS = 0.01
 """The intro's last 10 ms crossfade into the audio that precedes the kept body, so the first pass from the
 intro into the body is as continuous as every later pass from the body's end into its start."""
@@ -57,6 +64,8 @@ intro into the body is as continuous as every later pass from the body's end int
 JINGLE_FADE_SECONDS = 0.05
 JINGLE_SILENCE_DB = -60.0
 """A jingle ends where its tail stays this far below the track's peak, then fades to zero."""
+TAIL_SCAN_FRAMES = 1 << 15
+"""Frames read at a time when searching a jingle's tail backwards for where it falls quiet."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,8 @@ class TrackAudio:
 class LoopPlan:
     """Where the intro and the body lie in the source piece, in beats, seconds and output frames.
 
-    `copies` body copies are rendered; the file keeps copy number `kept` (0-based), the second-to-last.
+    `copies` body copies are rendered, the last one only its first END_GUARD_SECONDS; the file keeps copy
+    number `kept` (0-based), the second-to-last.
     """
 
     body_start_beat: float
@@ -239,7 +249,8 @@ def plan_loop(piece: Piece, sample_rate: int, intro_bars: int = 0, bars: int | N
 
 def loop_piece(piece: Piece, plan: LoopPlan, sample_rate: int) -> Piece:
     """The piece to render: the intro, then `plan.copies` copies of the body, copy k shifted by exactly
-    k x body_frames frames, with the tempo and time-signature maps repeated alongside.
+    k x body_frames frames, with the tempo and time-signature maps repeated alongside. The last copy keeps
+    only the notes that carry the music END_GUARD_SECONDS past its start.
 
     Each section's notes stop at its closing bar line (a note tied over it would otherwise overlap the
     next copy); their releases still ring into what follows, which is the point.
@@ -262,9 +273,10 @@ def loop_piece(piece: Piece, plan: LoopPlan, sample_rate: int) -> Piece:
     inner_tempos = [t for t in tempos if t.beat > lo]
     inner_sigs = [s for s in sigs if s.beat > lo]
     first_sig = _signature_at(piece, plan.body_start_beat)
+    guard = _leading(body_notes, t_intro + END_GUARD_SECONDS)
     for k in range(plan.copies):
         dt, db = k * shift, k * span
-        notes.extend(_moved(n, dt) for n in body_notes)
+        notes.extend(_moved(n, dt) for n in (guard if k == plan.copies - 1 else body_notes))
         if k == 0:
             continue
         tempos.append(TempoChange(t_intro + dt, plan.body_start_beat + db, _tempo_at(piece, plan.body_start_beat)))
@@ -274,6 +286,19 @@ def loop_piece(piece: Piece, plan: LoopPlan, sample_rate: int) -> Piece:
         sigs.extend(TimeSignature(s.time + dt, s.beat + db, s.numerator, s.denominator) for s in inner_sigs)
     notes.sort(key=lambda n: (n.start, n.pitch, n.track))
     return Piece(notes, tempos, sigs, list(piece.track_names))
+
+
+def _leading(notes: list[Note], until: float) -> list[Note]:
+    """The notes, in start order, that take the music to `until`: all that start before it, and later ones
+    while none of those sounds that long (a body that opens with a rest)."""
+    out: list[Note] = []
+    reach = -math.inf
+    for note in sorted(notes, key=lambda n: n.start):
+        if note.start >= until and reach >= until:
+            break
+        out.append(note)
+        reach = max(reach, note.end)
+    return out
 
 
 def _cut(note: Note, end: float) -> Note:
@@ -355,12 +380,22 @@ def _render_jingle(piece: Piece, render: RenderFn, sample_rate: int, bars: int |
     music_end = round(piece.end_time * sample_rate)
     fade = max(1, round(JINGLE_FADE_SECONDS * sample_rate))
     audio = _stereo(render(piece, sample_rate), music_end + fade)
-    level = np.max(np.abs(audio), axis=1)
-    peak = float(level.max())
-    loud = np.flatnonzero(level > peak * 10 ** (JINGLE_SILENCE_DB / 20)) if peak > 0 else np.zeros(0, int)
-    tail_end = int(loud[-1]) + 1 if len(loud) else 0
-    end = min(audio.shape[0], max(music_end, tail_end) + fade)
-    out = audio[:end].copy()
+    peak = max(float(audio.max()), -float(audio.min()))
+    end = min(audio.shape[0], _sounding_until(audio, music_end, peak * 10 ** (JINGLE_SILENCE_DB / 20)) + fade)
+    out = audio[:end]
     ramp = 0.5 * (1 + np.cos(np.linspace(0.0, np.pi, fade)))
     out[end - fade:] *= ramp[:, None].astype(np.float32)
     return TrackAudio(out, sample_rate, None, None, piece.qpm, total, 0)
+
+
+def _sounding_until(audio: np.ndarray, start: int, threshold: float) -> int:
+    """One past the last frame from `start` on where a channel's magnitude exceeds `threshold`, at least
+    `start`. The tail is searched backwards a block at a time: it is short, and the music before it never
+    needs reading."""
+    for hi in range(audio.shape[0], start, -TAIL_SCAN_FRAMES):
+        lo = max(start, hi - TAIL_SCAN_FRAMES)
+        block = audio[lo:hi]
+        loud = np.flatnonzero(((block > threshold) | (block < -threshold)).any(axis=1))
+        if loud.size:
+            return lo + int(loud[-1]) + 1
+    return start

@@ -11,8 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chiptune_forge import loops
 from chiptune_forge.errors import ChiptuneError
 from chiptune_forge.loops import (
+    END_GUARD_SECONDS,
     JINGLE_FADE_SECONDS,
     bar_lines,
     loop_piece,
@@ -179,6 +181,29 @@ def test_looped_playback_equals_the_music_repeated(render):
     assert np.allclose(played[: s - 320], reference[: s - 320], atol=1e-6)
     # From the second pass on, every pass is exactly what follows a body, seams included.
     assert np.allclose(played[s + n: s + 3 * n], reference[s + n: s + 3 * n], atol=1e-5)
+
+
+@pytest.mark.parametrize("render", [toy_render, fading_render])
+def test_the_copy_after_the_kept_one_only_runs_past_the_guard(render, monkeypatch):
+    """A long body's last copy is cut a few seconds in; the file is what rendering all of it gives."""
+    piece = make_piece(bars=6, seed=9)  # a 12 s body: 3 copies
+    plan = plan_loop(piece, RATE)
+    last = plan.body_start_seconds + (plan.copies - 1) * plan.body_frames / RATE
+    built = loop_piece(piece, plan, RATE)
+    assert last + END_GUARD_SECONDS <= built.end_time < last + END_GUARD_SECONDS + 2.0  # notes last 2 s at most
+    track = render_track(piece, render, RATE)
+    monkeypatch.setattr(loops, "END_GUARD_SECONDS", 1e9)
+    whole = render_track(piece, render, RATE)
+    assert len(loop_piece(piece, plan, RATE).notes) > len(built.notes)
+    assert np.array_equal(track.audio, whole.audio)
+
+
+def test_a_body_opening_with_a_rest_still_runs_past_the_guard():
+    piece = make_piece(bars=6, seed=10)
+    piece.notes = [n for n in piece.notes if n.start % 12.0 >= 6.0]  # each 6-bar span opens with 6 s of rest
+    plan = plan_loop(piece, RATE)
+    last = plan.body_start_seconds + (plan.copies - 1) * plan.body_frames / RATE
+    assert loop_piece(piece, plan, RATE).end_time >= last + END_GUARD_SECONDS
 
 
 def test_seam_jump_no_larger_than_the_body():

@@ -98,7 +98,8 @@ class Mixer:
         pad = echo.history if echo is not None else 0
         dry = np.zeros((2, window), dtype=np.int32)
         wet = np.zeros((2, pad + window), dtype=np.int32)  # echo history, then this window's echo input
-        fir_step = _FirStep(echo, step) if echo is not None else None
+        echo_out = np.zeros((2, window), dtype=np.int32)
+        fir_step = _FirStep(echo, wet, echo_out) if echo is not None else None
         clamp = _Clamp(window)
         items = sorted(self._items, key=lambda item: item[0])
         active: list[tuple[int, int, bool, np.ndarray, np.ndarray]] = []
@@ -125,13 +126,15 @@ class Mixer:
                 main += wet[:, pad:pad + n]
             clamp(main)  # the voices' sum, then MVOL
             _scale(main, master, 7)
-            if fir_step is not None:  # the echo, a delay at a time, then the output clamp
+            if fir_step is not None:  # the echo, a delay at a time, then EVOL and the output clamp
                 for k in range(0, n, step):
-                    fir_step(main, wet, k, min(k + step, n))
+                    fir_step(k, min(k + step, n))
+                _scale(echo_out[:, :n], echo.volume, 7)
+                main += echo_out[:, :n]
                 clamp(main)
             out = audio[b:e]
-            out[:, 0] = dry[0, :n]
-            out[:, 1] = dry[1, :n]
+            out[:, 0] = main[0]
+            out[:, 1] = main[1]
             out *= SCALE
             if pad:
                 wet[:, :pad] = wet[:, n:n + pad].copy()  # the echo history the next window reads
@@ -163,37 +166,59 @@ def _scale(x: np.ndarray, volume: tuple[int, int], shift: int) -> None:
 
 
 class _FirStep:
-    """One block of the echo unit: FIR over the echo history, echo output (added to the main output, which
-    the caller clamps), feedback write.
+    """One block of the echo unit: FIR over the echo history (the echo output before EVOL, which the mixer
+    applies to a whole window at once), feedback write.
 
     The echo bus holds, at pad + n, the echo input of sample n; once sample n is done it holds what the DSP
     wrote to echo RAM at n, already halved as the FIR reads it back at n + delay (the written value has
     bit 0 clear, so halving loses nothing). A block is at most one delay long, so everything it reads was
     written by earlier blocks.
+
+    A block is a dozen numpy operations on a few thousand samples, and a piece has a block every
+    16-240 ms, so Python's share counts: the views a block works on are made once per position in the
+    window (the buffers are reused window after window), a power-of-two coefficient 2**j is a shift,
+    (h * 2**j) >> 6 == h >> (6 - j), and a coefficient of 64 adds the history itself.
     """
 
-    def __init__(self, echo: EchoSettings, block: int) -> None:
+    def __init__(self, echo: EchoSettings, wet: np.ndarray, out: np.ndarray) -> None:
+        """`wet` is the mixer's echo bus (history, then the window), `out` its (2, window) FIR output."""
         self.echo = echo
-        self.taps = [(i, c) for i, c in enumerate(echo.fir) if c]
+        self.wet, self.out = wet, out
+        self.taps = [(i, c, _tap_shift(c)) for i, c in enumerate(echo.fir) if c]
         # The chip wraps the sum of taps 0-6 to 16 bits, casts tap 7 to 16 bits and clamps the total; with
         # sum(|c|) <= 128 none of these can change a value (|history| <= 16384), so they are skipped.
         self.overflow = sum(abs(c) for c in echo.fir) > 128
-        self.clamp = _Clamp(block)
-        self.fir = np.zeros((2, block), dtype=np.int32)
-        self.work = np.zeros((2, block), dtype=np.int32)
+        self.clamp = _Clamp(echo.delay)
+        self.work = np.zeros((2, echo.delay), dtype=np.int32)
+        self.views: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 
-    def __call__(self, main: np.ndarray, wet: np.ndarray, b: int, e: int) -> None:
-        """Echo for window samples b..e: adds EVOL x FIR to main[:, b:e] and writes the echo buffer."""
-        n = e - b
-        history = wet[:, b:e + FIR_TAPS - 1]
-        fir, work = self.fir[:, :n], self.work[:, :n]
+    def _views(self, b: int, e: int) -> tuple[np.ndarray, ...]:
+        views = self.views.get((b, e))
+        if views is None:
+            n, start = e - b, self.echo.history
+            views = (self.out[:, b:e], self.work[:, :n], self.wet[:, start + b:start + e],
+                     self.clamp.lo[:, :n], self.clamp.hi[:, :n],
+                     *(self.wet[:, b + i:b + i + n] for i, _, _ in self.taps))
+            self.views[(b, e)] = views
+        return views
+
+    def __call__(self, b: int, e: int) -> None:
+        """Echo for window samples b..e: writes the FIR output to out[:, b:e] and the echo buffer."""
+        fir, work, sent, lo, hi, *history = self._views(b, e)
         if not self.taps:
             fir.fill(0)
-        for k, (i, c) in enumerate(self.taps):
+        for k, ((i, c, shift), h) in enumerate(zip(self.taps, history, strict=True)):
+            wraps = self.overflow and i == FIR_TAPS - 1  # taps 0-6 wrap as a sum, tap 7 on its own
+            if k and shift == 0 and not wraps:
+                fir += h
+                continue
             tap = work if k else fir  # the first tap is written straight into the sum
-            np.multiply(history[:, i:i + n], c, out=tap)
-            tap >>= 6
-            if self.overflow and i == FIR_TAPS - 1:  # taps 0-6 wrap as a sum, tap 7 on its own
+            if shift is None:
+                np.multiply(h, c, out=tap)
+                tap >>= 6
+            else:
+                np.right_shift(h, shift, out=tap)
+            if wraps:
                 fir[:] = wrap16(fir)
                 if k:
                     fir += wrap16(work)
@@ -204,18 +229,17 @@ class _FirStep:
                 fir[:] = wrap16(fir)
             self.clamp(fir)
         fir &= ~1
-        volume = self.echo.volume
-        if volume[0] == volume[1]:
-            np.multiply(fir, volume[0], out=work)
-            work >>= 7
-        else:
-            np.copyto(work, fir)
-            _scale(work, volume, 7)
-        main[:, b:e] += work
-        sent = wet[:, self.echo.history + b:self.echo.history + e]
         if self.echo.feedback:
-            fir *= self.echo.feedback
-            fir >>= 7
-            sent += fir
-        self.clamp(sent)
+            np.multiply(fir, self.echo.feedback, out=work)
+            work >>= 7
+            sent += work
+        np.minimum(sent, hi, out=sent)
+        np.maximum(sent, lo, out=sent)
         sent >>= 1
+
+
+def _tap_shift(c: int) -> int | None:
+    """The right shift equal to (h * c) >> 6 for a coefficient c = 2**j up to 64, else None."""
+    if 0 < c <= 64 and not c & (c - 1):
+        return 6 - c.bit_length() + 1
+    return None
