@@ -70,13 +70,15 @@ RESULT_FORMAT = "chiptune-forge-generate-1"
 NOISE_BLOCK = 64
 
 # rank_score = sum of weight * score. Both likelihoods are mean nats per event (about -0.5..-4), the other
-# terms are fractions in 0..1: a candidate ranks higher when the model finds it likely, when its end leads
-# back into its start, when it stays in one key, and when it has no silent bars.
+# terms are fractions in 0..1 and sparseness is in halvings of density: a candidate ranks higher when the
+# model finds it likely, when its end leads back into its start, when it stays in one key, when it has no
+# silent bars, and when it is not much thinner than the music the model learnt from.
 RANK_WEIGHTS = {
     "log_likelihood": 1.0,
     "loop_score": 1.0,
     "scale_consistency": 1.0,
     "empty_bar_fraction": -1.0,
+    "sparseness": -0.5,
 }
 RANK_FORMULA = " ".join(f"{'+' if w >= 0 else '-'} {abs(w):g}*{name}" for name, w in RANK_WEIGHTS.items()).lstrip("+ ")
 

@@ -78,6 +78,21 @@ def empty_bar_fraction(q: QuantizedPiece) -> float:
     return float(empty.mean())
 
 
+DENSE_NOTES_PER_BAR = 8.0
+"""About the lower quartile of the training corpus's notes per bar (VGMIDI windows: quartiles 8.9, 13.1, 18.2)."""
+
+
+def sparseness(q: QuantizedPiece) -> float:
+    """How many halvings of density the piece lies below DENSE_NOTES_PER_BAR: 0 at or above it, 1 at half
+    of it, 2 at a quarter. The model finds held notes and rests easy to predict, so likelihood alone would
+    pick the thinnest take; this term balances that."""
+    bars = q.num_steps / q.steps_per_bar
+    if not bars:
+        return 0.0
+    density = max(len(q), 1) / bars  # an empty piece counts as one note, to stay finite
+    return float(max(0.0, np.log2(DENSE_NOTES_PER_BAR / density)))
+
+
 def piece_statistics(q: QuantizedPiece) -> dict[str, float]:
     return {
         "pitch_range": pitch_range(q),
@@ -85,4 +100,5 @@ def piece_statistics(q: QuantizedPiece) -> dict[str, float]:
         "mean_polyphony": mean_polyphony(q),
         "scale_consistency": scale_consistency(q),
         "empty_bar_fraction": empty_bar_fraction(q),
+        "sparseness": sparseness(q),
     }

@@ -29,7 +29,14 @@ from chiptune_forge.generate import (
 )
 from chiptune_forge.lstm import LstmModel, load_model
 from chiptune_forge.midi import QuantizedPiece
-from chiptune_forge.scores import empty_bar_fraction, mean_polyphony, notes_per_bar, pitch_range, scale_consistency
+from chiptune_forge.scores import (
+    empty_bar_fraction,
+    mean_polyphony,
+    notes_per_bar,
+    pitch_range,
+    scale_consistency,
+    sparseness,
+)
 
 
 def random_arrays(layers: tuple[int, ...], seed: int, step_end_bias: float) -> dict[str, np.ndarray]:
@@ -300,7 +307,11 @@ def test_musical_statistics() -> None:
     assert scale_consistency(q) == pytest.approx(11 / 12)
     assert empty_bar_fraction(q) == 0.25
     assert mean_polyphony(q) == pytest.approx((16 + 12 + 1) / (16 + 4 + 1))
+    assert sparseness(q) == pytest.approx(np.log2(8 / 3))  # 3 notes a bar: 1.4 halvings below 8
+    dense = QuantizedPiece.from_notes([(60 + i % 12, i, i + 1, 100) for i in range(64)], num_steps=64)
+    assert sparseness(dense) == 0.0  # 16 notes a bar
     empty = QuantizedPiece.from_notes([], num_steps=32)
+    assert sparseness(empty) == pytest.approx(np.log2(8 * 2))  # one note in two bars
     assert (pitch_range(empty), scale_consistency(empty), empty_bar_fraction(empty)) == (0.0, 0.0, 1.0)
 
 
@@ -347,7 +358,8 @@ def test_classic_magenta_command(model_dir: Path, tmp_path: Path, capsys: pytest
     assert [o["file"] for o in result["outputs"]] == ["output_01.mid", "output_02.mid", "output_03.mid"]
     first = result["outputs"][0]
     for key in ("seed", "num_notes", "num_steps", "seconds", "log_likelihood", "loop_score", "pitch_range",
-                "notes_per_bar", "mean_polyphony", "scale_consistency", "empty_bar_fraction", "rank_score"):
+                "notes_per_bar", "mean_polyphony", "scale_consistency", "empty_bar_fraction", "sparseness",
+                "rank_score"):
         assert key in first
     assert first["num_steps"] == 32 and first["seconds"] == 4.0
     assert 0.0 <= result["mask_removed_mass"] <= 1.0
