@@ -303,10 +303,12 @@ def export_job(job: ExportJob) -> dict[str, Any]:
     from .export import export_track, normalize
 
     track, meta = load_track_audio(job.audio_path)
-    track, gain = normalize(track, target_lufs=job.target_lufs, true_peak_db=job.true_peak_db, gain_db=job.gain_db)
-    sidecar = dict(job.sidecar) | {"gain_db": round(gain, 3), "source_loudness_lufs": meta["loudness_lufs"]}
+    loudness = meta["loudness_lufs"]
+    track, gain = normalize(track, target_lufs=job.target_lufs, true_peak_db=job.true_peak_db, gain_db=job.gain_db,
+                            formats=job.formats, loudness_lufs=loudness)
+    sidecar = dict(job.sidecar) | {"gain_db": round(gain, 3), "source_loudness_lufs": loudness}
     paths = export_track(track, Path(job.out_dir), job.name, formats=job.formats, sidecar_info=sidecar,
-                         godot_import=job.godot_import, split=job.split)
+                         godot_import=job.godot_import, split=job.split, loudness_lufs=loudness + gain)
     return {"files": [str(p) for p in paths], "gain_db": gain, "seconds": time.perf_counter() - start}
 
 

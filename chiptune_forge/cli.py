@@ -428,7 +428,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_render(args: argparse.Namespace) -> int:
-    from .export import export_track, file_sha256, normalize
+    from .export import export_track, file_sha256, measure_loudness, normalize
     from .loops import render_track
     from .midi import read_midi
     from .presets import load_preset
@@ -449,11 +449,13 @@ def _run_render(args: argparse.Namespace) -> int:
                              loop=args.loop, intro_bars=args.intro_bars, bars=args.bars)
     except ChiptuneError as exc:
         raise ChiptuneError(f"{args.input}: {exc}") from None
-    track, gain = normalize(track, args.loudness, args.true_peak)
+    fmt = output.suffix[1:].lower()
+    loudness = measure_loudness(track)
+    track, gain = normalize(track, args.loudness, args.true_peak, formats=(fmt,), loudness_lufs=loudness)
     info = {"source_midi": Path(args.input).name, "midi_sha256": file_sha256(args.input), "preset": preset.name,
             "gain_db": round(gain, 3)}
-    paths = export_track(track, output.parent, output.stem, (output.suffix[1:].lower(),), info,
-                         godot_import=args.godot_import, split=args.split)
+    paths = export_track(track, output.parent, output.stem, (fmt,), info, godot_import=args.godot_import,
+                         split=args.split, loudness_lufs=loudness + gain)
     rate = args.sample_rate
     loop = (f"loop {track.loop_start / rate:.3f} s + {track.loop_length / rate:.3f} s "
             f"(LOOPSTART={track.loop_start}, LOOPLENGTH={track.loop_length})" if track.looping else "jingle")

@@ -105,14 +105,18 @@ def _scaled(audio: np.ndarray, gain_db: float) -> np.ndarray:
     return (audio * np.float32(10 ** (gain_db / 20))).astype(np.float32)
 
 
-def fit_ceiling(track: TrackAudio, gain_db: float, ceiling_db: float = TRUE_PEAK_DB) -> float:
-    """The largest gain at most `gain_db` that keeps the true peak under the ceiling both in the float
-    audio and after a Vorbis encode/decode round trip (the codec can overshoot the input's peaks).
+def fit_ceiling(track: TrackAudio, gain_db: float, ceiling_db: float = TRUE_PEAK_DB,
+                formats: Sequence[str] = ("ogg",)) -> float:
+    """The largest gain at most `gain_db` that keeps the true peak under the ceiling in the float audio
+    and, when an OGG is among `formats`, after a Vorbis encode/decode round trip (the codec can overshoot
+    the input's peaks; a WAV holds the samples themselves).
 
     The encoder is deterministic, so the OGG that export_track later writes from the same samples has
     exactly the peaks checked here.
     """
     gain = min(gain_db, ceiling_db - true_peak_db(track.audio, track.sample_rate, track.loop_start))
+    if "ogg" not in {f.lower() for f in formats}:
+        return gain
     for _ in range(CEILING_TRIES):
         decoded = _vorbis_round_trip(_scaled(track.audio, gain), track.sample_rate)
         over = true_peak_db(decoded, track.sample_rate, track.loop_start) - ceiling_db
@@ -123,16 +127,20 @@ def fit_ceiling(track: TrackAudio, gain_db: float, ceiling_db: float = TRUE_PEAK
 
 
 def normalize(track: TrackAudio, target_lufs: float = TARGET_LUFS, true_peak_db: float = TRUE_PEAK_DB,
-              gain_db: float | None = None) -> tuple[TrackAudio, float]:
+              gain_db: float | None = None, *, formats: Sequence[str] = ("ogg",),
+              loudness_lufs: float | None = None) -> tuple[TrackAudio, float]:
     """Scale a track to `target_lufs` integrated loudness, less if the true-peak ceiling demands it.
 
     With `gain_db` given (same-gain mode) that gain is applied exactly, keeping the tracks' relative
     levels; the caller picks it within every track's headroom (fit_ceiling tells a track's, codec included).
-    Returns the scaled track and the gain applied in dB; a silent track gets 0 dB.
+    The ceiling is checked for the files `formats` will write; `loudness_lufs` is the track's
+    measure_loudness when the caller has it already. Returns the scaled track and the gain applied in dB;
+    a silent track gets 0 dB.
     """
     if gain_db is None:
-        loudness = measure_loudness(track)
-        gain_db = 0.0 if math.isinf(loudness) else fit_ceiling(track, target_lufs - loudness, true_peak_db)
+        loudness = measure_loudness(track) if loudness_lufs is None else loudness_lufs
+        gain_db = 0.0 if math.isinf(loudness) else fit_ceiling(track, target_lufs - loudness, true_peak_db,
+                                                                formats)
     return replace(track, audio=_scaled(track.audio, gain_db)), gain_db
 
 
@@ -247,7 +255,7 @@ def _db_or_none(value: float) -> float | None:
     return None if math.isinf(value) else round(value, 3)
 
 
-def _sidecar(track: TrackAudio, name: str, files: list[str], peak: float,
+def _sidecar(track: TrackAudio, name: str, files: list[str], loudness: float, peak: float,
              info: dict | None, split: dict[str, list[str]]) -> dict:
     rate = track.sample_rate
     data = dict(info or {})
@@ -267,7 +275,7 @@ def _sidecar(track: TrackAudio, name: str, files: list[str], peak: float,
         "qpm": track.qpm,
         "bars": track.bars,
         "intro_bars": track.intro_bars,
-        "loudness_lufs": _db_or_none(measure_loudness(track)),
+        "loudness_lufs": _db_or_none(loudness),
         "true_peak_dbtp": _db_or_none(peak),
     })
     if split:
@@ -290,13 +298,15 @@ def _check_request(track: TrackAudio, name: str, formats: Sequence[str]) -> list
 
 def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[str] = ("ogg",),
                  sidecar_info: dict | None = None, godot_import: bool = False,
-                 split: bool = False) -> list[Path]:
+                 split: bool = False, loudness_lufs: float | None = None) -> list[Path]:
     """Write NAME.<fmt> for each format, plus NAME.json, and optionally Godot `.import` files and the
     split clips NAME_intro.<fmt> + NAME_loop.<fmt> (jingles have nothing to split; without an intro only
     the loop clip is written). Returns the final paths.
 
     `sidecar_info` adds keys to the sidecar (e.g. "midi_sha256", "gain_db"); the measured keys win.
-    The sidecar's `true_peak_dbtp` is measured on the written files, decoded.
+    The sidecar's `true_peak_dbtp` is measured on the written files, decoded; its `loudness_lufs` is
+    `loudness_lufs` when the caller knows the track's (the loudness before normalizing plus the gain), else
+    measured.
     """
     fmts = _check_request(track, name, formats)
     out_dir = Path(out_dir)
@@ -340,7 +350,8 @@ def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[
                     text = godot_import_text(fmt, rate, loop, _existing_uid(imp))
                     stage(imp, lambda p, t=text: p.write_text(t, encoding="utf-8"))
         files = [f"{name}.{fmt}" for fmt in fmts]
-        sidecar = _sidecar(track, name, files, peak, sidecar_info, split_names)
+        loudness = measure_loudness(track) if loudness_lufs is None else loudness_lufs
+        sidecar = _sidecar(track, name, files, loudness, peak, sidecar_info, split_names)
         text = json.dumps(sidecar, indent=2) + "\n"
         stage(out_dir / f"{name}.json", lambda p: p.write_text(text, encoding="utf-8"))
         for tmp, final in staged:
