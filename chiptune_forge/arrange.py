@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .midi import Note, Piece
+from .midi import Control, Note, Piece
 
 ROLES = ("lead", "harmony", "bass", "drums")
 CHORD_WINDOW = 0.02  # seconds: onsets this close form one chord
@@ -28,12 +28,14 @@ TOMS = (50, 48, 45, 41)  # high to low
 @dataclass(frozen=True)
 class Part:
     """Notes for one role. `program` is set for a track kept from a multi-track file, so a preset can map
-    that program to an instrument; parts split from one stream and generated drums have None."""
+    that program to an instrument; parts split from one stream and generated drums have None. `controls`
+    are the source track's controls (pedal, bends, CCs) for instruments that take MIDI."""
 
     role: str
     notes: tuple[Note, ...]
     program: int | None = None
     name: str = ""
+    controls: tuple[Control, ...] = ()
 
 
 def arrange(piece: Piece, drums: bool = True) -> list[Part]:
@@ -41,28 +43,34 @@ def arrange(piece: Piece, drums: bool = True) -> list[Part]:
 
     One pitched track/program: split into lead, harmony and bass voices. Several: each keeps its notes;
     the highest (by median pitch) is the lead, the lowest the bass, the rest harmony. Drum-channel notes
-    are the drums part; with none and `drums` set, a drum part is generated.
+    are the drums part; with none and `drums` set, a drum part is generated. Each part carries the
+    controls of the track (and drum or pitched channels) its notes come from.
     """
     groups: dict[tuple[int, int], list[Note]] = {}
     for note in piece.notes:
         if not note.is_drum:
             groups.setdefault((note.track, note.program), []).append(note)
+
+    def controls(tracks: set[int], drum: bool) -> tuple[Control, ...]:
+        return tuple(c for c in piece.controls if c.is_drum == drum and c.track in tracks)
+
     parts: list[Part] = []
     if len(groups) == 1:
         lead, harmony, bass = split_voices(next(iter(groups.values())))
-        parts += [Part(role, tuple(notes), None, role)
+        shared = controls({track for track, _ in groups}, False)
+        parts += [Part(role, tuple(notes), None, role, shared)
                   for role, notes in (("lead", lead), ("harmony", harmony), ("bass", bass)) if notes]
     elif groups:
         ranked = sorted(groups.items(), key=lambda kv: (-_quantile([n.pitch for n in kv[1]], 0.5), kv[0]))
         for rank, ((track, program), notes) in enumerate(ranked):
             role = "lead" if rank == 0 else ("bass" if rank == len(ranked) - 1 else "harmony")
             name = piece.track_names[track] if track < len(piece.track_names) else ""
-            parts.append(Part(role, tuple(notes), program, name or f"track {track}"))
+            parts.append(Part(role, tuple(notes), program, name or f"track {track}", controls({track}, False)))
     drum_notes = tuple(n for n in piece.notes if n.is_drum)
     if not drum_notes and drums and groups:
         drum_notes = tuple(generate_drums(piece))
     if drum_notes:
-        parts.append(Part("drums", drum_notes, None, "drums"))
+        parts.append(Part("drums", drum_notes, None, "drums", controls({n.track for n in drum_notes}, True)))
     return parts
 
 

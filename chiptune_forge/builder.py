@@ -228,7 +228,7 @@ def midi_from_file(track: TrackSpec) -> bytes:
             raise ChiptuneError(f"{track.midi}: transpose {track.transpose} moves note {n.pitch} outside 0..127")
         notes.append(type(n)(pitch, n.velocity, n.start, n.end, n.program, n.is_drum, n.track))
     buf = io.BytesIO()
-    build_midifile(Piece(notes, piece.tempos, piece.time_signatures, piece.track_names)).save(file=buf)
+    build_midifile(Piece(notes, piece.tempos, piece.time_signatures, piece.track_names, piece.controls)).save(file=buf)
     return buf.getvalue()
 
 

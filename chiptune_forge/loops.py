@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ChiptuneError
-from .midi import Note, Piece, TempoChange, TimeSignature
+from .midi import Control, Note, Piece, TempoChange, TimeSignature
 
 RenderFn = Callable[[Piece, int], np.ndarray]
 """Renders a Piece to float32 stereo audio (frames, 2) at the given rate, tail included; deterministic.
@@ -56,6 +56,13 @@ END_GUARD_SECONDS = 4.0
 """How far the last copy runs past the kept one: what renderers and the arranger do differently at the end
 of a piece stays within its last bar or a fade of a second or two, and nothing later changes the kept copy.
 For a long body this spares rendering most of a copy."""
+
+CONTROL_DEFAULTS = {(0xE0,): bytes([0xE0, 0x00, 0x40]), (0xD0,): bytes([0xD0, 0]),
+                    (0xB0, 1): bytes([0xB0, 1, 0]), (0xB0, 11): bytes([0xB0, 11, 127]),
+                    **{(0xB0, cc): bytes([0xB0, cc, 0]) for cc in range(64, 70)}}
+"""What a controller is before anything sets it, for those with a standard rest value (pitch bend centred,
+no pressure, no modulation, full expression, pedals up): a body copy restores it when the body changes it
+and the intro never set it."""
 
 JOIN_FADE_SECONDS = 0.01
 """The intro's last 10 ms crossfade into the audio that precedes the kept body, so the first pass from the
@@ -274,9 +281,15 @@ def loop_piece(piece: Piece, plan: LoopPlan, sample_rate: int) -> Piece:
     inner_sigs = [s for s in sigs if s.beat > lo]
     first_sig = _signature_at(piece, plan.body_start_beat)
     guard = _leading(body_notes, t_intro + END_GUARD_SECONDS)
+    intro_controls, body_controls, restore = _split_controls(piece, plan, t_intro)
+    guard_end = max((n.end for n in guard), default=t_intro)
+    controls = list(intro_controls)
     for k in range(plan.copies):
         dt, db = k * shift, k * span
         notes.extend(_moved(n, dt) for n in (guard if k == plan.copies - 1 else body_notes))
+        if k > 0:
+            controls.extend(c.moved(dt) for c in restore)
+        controls.extend(c.moved(dt) for c in body_controls if k < plan.copies - 1 or c.time <= guard_end)
         if k == 0:
             continue
         tempos.append(TempoChange(t_intro + dt, plan.body_start_beat + db, _tempo_at(piece, plan.body_start_beat)))
@@ -285,7 +298,38 @@ def loop_piece(piece: Piece, plan: LoopPlan, sample_rate: int) -> Piece:
                                   first_sig.denominator))
         sigs.extend(TimeSignature(s.time + dt, s.beat + db, s.numerator, s.denominator) for s in inner_sigs)
     notes.sort(key=lambda n: (n.start, n.pitch, n.track))
-    return Piece(notes, tempos, sigs, list(piece.track_names))
+    controls.sort(key=lambda c: c.time)  # stable: what is restored at a copy's start precedes its own
+    return Piece(notes, tempos, sigs, list(piece.track_names), controls)
+
+
+def _control_key(c: Control) -> tuple[int, bool, tuple[int, ...]]:
+    """Which controller a message sets: its track, drum flag, and status (plus the CC number)."""
+    kind = (c.data[0], c.data[1]) if c.data[0] == 0xB0 else (c.data[0],)
+    return c.track, c.is_drum, kind
+
+
+def _split_controls(piece: Piece, plan: LoopPlan, t_intro: float
+                    ) -> tuple[list[Control], list[Control], list[Control]]:
+    """The intro's controls, the body's, and what restores the controllers' state at the body's start
+    (the intro's last value of each controller the body changes, else its rest value) at the start of
+    every later copy: a bend or pedal left at the body's end must not carry into the next pass."""
+    beats = piece.seconds_to_beats(np.array([c.time for c in piece.controls]))
+    intro: list[Control] = []
+    body: list[Control] = []
+    state: dict[tuple, Control] = {}
+    for c, beat in zip(piece.controls, beats, strict=True):
+        if beat < plan.body_start_beat - ONSET_TOLERANCE_BEATS:
+            intro.append(c)
+            state[_control_key(c)] = c
+        elif beat < plan.body_end_beat - ONSET_TOLERANCE_BEATS:
+            body.append(c)
+    restore: list[Control] = []
+    for key in dict.fromkeys(_control_key(c) for c in body):
+        track, drum, kind = key
+        data = state[key].data if key in state else CONTROL_DEFAULTS.get(kind)
+        if data is not None:
+            restore.append(Control(t_intro, data, track, drum))
+    return intro, body, restore
 
 
 def _leading(notes: list[Note], until: float) -> list[Note]:
@@ -375,7 +419,8 @@ def _render_jingle(piece: Piece, render: RenderFn, sample_rate: int, bars: int |
         onsets = piece.seconds_to_beats(np.array([n.start for n in piece.notes]))
         notes = [_cut(n, end_seconds) for n, onset in zip(piece.notes, onsets, strict=True)
                  if onset < lines[count] - ONSET_TOLERANCE_BEATS]
-        piece = Piece(notes, piece.tempos, piece.time_signatures, piece.track_names)
+        controls = [c for c in piece.controls if c.time < end_seconds]
+        piece = Piece(notes, piece.tempos, piece.time_signatures, piece.track_names, controls)
         total = count
     music_end = round(piece.end_time * sample_rate)
     fade = max(1, round(JINGLE_FADE_SECONDS * sample_rate))

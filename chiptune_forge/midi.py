@@ -54,14 +54,37 @@ class TimeSignature:
     denominator: int
 
 
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A channel message that is not a note or a program change: a control change (the sustain pedal
+    included), pitch bend or channel pressure. Instruments that play MIDI (VST3 plugins) receive these;
+    the note model and the built-in sampler use notes only (the pedal is already in the note lengths).
+
+    `data` is the raw message with the channel nibble cleared: whoever sends it picks the channel.
+    """
+
+    time: float  # seconds
+    data: bytes
+    track: int = 0
+    is_drum: bool = False
+
+    def moved(self, dt: float) -> Control:
+        return self if dt == 0 else Control(self.time + dt, self.data, self.track, self.is_drum)
+
+
+CONTROL_STATUSES = (0xB0, 0xD0, 0xE0)
+"""Control change, channel pressure, pitch bend: the channel messages kept as Controls."""
+
+
 @dataclass
 class Piece:
-    """A whole piece: its notes plus the tempo and time-signature maps, all on one timeline."""
+    """A whole piece: its notes and controls plus the tempo and time-signature maps, all on one timeline."""
 
     notes: list[Note]
     tempos: list[TempoChange] = field(default_factory=lambda: [TempoChange(0.0, 0.0, DEFAULT_QPM)])
     time_signatures: list[TimeSignature] = field(default_factory=lambda: [TimeSignature(0.0, 0.0, 4, 4)])
     track_names: list[str] = field(default_factory=list)
+    controls: list[Control] = field(default_factory=list)
 
     @property
     def end_time(self) -> float:
@@ -262,10 +285,24 @@ def _piece_from_midifile(mid: mido.MidiFile, path: Path) -> Piece:
         sigs.insert(0, TimeSignature(0.0, 0.0, 4, 4))
 
     notes: list[Note] = []
+    controls: list[Control] = []
     for index, events in enumerate(tracks_abs):
         notes.extend(_track_notes(events, index, tick_to_sec))
+        controls.extend(_track_controls(events, index, tick_to_sec))
     notes.sort(key=lambda n: (n.start, n.pitch, n.track))
-    return Piece(notes, tempos, sigs, names)
+    controls.sort(key=lambda c: (c.time, c.track))  # stable: one track's messages keep their order
+    return Piece(notes, tempos, sigs, names, controls)
+
+
+def _track_controls(events: list[tuple[int, mido.Message]], track: int, tick_to_sec) -> list[Control]:
+    controls = []
+    for tick, msg in events:
+        raw = msg.bytes()
+        if raw[0] & 0xF0 in CONTROL_STATUSES:
+            channel = raw[0] & 0x0F
+            controls.append(Control(tick_to_sec(tick), bytes([raw[0] & 0xF0, *raw[1:]]), track,
+                                    channel == DRUM_CHANNEL))
+    return controls
 
 
 def _track_notes(events: list[tuple[int, mido.Message]], track: int, tick_to_sec) -> list[Note]:
@@ -323,7 +360,8 @@ def _track_notes(events: list[tuple[int, mido.Message]], track: int, tick_to_sec
 def write_midi(piece: Piece, path: str | Path, ticks_per_beat: int = 480) -> None:
     """Write a Piece as a format-1 MIDI file: a conductor track, then one track per source track/program.
 
-    Drum notes go to channel 10; pitched groups take the other channels in order.
+    Drum notes go to channel 10; pitched groups take the other channels in order. A control goes to every
+    group of its source track (and drum flag), on that group's channel, as it applied to all their notes.
     """
     mid = build_midifile(piece, ticks_per_beat)
     mid.save(str(path))
@@ -354,6 +392,11 @@ def build_midifile(piece: Piece, ticks_per_beat: int = 480) -> mido.MidiFile:
             events.append((t0, 2, "note_on", {"channel": channel, "note": n.pitch,
                                                "velocity": max(1, min(127, n.velocity))}))
             events.append((t1, 1, "note_off", {"channel": channel, "note": n.pitch, "velocity": 0}))
+        for c in piece.controls:
+            if (c.track, c.is_drum) == (track, drum):
+                msg = mido.Message.from_bytes([c.data[0] | channel, *c.data[1:]])
+                fields = {k: v for k, v in msg.dict().items() if k not in ("type", "time")}
+                events.append((round(float(piece.seconds_to_beats(c.time)) * ticks_per_beat), 1, msg.type, fields))
         events.sort(key=lambda e: (e[0], e[1]))
         tr = _track_from(events, mido.Message)
         if track < len(piece.track_names) and piece.track_names[track]:

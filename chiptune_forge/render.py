@@ -25,7 +25,7 @@ import numpy as np
 from .arrange import Part, arrange
 from .errors import ChiptuneError
 from .loops import check_sample_rate
-from .midi import Piece
+from .midi import DRUM_CHANNEL, Note, Piece
 from .presets import EffectSpec, Preset, RoleSpec, make_effect
 from .snes.dsp import (
     DSP_RATE,
@@ -201,13 +201,24 @@ def _plugin_stem(part: Part, spec: RoleSpec, music_end: int | None) -> _Stem:
     assert spec.plugin is not None
     shift = 12 * spec.octave
     notes = [replace(n, pitch=n.pitch + shift) for n in part.notes if 0 <= n.pitch + shift <= 127]
-    audio = render_role(spec.plugin, notes, DSP_RATE, max_tail=None if music_end is not None else 0.0)
+    audio = render_role(spec.plugin, notes, DSP_RATE, controls=_control_messages(part, notes),
+                        max_tail=None if music_end is not None else 0.0)
     if spec.effects:
         audio = _apply_effects(np.ascontiguousarray(audio), spec.effects, music_end)
     gain = 32768 * spec.volume
     left = np.rint(audio[:, 0] * (gain * min(1.0, 1.0 - spec.pan))).astype(np.int32)
     right = np.rint(audio[:, 1] * (gain * min(1.0, 1.0 + spec.pan))).astype(np.int32)
     return _Stem(left, right, spec.echo)
+
+
+def _control_messages(part: Part, notes: Sequence[Note]) -> list[tuple[bytes, float]]:
+    """The part's controls as MIDI for its plugin, on the channel its notes go to (10 for drums, else 1).
+    Controls after the part's last note-off change nothing that sounds, and would only lengthen the render."""
+    if not notes:
+        return []
+    last = max(n.end for n in notes)
+    channel = DRUM_CHANNEL if notes[0].is_drum else 0
+    return [(bytes([c.data[0] | channel, *c.data[1:]]), c.time) for c in part.controls if c.time <= last]
 
 
 class _Outputs:

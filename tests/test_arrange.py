@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chiptune_forge.arrange import CLOSED_HAT, CRASH, KICK, SNARE, TOMS, arrange, generate_drums, split_voices
-from chiptune_forge.midi import Note, Piece, TempoChange, TimeSignature
+from chiptune_forge.midi import Control, Note, Piece, TempoChange, TimeSignature
 
 
 def overlaps(notes: list[Note]) -> bool:
@@ -72,6 +72,20 @@ def test_multi_track_files_keep_their_tracks_ranked_by_register() -> None:
     summary = {(p.role, p.program, p.name, len(p.notes)) for p in parts}
     assert summary == {("lead", 80, "Melody", 1), ("bass", 33, "Bass", 1), ("harmony", 0, "Pad", 2),
                        ("drums", None, "drums", 1)}  # the file's own drums: nothing generated
+
+
+def test_parts_carry_the_controls_of_their_source() -> None:
+    bend = Control(0.5, bytes([0xE0, 0, 0x60]), track=1)
+    other = Control(0.5, bytes([0xB0, 1, 90]), track=2)
+    hat = Control(0.1, bytes([0xB0, 4, 20]), track=3, is_drum=True)
+    stream = [Note(72, 90, 0.0, 1.0, track=1), Note(60, 90, 0.0, 1.0, track=1), Note(40, 90, 0.0, 1.0, track=1),
+              Note(42, 90, 0.0, 0.1, is_drum=True, track=3)]
+    parts = {p.role: p for p in arrange(Piece(stream, controls=[bend, other, hat]))}
+    assert {role: p.controls for role, p in parts.items()} == {
+        "lead": (bend,), "harmony": (bend,), "bass": (bend,), "drums": (hat,)}
+    two = [Note(72, 90, 0.0, 1.0, track=1), Note(40, 90, 0.0, 1.0, track=2)]
+    parts = {p.role: p for p in arrange(Piece(two, controls=[bend, other]), drums=False)}
+    assert parts["lead"].controls == (bend,) and parts["bass"].controls == (other,)
 
 
 def test_drums_can_be_left_out() -> None:

@@ -22,7 +22,7 @@ from chiptune_forge.loops import (
     plan_loop,
     render_track,
 )
-from chiptune_forge.midi import Note, Piece, TempoChange, TimeSignature
+from chiptune_forge.midi import Control, Note, Piece, TempoChange, TimeSignature
 
 RATE = 32000
 
@@ -230,6 +230,28 @@ def test_notes_stop_at_their_section_bar_line():
     shift = plan.body_frames / RATE
     assert any(x.pitch == 52 and x.start == pytest.approx(7.5 + shift) for x in built.notes)
     assert [t.beat for t in built.tempos] == [0.0] + [4 + 12 * k for k in range(1, plan.copies)]
+
+
+def test_controls_repeat_with_the_body_and_each_copy_starts_from_the_body_state():
+    piece = make_piece(bars=4)  # 2 s bars
+    volume = Control(0.0, bytes([0xB0, 7, 100]))
+    quiet = Control(6.5, bytes([0xB0, 7, 60]))  # the body turns the volume down in its last bar...
+    bend = Control(7.0, bytes([0xE0, 0x7F, 0x7F]))  # ...and leaves the pitch bent
+    late = Control(8.5, bytes([0xB0, 1, 10]))  # after the body: dropped
+    piece.controls = [volume, quiet, bend, late]
+    plan = plan_loop(piece, RATE, intro_bars=1, bars=3)
+    built = loop_piece(piece, plan, RATE)
+    shift = plan.body_frames / RATE
+    last = plan.copies - 1
+    last_end = max(n.end for n in built.notes if n.start >= 2.0 + last * shift - 1e-9)
+    expected = [volume, quiet, bend]
+    for k in range(1, plan.copies):
+        start = 2.0 + k * shift
+        expected += [Control(start, bytes([0xB0, 7, 100])), Control(start, bytes([0xE0, 0x00, 0x40]))]  # restored
+        # the last copy runs only a few seconds: it keeps the controls up to its last note-off
+        expected += [c.moved(k * shift) for c in (quiet, bend) if k < last or c.time + k * shift <= last_end]
+    assert last_end < 8.0 + last * shift  # the last copy was cut short
+    assert [(round(c.time, 9), c.data) for c in built.controls] == [(round(c.time, 9), c.data) for c in expected]
 
 
 def test_short_render_is_padded():

@@ -11,6 +11,7 @@ from midi_factory import notes_track, simple_song, tempo, time_signature, write_
 
 from chiptune_forge.errors import MidiError
 from chiptune_forge.midi import (
+    Control,
     Note,
     Piece,
     TempoChange,
@@ -93,6 +94,30 @@ def test_write_and_read_back(tmp_path: Path) -> None:
     back = read_midi(tmp_path / "out.mid")
     got = sorted((n.pitch, n.velocity, round(n.start, 4), round(n.end, 4), n.is_drum) for n in back.notes)
     assert got == sorted((n.pitch, n.velocity, n.start, n.end, n.is_drum) for n in notes)
+
+
+def test_controls_are_kept_for_instruments_and_written_back(tmp_path: Path) -> None:
+    mod = mido.Message("control_change", control=1, value=70, channel=3)
+    pedal = mido.Message("control_change", control=64, value=127, channel=3)
+    bend = mido.Message("pitchwheel", pitch=4096, channel=3)
+    pressure = mido.Message("aftertouch", value=50, channel=9)
+    path = write_song(tmp_path / "controls.mid", [
+        [tempo(0, 60)],
+        [(0, mod), (0, on(60, ch=3)), (240, bend), (480, pedal), (960, off(60, ch=3))],
+        [(0, on(36, ch=9)), (120, pressure), (240, off(36, ch=9))],
+    ])
+    piece = read_midi(path)
+    assert piece.controls == [
+        Control(0.0, bytes([0xB0, 1, 70]), 1, False),
+        Control(0.25, bytes([0xD0, 50]), 2, True),
+        Control(0.5, bytes([0xE0, 0x00, 0x60]), 1, False),  # 4096 above centre: 0x3000 as LSB, MSB
+        Control(1.0, bytes([0xB0, 64, 127]), 1, False),
+    ]
+    assert next(n for n in piece.notes if n.pitch == 60).end == pytest.approx(2.0)  # pedal down till the end
+    write_midi(piece, tmp_path / "back.mid")
+    back = read_midi(tmp_path / "back.mid")
+    assert sorted((round(c.time, 4), c.data, c.is_drum) for c in back.controls) == sorted(
+        (c.time, c.data, c.is_drum) for c in piece.controls)
 
 
 def test_split_on_tempo_and_time_signature(tmp_path: Path) -> None:

@@ -437,6 +437,25 @@ def test_a_preset_mixing_builtin_and_plugin_roles_renders(synth: Path, cli_host:
     assert len(mixed) > len(short) + 0.4 * 32000  # the plugin's 0.6 s release is rendered, not cut
 
 
+def test_a_midi_files_pitch_bend_reaches_a_plugin_role(synth: Path, cli_host: PluginHost, tmp_path: Path) -> None:
+    import mido
+    from midi_factory import tempo, write_song
+
+    from chiptune_forge.midi import read_midi
+    from chiptune_forge.presets import load_preset
+    from chiptune_forge.render import render_piece
+
+    bend = mido.Message("pitchwheel", pitch=8191, channel=4)  # full up: +2 semitones
+    path = write_song(tmp_path / "bend.mid", [[tempo(0, 60)], [
+        (0, mido.Message("note_on", note=69, velocity=100, channel=4)), (240, bend),  # 0.5 s at 60 qpm
+        (480, mido.Message("note_off", note=69, velocity=0, channel=4))]])
+    preset = load_preset(write_preset(tmp_path, synth, parameters='waveform = "triangle", release_s = 0.005'))
+    audio = render_piece(read_midi(path), preset, SR)
+    before, after = peak_hz(audio[int(0.1 * SR):int(0.45 * SR), 0]), peak_hz(audio[int(0.55 * SR):int(0.95 * SR), 0])
+    assert before == pytest.approx(440, rel=0.01)
+    assert after == pytest.approx(440 * 2 ** (2 / 12), rel=0.01)
+
+
 def test_role_effects_apply_to_the_plugin_stem(synth: Path, cli_host: PluginHost, tmp_path: Path, song) -> None:
     from chiptune_forge.presets import load_preset
     from chiptune_forge.render import render_piece
