@@ -331,10 +331,30 @@ def preset_plugin(table: Mapping[str, Any], origin: str, base_dir: Path | None) 
                        **files)
 
 
-def _read_side_file(name: str, base_dir: Path | None, origin: str, plugin: Path, key: str) -> bytes:
+def _side_path(name: str, base_dir: Path | None) -> Path:
     path = Path(os.path.expandvars(os.path.expanduser(name)))
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
+    return base_dir / path if not path.is_absolute() and base_dir is not None else path
+
+
+def role_folders(table: Mapping[str, Any], base_dir: Path) -> set[Path]:
+    """Folders holding what a preset's plugin role reads (its state or .vstpreset file, the plugin's
+    binary), for watch mode. Lenient: a role table that is wrong now names what it can."""
+    folders = {_side_path(v, base_dir).parent for k in ("preset_file", "state_file")
+               if isinstance(v := table.get(k), str)}
+    plugin = table.get("plugin")
+    if isinstance(plugin, str):
+        try:
+            bundle = resolve_plugin_path(plugin, base_dir)
+        except ChiptuneError:
+            folders.add(_side_path(plugin, base_dir).parent)  # where it will appear
+        else:
+            binaries = bundle / "Contents" / _platform_folder()[0]
+            folders.add(binaries if binaries.is_dir() else bundle.parent)
+    return folders
+
+
+def _read_side_file(name: str, base_dir: Path | None, origin: str, plugin: Path, key: str) -> bytes:
+    path = _side_path(name, base_dir)
     try:
         data = path.read_bytes()
     except OSError as exc:

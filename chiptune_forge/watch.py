@@ -1,6 +1,7 @@
 """Watch mode: rebuild what an edit affects while the game is being developed.
 
-The folders holding the manifest, the presets it uses, its MIDI and primer files and the model are watched
+The folders holding the manifest, the presets it uses (and the state files and plugin binaries their plugin
+roles read), its MIDI and primer files and the model are watched
 with watchdog (folders rather than files, so editors that save by writing a temporary file and renaming
 it, and files that appear later, are seen). Bursts of events are debounced; every rebuild is the normal
 incremental build, so an event that changed nothing costs only a no-op build. Errors never stop watching.
@@ -74,7 +75,9 @@ def watched_folders(manifest_path: Path) -> set[Path]:
     refs = [project.get("preset")] + [t.get(k) for t in tracks for k in ("preset", "midi", "primer_midi")]
     for ref in refs:
         if isinstance(ref, str) and ("/" in ref or ref.endswith(".toml")):
-            folders.add((root / ref).expanduser().resolve().parent)
+            preset = (root / ref).expanduser().resolve()
+            folders.add(preset.parent)
+            folders |= _preset_folders(preset)
         elif isinstance(ref, str) and ref.endswith((".mid", ".midi")):
             folders.add((root / ref).resolve().parent)
     model = project.get("model", "default")
@@ -89,6 +92,22 @@ def watched_folders(manifest_path: Path) -> set[Path]:
 
     folders.add(shipped_presets_dir())
     return {f for f in folders if f.is_dir()}
+
+
+def _preset_folders(preset: Path) -> set[Path]:
+    """Folders of the files a preset's plugin roles read (state files, .vstpreset files, plugin binaries)."""
+    try:
+        data = tomllib.loads(preset.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return set()
+    roles = data.get("roles") if isinstance(data.get("roles"), dict) else {}
+    from .plugins import role_folders
+
+    folders: set[Path] = set()
+    for table in roles.values():
+        if isinstance(table, dict) and "plugin" in table:
+            folders |= {f.resolve() for f in role_folders(table, preset.parent)}
+    return folders
 
 
 class Watcher:

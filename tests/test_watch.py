@@ -16,6 +16,7 @@ import pytest
 from midi_factory import simple_song
 
 from chiptune_forge.presets import shipped_presets_dir
+from chiptune_forge.watch import watched_folders
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT = 60.0
@@ -154,6 +155,19 @@ def test_signals_end_cleanly(project: tuple[Path, Path], sig: signal.Signals) ->
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     finally:
         watch.stop()
+
+
+def test_folders_of_presets_and_what_their_plugin_roles_read_are_watched(tmp_path: Path) -> None:
+    game, sounds, states, plugins = (tmp_path / d for d in ("game", "sounds", "states", "plugins"))
+    for folder in (game, sounds, states, plugins):
+        folder.mkdir()
+    (sounds / "lead.toml").write_text('[roles.lead]\nplugin = "../plugins/Later.vst3"\n'
+                                      'state_file = "../states/lead.bin"\n')
+    (game / "chiptune.toml").write_text('[project]\npreset = "../sounds/lead.toml"\n[[track]]\nname = "a"\n')
+    folders = watched_folders(game / "chiptune.toml")
+    assert {game, sounds, states, plugins} <= folders  # a plugin not installed yet is watched where it will be
+    (sounds / "lead.toml").write_text("[roles.lead\n")  # broken: still watched, its side files unknown
+    assert {game, sounds} <= watched_folders(game / "chiptune.toml")
 
 
 def test_once_after_ends_by_itself(project: tuple[Path, Path]) -> None:
