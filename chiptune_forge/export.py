@@ -31,6 +31,7 @@ import numpy as np
 import pyloudnorm
 import soundfile as sf
 import soxr
+from mutagen.ogg import OggPage
 from mutagen.oggvorbis import OggVorbis
 
 from .errors import ChiptuneError
@@ -156,18 +157,32 @@ def _vorbis(audio: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
     The encoder is deterministic, so the true-peak check in `fit_ceiling`, the file `write_ogg` writes and
     the peak measured for the sidecar all share one encode of the same samples instead of three.
     """
-    key = (sample_rate, audio.shape, hashlib.blake2b(np.ascontiguousarray(audio).tobytes(), digest_size=16).digest())
+    digest = hashlib.blake2b(np.ascontiguousarray(audio).tobytes(), digest_size=16).digest()
+    key = (sample_rate, audio.shape, digest)
     if key not in _last_vorbis:
         buf = io.BytesIO()
         with sf.SoundFile(buf, "w", sample_rate, 2, subtype="VORBIS", format="OGG",
                           compression_level=1.0 - VORBIS_QUALITY) as f:
             for i in range(0, audio.shape[0], VORBIS_CHUNK_FRAMES):
                 f.write(audio[i:i + VORBIS_CHUNK_FRAMES])
-        data = buf.getvalue()
+        data = _with_serial(buf.getvalue(), int.from_bytes(digest[:4], "little"))
         decoded = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]
         _last_vorbis.clear()
         _last_vorbis[key] = (data, decoded)
     return _last_vorbis[key]
+
+
+def _with_serial(data: bytes, serial: int) -> bytes:
+    """The Ogg stream with every page's serial number set to `serial` (CRCs recomputed by mutagen).
+    libsndfile picks a random serial per file, so the same audio would give different bytes on every
+    build and show as changed in the game's version control."""
+    src = io.BytesIO(data)
+    pages = []
+    while src.tell() < len(data):
+        page = OggPage(src)
+        page.serial = serial
+        pages.append(page.write())
+    return b"".join(pages)
 
 
 def encode_vorbis(target: str | Path, audio: np.ndarray, sample_rate: int) -> None:

@@ -267,6 +267,14 @@ def test_long_vorbis_write_does_not_crash(tmp_path):
     assert sf.info(str(tmp_path / "long.ogg")).frames == frames
 
 
+def test_the_same_audio_gives_the_same_file_bytes(track, tmp_path):
+    for folder in ("first", "again"):
+        export._last_vorbis.clear()  # encode each time rather than reuse the last encode
+        export_track(track, tmp_path / folder, "theme", formats=("ogg", "wav"))
+    for name in ("theme.ogg", "theme.wav", "theme.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
+
+
 def test_file_sha256(tmp_path):
     (tmp_path / "a.mid").write_bytes(b"abc")  # the FIPS 180-2 test vector
     assert file_sha256(tmp_path / "a.mid") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
