@@ -23,7 +23,8 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ChiptuneError
+from .errors import ChiptuneError, UsageError
 from .manifest import Manifest, TrackSpec, load_manifest
 
 CACHE_DIR = ".chiptune"
@@ -331,11 +332,13 @@ class Builder:
         unknown |= set(regenerate or []) - {t.name for t in manifest.tracks}
         if unknown:
             names = ", ".join(t.name for t in manifest.tracks)
-            raise ChiptuneError(f"{manifest.path}: no track named {', '.join(sorted(unknown))} (tracks: {names})")
+            raise UsageError(f"{manifest.path}: no track named {', '.join(sorted(unknown))} (tracks: {names})")
         self.force = force
         self.regenerate = set(regenerate or [])
         self.check = check
         self.executor = executor
+        self.workers_lost = False
+        """Set when a worker of the given executor died: that pool takes no more work (watch mode replaces it)."""
         self.workers = workers or min(2, os.cpu_count() or 1)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.show_progress = show_progress
@@ -626,11 +629,19 @@ class Builder:
                         yield (name, *_call(fn, job))
                         progress.update()
                 else:
-                    futures = {name: executor.submit(_call, fn, job) for name, job in jobs.items()}
-                    for name, future in futures.items():
+                    futures: dict[str, Future] = {}
+                    for name, job in jobs.items():
                         try:
-                            result = future.result()
+                            futures[name] = executor.submit(_call, fn, job)
+                        except BrokenProcessPool:  # a worker died earlier: the pool takes no more work
+                            self.workers_lost = True
+                            break
+                    for name in jobs:
+                        try:
+                            result = futures[name].result() if name in futures else \
+                                (None, f"{what} worker pool is broken (a worker process died)")
                         except Exception as exc:  # a worker that died (crashing plugin, killed process)
+                            self.workers_lost |= isinstance(exc, BrokenProcessPool)
                             result = (None, f"{what} worker failed: {type(exc).__name__}: {exc}")
                         yield (name, *result)
                         progress.update()
@@ -656,14 +667,24 @@ class Builder:
                 f.unlink(missing_ok=True)
 
 
-def worker_init() -> None:
-    """Workers leave Ctrl-C and SIGTERM to the parent, which stops them and cleans up."""
+PR_SET_PDEATHSIG = 1
+
+
+def worker_init(parent: int) -> None:
+    """Workers leave Ctrl-C and SIGTERM to the parent, which stops them and cleans up; on Linux they also
+    get SIGTERM when the parent dies without cleaning up (killed with SIGKILL), so none is left behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
 
 
 def new_executor(workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=workers, initializer=worker_init)
+    return ProcessPoolExecutor(max_workers=workers, initializer=worker_init, initargs=(os.getpid(),))
 
 
 def _call(fn: Callable, job: Any) -> tuple[Any, str | None]:

@@ -205,14 +205,14 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build", help="build a game's soundtrack from its manifest (chiptune.toml)",
                        description="Generate, pick, render and export every track of a manifest, redoing only "
                                    "what changed. Exit codes: 0 done or up to date, 1 out of date (--check), "
-                                   "2 invalid manifest or usage, 3 a track failed.")
+                                   "2 invalid manifest or usage, 3 a track failed or the build could not run.")
     p.add_argument("manifest", nargs="?", default="chiptune.toml", help="manifest file or its folder")
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these tracks")
-    p.add_argument("--force", action="store_true", help="render and export again even if nothing changed")
+    add_flag(p, "force", False, "render and export again even if nothing changed")
     p.add_argument("--regenerate", nargs="+", metavar="NAME", default=[],
                    help="drop these tracks' locked takes and generate them anew")
-    p.add_argument("--check", action="store_true", help="list what is out of date and exit 1 if anything is")
-    p.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
+    add_flag(p, "check", False, "list what is out of date and exit 1 if anything is")
+    add_flag(p, "json", False, "print a machine-readable report on stdout")
     p.set_defaults(func=_run_build)
 
 
@@ -220,15 +220,19 @@ def _run_build(args: argparse.Namespace) -> int:
     import json
 
     from .builder import build
+    from .errors import UsageError
     from .manifest import ManifestError
 
     try:
         report = build(args.manifest, only=args.only, force=args.force, regenerate=args.regenerate,
                        check=args.check, show_progress=not args.json)
-    except ManifestError as exc:
-        for line in exc.problems:
+    except UsageError as exc:
+        for line in exc.problems if isinstance(exc, ManifestError) else [str(exc)]:
             print(f"chiptune-forge: error: {line}", file=sys.stderr)
         return 2
+    except ChiptuneError as exc:  # e.g. another build holds the folder
+        print(f"chiptune-forge: error: {exc}", file=sys.stderr)
+        return 3
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -297,7 +301,7 @@ def _add_plugins(sub: argparse._SubParsersAction) -> None:
     info = actions.add_parser("info", help="name, kind, latency and parameters (with ranges and defaults)",
                               description="Load a plugin and list its parameters under the names presets use.")
     info.add_argument("plugin", help="a .vst3 bundle path or bundle name")
-    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_flag(info, "json", False, "print JSON instead of text")
     info.set_defaults(func=_run_plugins_info)
     state = actions.add_parser("state", help="set parameters and save the plugin's state for a preset",
                                description="Load a plugin, apply --set values, and write its state: raw state "

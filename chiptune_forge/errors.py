@@ -18,3 +18,8 @@ class MidiError(ChiptuneError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class UsageError(ChiptuneError):
+    """A request that names what is not there (a missing manifest, an unknown track): exit code 2 where a
+    command distinguishes bad requests from failed work."""

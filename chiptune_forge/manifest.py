@@ -13,7 +13,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from .errors import ChiptuneError
+from .errors import ChiptuneError, UsageError
 from .loops import SAMPLE_RATES
 
 FORMATS = ("ogg", "wav")
@@ -22,7 +22,7 @@ GENERATION_KEYS = ("seed", "temperature", "primer_pitches", "primer_melody", "pr
                    "tempo")
 
 
-class ManifestError(ChiptuneError):
+class ManifestError(UsageError):
     """Every problem found in a manifest, one per line."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -81,7 +81,7 @@ class Manifest:
         for t in self.tracks:
             if t.name == name:
                 return t
-        raise ChiptuneError(f"{self.path}: no track named {name!r} (tracks: {', '.join(t.name for t in self.tracks)})")
+        raise UsageError(f"{self.path}: no track named {name!r} (tracks: {', '.join(t.name for t in self.tracks)})")
 
     def preset_for(self, track: TrackSpec) -> str:
         return track.preset or self.project.preset
@@ -146,9 +146,9 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ChiptuneError(f"{path}: manifest not found (create one with 'chiptune-forge init')") from None
+        raise UsageError(f"{path}: manifest not found (create one with 'chiptune-forge init')") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ChiptuneError(f"{path}: cannot read manifest ({exc})") from None
+        raise UsageError(f"{path}: cannot read manifest ({exc})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -110,6 +110,16 @@ def _preset_folders(preset: Path) -> set[Path]:
     return folders
 
 
+def _stop_executor(executor: ProcessPoolExecutor) -> None:
+    """Stop a pool's workers now, even in the middle of a render (they write only temporary files)."""
+    workers = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for proc in workers:
+        proc.terminate()
+    for proc in workers:
+        proc.join(timeout=1)
+
+
 class Watcher:
     def __init__(self, manifest: str | Path, debounce: float = 0.2, log: Callable[[str], None] = print,
                  workers: int = 2) -> None:
@@ -124,6 +134,7 @@ class Watcher:
         self.observer = Observer()
         self.watches: dict[Path, object] = {}
         self.building = False
+        self.executor: ProcessPoolExecutor | None = None
 
     def _ignored(self, path: Path) -> bool:
         parts = path.parts
@@ -155,12 +166,16 @@ class Watcher:
         self.output_dir = manifest.project.output_dir
         self.building = True
         try:
-            report = Builder(manifest, executor=executor, show_progress=False, log=self.log).run()
+            builder = Builder(manifest, executor=executor, show_progress=False, log=self.log)
+            report = builder.run()
         except ChiptuneError as exc:
             self.log(f"error: {exc}")
             return None
         finally:
             self.building = False
+        if builder.workers_lost:
+            self.log("a build worker process died; starting new workers (the next save retries the failed tracks)")
+            self._replace_executor()
         stamp = time.strftime("%H:%M:%S")
         for t in report.tracks:
             if t.status == "failed":
@@ -176,19 +191,14 @@ class Watcher:
         """Build, then rebuild on changes until SIGINT/SIGTERM or `once_after` seconds have passed."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         deadline = time.monotonic() + once_after if once_after is not None else None
-        executor = new_executor(self.workers)
+        self.executor = new_executor(self.workers)
         try:
-            self._run_loop(executor, deadline)
+            self._run_loop(deadline)
         except _Stop:
             pass
         finally:
             self.observer.stop()
-            workers = list((getattr(executor, "_processes", None) or {}).values())
-            executor.shutdown(wait=False, cancel_futures=True)
-            for proc in workers:
-                proc.terminate()
-            for proc in workers:
-                proc.join(timeout=1)
+            _stop_executor(self.executor)
             if self.observer.is_alive():
                 self.observer.join(timeout=1)
             self._clean_partials()
@@ -197,10 +207,14 @@ class Watcher:
         self.log("watch stopped")
         return 0
 
-    def _run_loop(self, executor: ProcessPoolExecutor, deadline: float | None) -> None:
+    def _replace_executor(self) -> None:
+        _stop_executor(self.executor)
+        self.executor = new_executor(self.workers)
+
+    def _run_loop(self, deadline: float | None) -> None:
         self._rewatch()
         self.observer.start()
-        self.build_once(executor, set())
+        self.build_once(self.executor, set())
         self.log(f"watching {self.path} (Ctrl-C to stop)")
         while not self.stop.is_set():
             timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
@@ -215,7 +229,7 @@ class Watcher:
             if self.stop.is_set():
                 break
             changed = self.changes.take()
-            self.build_once(executor, changed)
+            self.build_once(self.executor, changed)
             self._rewatch()
 
     def _on_signal(self, signum: int, frame: object) -> None:

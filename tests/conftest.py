@@ -16,3 +16,10 @@ def corpus_dir() -> Path:
     if not CORPUS.is_dir():
         pytest.skip("../shared/corpus/vgmidi is not present")
     return CORPUS
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run that collected no tests fails (exit 1) instead of pytest's exit 5: a broken collection or a
+    wrong path in CI must never pass as 'nothing to do'."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

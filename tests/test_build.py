@@ -170,7 +170,9 @@ def test_check_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     report = json.loads(capsys.readouterr().out)
     given = next(t for t in report["tracks"] if t["name"] == "given")
     assert given["status"] == "outdated" and any("loop" in r for r in given["reasons"])
-    assert main(["build", str(manifest), "--only", "nope"]) == 1
+    assert main(["build", str(manifest), "--only", "nope"]) == 2
+    assert main(["build", str(manifest.parent / "missing.toml")]) == 2
+    assert main(["build", str(manifest), "--check=false", "--json=true"]) == 0
 
 
 def test_second_build_is_refused_while_one_runs(tmp_path: Path) -> None:
@@ -181,6 +183,7 @@ def test_second_build_is_refused_while_one_runs(tmp_path: Path) -> None:
         fcntl.flock(fh, fcntl.LOCK_EX)
         with pytest.raises(ChiptuneError, match="another build is running"):
             build(manifest)
+        assert main(["build", str(manifest)]) == 3
 
 
 def test_failed_export_keeps_previous_assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

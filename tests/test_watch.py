@@ -53,13 +53,38 @@ class WatchProcess:
         raise AssertionError(f"no line with {text!r} within {timeout} s; saw: {self.seen[-15:]}")
 
     def children(self) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
+        return children(self.proc.pid)
 
     def stop(self) -> None:
+        """End it as a user would (Ctrl-C), and kill it only if that fails."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text()
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s")
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -147,12 +172,44 @@ def test_signals_end_cleanly(project: tuple[Path, Path], sig: signal.Signals) ->
         start = time.monotonic()
         watch.proc.send_signal(sig)
         assert watch.proc.wait(timeout=5) == 0
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 1.0
         watch.expect("watch stopped", timeout=5)
         music = manifest.parent / "music"
         assert not [p for p in music.iterdir() if p.name.endswith(".partial")]
-        for pid in workers:
-            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert workers and not [pid for pid in workers if alive(pid)]
+    finally:
+        watch.stop()
+
+
+def test_a_dying_worker_does_not_end_watching(project: tuple[Path, Path]) -> None:
+    manifest, preset = project
+    asset = manifest.parent / "music" / "theme.ogg"
+    watch = WatchProcess(manifest)
+    try:
+        watch.expect("watching")
+        workers = watch.children()
+        os.kill(workers[0], signal.SIGKILL)  # as the kernel's OOM killer or a crashing library would
+        old = asset.read_bytes()
+        preset.write_text(preset.read_text().replace("volume = 0.9", "volume = 0.5"))
+        watch.expect("worker process died")
+        preset.write_text(preset.read_text().replace("volume = 0.5", "volume = 0.4"))
+        assert "render" in watch.expect("theme:")  # new workers build the next save
+        wait_for_change(asset, old)
+        assert watch.proc.poll() is None
+    finally:
+        watch.stop()
+
+
+def test_workers_end_when_watch_is_killed(project: tuple[Path, Path]) -> None:
+    manifest, _ = project
+    watch = WatchProcess(manifest)
+    try:
+        watch.expect("watching")
+        workers = watch.children()
+        assert workers
+        watch.proc.kill()  # no chance to clean up
+        watch.proc.wait(timeout=10)
+        wait_until(lambda: not [pid for pid in workers if alive(pid)], 5.0, "the build workers did not exit")
     finally:
         watch.stop()
 
