@@ -18,6 +18,7 @@ import base64
 import fcntl
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -298,6 +299,24 @@ def load_track_audio(path: str):
                       intro_bars=meta["intro_bars"]), meta
 
 
+@dataclass(frozen=True)
+class HeadroomJob:
+    audio_path: str
+    formats: tuple[str, ...]
+    true_peak_db: float
+
+
+def headroom_job(job: HeadroomJob) -> dict[str, float]:
+    """The most gain a rendered track takes before a file in `formats` passes the true-peak ceiling, the
+    codec's overshoot included (runs in a worker). Same-gain builds take the smallest of these."""
+    start = time.perf_counter()
+    from .export import fit_ceiling
+
+    track, _ = load_track_audio(job.audio_path)
+    return {"headroom_db": fit_ceiling(track, math.inf, job.true_peak_db, job.formats),
+            "seconds": time.perf_counter() - start}
+
+
 def export_job(job: ExportJob) -> dict[str, Any]:
     """Normalize and write one track's asset files atomically (runs in a worker)."""
     start = time.perf_counter()
@@ -503,7 +522,7 @@ class Builder:
             if t.name not in metas:
                 metas[t.name] = state["tracks"].get(t.name, {}).get("audio_meta") or \
                     load_track_audio(str(self.cache / "audio" / f"{plans[t.name]['render_key']}.npz"))[1]
-        shared_gain = self._shared_gain(state, metas, plans) if self.m.project.same_gain else None
+        shared_gain = self._shared_gain(state, metas, plans, by_name) if self.m.project.same_gain else None
         p = self.m.project
         export_jobs = {}
         for t in ok:
@@ -603,16 +622,31 @@ class Builder:
                      ranking=json.dumps(ranking), scores=json.dumps(scores, default=float))
         os.replace(tmp, gen_path)
 
-    def _shared_gain(self, state: dict, metas: dict[str, dict], plans: dict) -> float:
-        """One gain for the whole soundtrack: the loudest track meets the target, no track passes the ceiling."""
+    def _shared_gain(self, state: dict, metas: dict[str, dict], plans: dict,
+                     reports: dict[str, TrackReport]) -> float:
+        """One gain for the whole soundtrack: the loudest track meets the target, and no track's files pass
+        the true-peak ceiling (each track's headroom is measured through the codec once and kept in its
+        audio meta, per formats and ceiling)."""
         p = self.m.project
-        all_meta = {name: s.get("audio_meta") for name, s in state["tracks"].items() if s.get("audio_meta")}
-        all_meta.update(metas)
-        current = {t.name for t in self.m.tracks}
-        levels = [m for name, m in all_meta.items() if name in current and m]
-        loudest = max(m["loudness_lufs"] for m in levels)
-        headroom = min(p.true_peak_db - m["true_peak_db"] for m in levels)
-        return min(p.loudness_lufs - loudest, headroom)
+        levels: dict[str, dict] = {}
+        paths: dict[str, str] = {}
+        for t in self.m.tracks:
+            meta = metas.get(t.name) or state["tracks"].get(t.name, {}).get("audio_meta")
+            key = (plans.get(t.name) or {}).get("render_key") or state["tracks"].get(t.name, {}).get("render_key")
+            if meta and key:
+                levels[t.name] = metas.setdefault(t.name, meta)
+                paths[t.name] = str(self.cache / "audio" / f"{key}.npz")
+        wanted = {name: (tuple(self.m.formats_for(self.m.track(name))), p.true_peak_db) for name in levels}
+        tags = {name: f"{','.join(fmts)}@{ceiling:g}" for name, (fmts, ceiling) in wanted.items()}
+        jobs = {name: HeadroomJob(paths[name], *wanted[name]) for name, meta in levels.items()
+                if name in reports and tags[name] not in meta.get("headroom_db", {})}
+        for name, result in self._run_stage(headroom_job, jobs, "headroom", reports).items():
+            levels[name].setdefault("headroom_db", {})[tags[name]] = result["headroom_db"]
+        headroom = min((m["headroom_db"][tags[n]] for n, m in levels.items() if tags[n] in m.get("headroom_db", {})),
+                       default=math.inf)
+        loudest = max(m["loudness_lufs"] for m in levels.values())
+        gain = min(p.loudness_lufs - loudest, headroom)
+        return 0.0 if math.isinf(gain) else gain
 
     def _map(self, fn: Callable, jobs: dict[str, Any], what: str) -> Iterator[tuple[str, Any, str | None]]:
         """Run jobs in worker processes with a progress bar; errors come back per track, never raised."""

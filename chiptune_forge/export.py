@@ -116,7 +116,7 @@ def fit_ceiling(track: TrackAudio, gain_db: float, ceiling_db: float = TRUE_PEAK
     exactly the peaks checked here.
     """
     gain = min(gain_db, ceiling_db - true_peak_db(track.audio, track.sample_rate, track.loop_start))
-    if "ogg" not in {f.lower() for f in formats}:
+    if "ogg" not in {f.lower() for f in formats} or math.isinf(gain):  # inf: a silent track
         return gain
     for _ in range(CEILING_TRIES):
         decoded = _vorbis_round_trip(_scaled(track.audio, gain), track.sample_rate)

@@ -151,6 +151,27 @@ def test_lock_reproduces_without_cache(tmp_path: Path) -> None:
         entry["midi_sha256"], "generation is deterministic"
 
 
+def test_same_gain_keeps_levels_and_every_file_under_the_ceiling(tmp_path: Path) -> None:
+    from chiptune_forge.export import true_peak_db
+
+    manifest = project(tmp_path, formats='["ogg", "wav"]', preset="snes_dry")
+    text = manifest.read_text().replace("sample_rate = 32000", "sample_rate = 48000\nsame_gain = true\n"
+                                        "loudness_lufs = -5.0\ntrue_peak_db = -1.0")
+    manifest.write_text(text)  # a target far too loud for the ceiling: the headroom decides the gain
+    report = build(manifest)
+    assert {t.status for t in report.tracks} == {"built"}
+    music = manifest.parent / "music"
+    sidecars = {name: json.loads((music / f"{name}.json").read_text()) for name in ("theme", "given")}
+    assert sidecars["theme"]["gain_db"] == sidecars["given"]["gain_db"]
+    peaks = []
+    for name, sidecar in sidecars.items():
+        for fmt in ("ogg", "wav"):
+            audio, rate = sf.read(str(music / f"{name}.{fmt}"), dtype="float32", always_2d=True)
+            peaks.append(true_peak_db(audio, rate, sidecar["loop_start_frames"]))
+    assert max(peaks) <= -1.0
+    assert max(peaks) > -1.5  # and the loudest file comes close to it
+
+
 def test_check_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = project(tmp_path)
     assert main(["build", str(manifest), "--check"]) == 1
