@@ -167,10 +167,17 @@ class ModelRef:
         self.spec = spec
         self.dir = resolve_model_dir(None if spec == "default" else spec)
         self._model = None
+        self._fingerprint: str | None = None
 
     @property
     def fingerprint(self) -> str:
-        return self.load().model_fingerprint()
+        """sha256 of model.json and weights.npz as files: no need to load the model to know it changed."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for name in ("model.json", "weights.npz"):
+                digest.update(sha256_file(self.dir / name).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def load(self):
         if self._model is None:
@@ -183,12 +190,24 @@ class ModelRef:
 # ---------------------------------------------------------------------------------------- track stages
 
 
-def generation_inputs(track: TrackSpec, model_fp: str, root: Path) -> dict[str, Any]:
+def generation_settings(track: TrackSpec) -> dict[str, Any]:
+    """What the manifest asks of a track's generation: what a locked take stays valid for."""
     primer_midi = sha256_file(track.primer_midi) if track.primer_midi and track.primer_midi.is_file() else None
-    return {"model": model_fp, "bars": track.intro_bars + track.bars, "seed": track.seed,
+    return {"bars": track.intro_bars + track.bars, "seed": track.seed,
             "temperature": track.temperature, "primer_pitches": track.primer_pitches,
             "primer_melody": track.primer_melody, "primer_midi": primer_midi, "candidates": track.candidates,
-            "max_polyphony": MAX_POLYPHONY, "version": BUILD_VERSION}
+            "max_polyphony": MAX_POLYPHONY}
+
+
+def generation_inputs(track: TrackSpec, model_fp: str) -> dict[str, Any]:
+    """Everything a generation depends on: the settings, the model and this version's generator."""
+    return {"model": model_fp, **generation_settings(track), "version": BUILD_VERSION}
+
+
+def lock_inputs(track: TrackSpec) -> dict[str, Any]:
+    """What a lock entry is valid for. Not the model nor the tool's version: a lock pins the music until the
+    track's own settings change or `--regenerate` drops it."""
+    return {"settings": generation_settings(track), "pick": track.pick}
 
 
 def take_inputs(gen_key: str, track: TrackSpec) -> dict[str, Any]:
@@ -402,14 +421,18 @@ class Builder:
             plan["take"] = None
             plan["midi_inputs"] = {"midi_file": sha256_file(track.midi), "transpose": track.transpose}
         else:
-            gen_in = generation_inputs(track, self.model.fingerprint, self.root)
+            gen_in = generation_inputs(track, self.model.fingerprint)
             gen_key = key_of(gen_in)
             plan["gen_inputs"], plan["gen_key"] = gen_in, gen_key
             take_key = key_of(take_inputs(gen_key, track))
-            plan["take_key"] = take_key
+            plan["lock_key"] = key_of(lock_inputs(track))
             locked = lock["tracks"].get(track.name)
-            if locked and locked.get("inputs_sha256") == take_key and track.name not in self.regenerate:
+            if locked and locked.get("inputs_sha256") == plan["lock_key"] and track.name not in self.regenerate:
                 plan["take"] = "lock"
+                take_key = key_of(take_inputs(locked["generation"], track))  # the take as it was made
+                if locked.get("model_sha256") != self.model.fingerprint:
+                    self.log(f"{track.name}: the locked take came from another model; "
+                             f"'--regenerate {track.name}' takes a new one from {self.m.project.model}")
             elif (self.cache / "gen" / f"{gen_key}.npz").is_file() and track.name not in self.regenerate:
                 plan["take"] = "cache"
                 plan["reasons"].append("pick changed" if locked and locked.get("generation") == gen_key
@@ -421,6 +444,7 @@ class Builder:
                 if track.name in self.regenerate:
                     why = ["--regenerate"]
                 plan["reasons"].append("generation: " + ", ".join(why))
+            plan["take_key"] = take_key
             plan["midi_inputs"] = {"take": take_key, "tempo": track.tempo, "transpose": track.transpose}
         plan["midi_key"] = key_of(plan["midi_inputs"])
         render_in = self._render_inputs(track, plan["midi_key"])
@@ -573,11 +597,14 @@ class Builder:
         else:
             events, index = self._take(track, plan, lock, rep)
             data = midi_from_events(events, track)
-            lock["tracks"][track.name] = {
-                "candidate": index, "generation": plan["gen_key"], "inputs_sha256": plan["take_key"],
-                "model_sha256": self.model.fingerprint, "midi_sha256": sha256_bytes(data),
-                "tempo": track.tempo, "transpose": track.transpose,
-                "events": base64.b64encode(events.astype("<i2").tobytes()).decode()}
+            played = {"midi_sha256": sha256_bytes(data), "tempo": track.tempo, "transpose": track.transpose}
+            if plan["take"] == "lock":  # the take and where it came from stay as locked
+                lock["tracks"][track.name] |= played
+            else:
+                lock["tracks"][track.name] = {
+                    "candidate": index, "generation": plan["gen_key"], "inputs_sha256": plan["lock_key"],
+                    "model_sha256": self.model.fingerprint, **played,
+                    "events": base64.b64encode(events.astype("<i2").tobytes()).decode()}
         if not midi_path.is_file() or midi_path.read_bytes() != data:
             write_atomic(midi_path, data)
         for old in (self.cache / "midi").glob(f"{track.name}-*.mid"):

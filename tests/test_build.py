@@ -172,6 +172,34 @@ def test_same_gain_keeps_levels_and_every_file_under_the_ceiling(tmp_path: Path)
     assert max(peaks) > -1.5  # and the loudest file comes close to it
 
 
+def test_the_lock_pins_takes_across_model_changes_and_preset_edits_never_load_the_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import chiptune_forge.lstm
+
+    manifest = project(tmp_path)
+    build(manifest)
+    lock_path = manifest.parent / LOCK_NAME
+    locked = json.loads(lock_path.read_text())["tracks"]["theme"]
+    loads: list[object] = []
+    real_load = chiptune_forge.lstm.load_model
+    monkeypatch.setattr(chiptune_forge.lstm, "load_model", lambda *a: loads.append(a) or real_load(*a))
+
+    project(tmp_path, preset="snes_dry")
+    assert statuses(build(manifest))["theme"] == ("built", ("render", "export"))
+    assert loads == [], "a preset change re-renders without loading the model"
+
+    tiny_model(manifest.parent / "model", seed=7)  # new weights
+    said: list[str] = []
+    report = build(manifest, log=said.append)
+    assert statuses(report)["theme"] == ("skipped", ()) and loads == []
+    assert any("locked take came from another model" in line for line in said)
+    assert json.loads(lock_path.read_text())["tracks"]["theme"] == locked
+
+    report = build(manifest, regenerate=["theme"])
+    assert statuses(report)["theme"][1][0] == "generate" and len(loads) == 1
+    assert json.loads(lock_path.read_text())["tracks"]["theme"]["model_sha256"] != locked["model_sha256"]
+
+
 def test_check_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = project(tmp_path)
     assert main(["build", str(manifest), "--check"]) == 1
