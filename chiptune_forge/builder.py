@@ -238,10 +238,9 @@ def midi_from_file(track: TrackSpec) -> bytes:
 
     from .midi import Piece, build_midifile, read_midi
 
-    data = track.midi.read_bytes()
+    piece = read_midi(track.midi)  # a broken file is reported under its own name, not the cache copy's
     if not track.transpose:
-        return data
-    piece = read_midi(track.midi)
+        return track.midi.read_bytes()
     notes = []
     for n in piece.notes:
         pitch = n.pitch if n.is_drum else n.pitch + track.transpose
@@ -764,9 +763,4 @@ def build(manifest: str | Path = "chiptune.toml", *, only: list[str] | None = No
     """Build a soundtrack from its manifest (the Python API of `chiptune-forge build`)."""
     builder = Builder(load_manifest(manifest), only=only, force=force, regenerate=regenerate, check=check,
                       show_progress=show_progress, log=log)
-    if regenerate and not check:
-        lock_data = builder._lock()
-        for name in regenerate:
-            lock_data["tracks"].pop(name, None)
-        write_json(builder.lock_path, lock_data)
     return builder.run()

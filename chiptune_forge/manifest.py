@@ -193,10 +193,17 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
     formats = _check_formats(project_values.get("formats", ["ogg"]), lambda: lines.of("project", 0, "formats"),
                              "[project] ", problem)
     model = project_values.get("model", "default")
-    if check_files and model != "default":
+    if check_files and isinstance(model, str):
+        from .lstm import resolve_model_dir
+
         model_path = (root / model).expanduser()
-        if not model_path.exists():
+        if model != "default" and not model_path.exists():
             problem(lines.of("project", 0, "model"), "[project] ", f"model: {model!r} not found ({model_path})")
+        else:
+            try:
+                resolve_model_dir(None if model == "default" else model_path)
+            except ChiptuneError as exc:
+                problem(lines.of("project", 0, "model"), "[project] ", f"model: {exc}")
     preset = project_values.get("preset", "snes")
     if check_files:
         _check_preset(preset, root, lambda: lines.of("project", 0, "preset"), "[project] ", problem)
@@ -211,6 +218,9 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
         split=bool(project_values.get("split", False)))
     if settings.true_peak_db > 0:
         problem(lines.of("project", 0, "true_peak_db"), "[project] ", "true_peak_db: must be 0 or below")
+    if not -70.0 <= settings.loudness_lufs < 0.0:
+        problem(lines.of("project", 0, "loudness_lufs"), "[project] ",
+                f"loudness_lufs: {settings.loudness_lufs:g} is out of range (use -70 to 0, e.g. -16)")
 
     raw_tracks = data.get("track", [])
     if not isinstance(raw_tracks, list) or not raw_tracks:

@@ -220,7 +220,7 @@ def read_midi(path: str | Path) -> Piece:
     try:
         mid = mido.MidiFile(file=io.BytesIO(data), clip=True)
     except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise MidiError(path, f"broken MIDI data ({type(exc).__name__}: {exc or 'truncated'})") from None
+        raise MidiError(path, f"broken MIDI data ({type(exc).__name__}: {str(exc) or 'truncated'})") from None
     if mid.type == 2:
         raise MidiError(path, "MIDI format 2 (independent sequences) is not supported")
     return _piece_from_midifile(mid, path)

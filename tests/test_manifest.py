@@ -125,3 +125,13 @@ def test_init_writes_starter_and_refuses_to_overwrite(tmp_path: Path, capsys: py
     assert (tmp_path / "chiptune.toml").read_text() == STARTER
     assert main(["init", str(tmp_path)]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_model_folder_without_a_model_and_a_loudness_out_of_range(tmp_path: Path) -> None:
+    (tmp_path / "empty_model").mkdir()
+    path = write(tmp_path, '[project]\nmodel = "empty_model"\nloudness_lufs = 5\n\n[[track]]\nname = "a"\n')
+    problems = problems_of(path)
+    assert len(problems) == 2
+    assert ":2: [project] model:" in problems[0] and "not a model folder" in problems[0]
+    assert ":3: [project] loudness_lufs: 5 is out of range" in problems[1]
+    assert not (tmp_path / ".chiptune").exists(), "nothing is written"
