@@ -151,10 +151,16 @@ class GeneratedPiece:
         return piece_from_quantized(self.quantized)
 
 
+NETWORK_HPARAMS = ("rnn_layer_sizes",)
+"""The hparams that shape the network. The others (batch_size, dropout_keep_prob, clip_norm,
+learning_rate) only steer training, and Magenta's generator overrides them too."""
+
+
 def check_hparams(model: LstmModel, text: str) -> None:
-    """Magenta passes --hparams at generation too: every value given must be the one the model was trained with."""
+    """Magenta passes --hparams at generation too: they must parse, and those that shape the network must
+    be the model's; training-only values are accepted and have no effect."""
     given, names = parse_hparams(text, base=model.hparams)
-    wrong = differences(model.hparams, given, names)
+    wrong = differences(model.hparams, given, [n for n in names if n in NETWORK_HPARAMS])
     if wrong:
         raise ChiptuneError(f"--hparams disagree with the model's ({'; '.join(wrong)})")
 

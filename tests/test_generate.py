@@ -366,8 +366,18 @@ def test_classic_magenta_command(model_dir: Path, tmp_path: Path, capsys: pytest
     assert sorted(o["rank"] for o in result["outputs"]) == [1, 2, 3]
 
 
+def test_the_classic_command_runs_against_the_shipped_model(tmp_path: Path) -> None:
+    """Training-only hparams (the default model trained at batch 32) do not stop a generation."""
+    out = tmp_path / "gen"
+    assert main(["generate", "--model=default", '--hparams=batch_size=64,rnn_layer_sizes=[128,128,128]',
+                 f"--output_dir={out}", "--num_outputs=2", "--num_steps=16", "--primer_melody=[60]"]) == 0
+    assert len(list(out.glob("*.mid"))) == 2
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--hparams=rnn_layer_sizes=[128,128,128]"], "rnn_layer_sizes: given (128, 128, 128), the run has (24, 24)"),
+    (["--hparams=batch_size=many"], "batch_size"),
+    (["--hparams=batch_sise=64"], "batch_sise"),
     (["--primer-pitches=[60,130]"], "130 is not a MIDI pitch"),
     (["--primer-melody=[60,-2,-2,-2]", "--num-steps=3"], "num-steps (3) is shorter than the primer (4 steps)"),
     (["--beam-size=0"], "beam-size must be a whole number of at least 1"),
