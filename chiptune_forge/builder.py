@@ -39,8 +39,9 @@ from .manifest import Manifest, TrackSpec, load_manifest
 CACHE_DIR = ".chiptune"
 LOCK_NAME = "chiptune.lock"
 LOCK_VERSION = 1
-BUILD_VERSION = 2
-"""Part of every cache key: raised when a stage computes something different (2: sparseness in the ranking)."""
+BUILD_VERSION = 3
+"""Part of every cache key: raised when a stage computes something different (2: sparseness in the ranking;
+3: per-output seeds from SeedSequence)."""
 MAX_POLYPHONY = 8
 STEPS_PER_BAR = 16
 

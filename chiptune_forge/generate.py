@@ -24,9 +24,10 @@ Primer semantics (Magenta's flags):
     steps 0..P-1, so injection changes nothing; without a primer there is nothing to inject; with both off
     a given primer would be ignored, which is an error.
 
-Randomness: output i uses seed `request.seed + i`, and its uniforms are a counter-based hash of that seed
-and the event position (and, in beam search, the branch slot). An output is therefore the same whatever
-else is generated with it, and output i of seed K equals output 0 of seed K + i.
+Randomness: output i uses its own seed, drawn from numpy's SeedSequence of (request.seed, i), and its
+uniforms are a counter-based hash of that seed and the event position (and, in beam search, the branch
+slot). An output is therefore the same whatever else is generated with it, and neighbouring seeds share
+no outputs (two tracks seeded 1 and 2 never get the same candidates).
 
 Beam search (Magenta's beam_size / branch_factor / steps_per_iteration): each output keeps `beam_size`
 candidates; every iteration each unfinished candidate is copied `branch_factor` times, every copy samples
@@ -308,6 +309,12 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def output_seed(seed: int, index: int) -> int:
+    """Output `index`'s own seed (63 bits, so JSON and every int64 reader keep it exact)."""
+    state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1
+
+
 def _keys(seeds: np.ndarray) -> np.ndarray:
     return _mix(_mix(seeds ^ _GOLDEN))
 
@@ -549,8 +556,8 @@ def generate(model: LstmModel, request: GenerationRequest) -> list[GeneratedPiec
         inject_pos=np.zeros(n, dtype=np.int64), score=np.zeros(n), loglik=np.full(n, prefix_loglik),
         kept=np.zeros(n), choices=np.zeros(n, dtype=np.int64), noise=np.zeros((n, noise_block)),
         noise_from=np.full(n, -noise_block))
-    seeds = [request.seed + i for i in range(n)]
-    plan = _Plan(keys=_keys(np.array([s % 2**64 for s in seeds], dtype=np.uint64)),
+    seeds = [output_seed(request.seed, i) for i in range(n)]
+    plan = _Plan(keys=_keys(np.array(seeds, dtype=np.uint64)),
                  stride=request.beam_size * request.branch_factor, noise_block=noise_block,
                  temperature=float(request.temperature), max_polyphony=request.max_polyphony,
                  total_steps=total_steps, inject=inject, inject_count=inject_count,
