@@ -74,6 +74,9 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
                    help="drop parts shorter than this many steps (default 80)")
     p.add_argument(*option("max-steps"), dest="max_steps", type=int, default=512,
                    help="cut longer parts into bar-aligned windows of at most this many steps (default 512)")
+    p.add_argument(*option("tempo-tolerance"), dest="tempo_tolerance", type=float, default=0.1, metavar="FRACTION",
+                   help="split a piece where its tempo moves more than this fraction from the part's opening "
+                        "tempo (default 0.1, so a ritardando stays one part; 0 splits at every tempo change)")
     p.set_defaults(func=_run_dataset)
 
 
@@ -81,7 +84,8 @@ def _run_dataset(args: argparse.Namespace) -> int:
     from .dataset import DatasetOptions, build_dataset
 
     options = DatasetOptions(eval_ratio=args.eval_ratio, seed=args.seed, transpose=args.transpose,
-                             min_steps=args.min_steps, max_steps=args.max_steps, recursive=args.recursive)
+                             min_steps=args.min_steps, max_steps=args.max_steps, recursive=args.recursive,
+                             tempo_tolerance=args.tempo_tolerance)
     summary = build_dataset(args.input_dir, args.output_dir, options)
     steps = summary["note_steps"]
     train, evals = summary["splits"]["train"], summary["splits"]["eval"]

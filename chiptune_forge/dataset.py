@@ -26,6 +26,8 @@ from .progress import progress
 MIDI_SUFFIXES = {".mid", ".midi", ".smf", ".kar"}
 SHARD_SEQUENCES = 4096
 SPLITS = ("train", "eval")
+TEMPO_TOLERANCE = 0.1
+"""Tempo changes within 10% of a part's opening tempo do not split it (see split_and_quantize)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class DatasetOptions:
     min_steps: int = 80
     max_steps: int = 512
     recursive: bool = False
+    tempo_tolerance: float = TEMPO_TOLERANCE
 
     def validate(self) -> None:
         if not 0.0 <= self.eval_ratio < 1.0:
@@ -43,6 +46,8 @@ class DatasetOptions:
         lo, hi = self.transpose
         if lo > hi:
             raise ChiptuneError(f"--transpose range {lo},{hi} is empty (first must be <= second)")
+        if not 0.0 <= self.tempo_tolerance < 1.0:
+            raise ChiptuneError(f"--tempo-tolerance must be in [0, 1), got {self.tempo_tolerance}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ChiptuneError(f"--min-steps ({self.min_steps}) must be between 1 and --max-steps ({self.max_steps})")
 
@@ -109,12 +114,17 @@ def bar_windows(part: QuantizedPiece, min_steps: int, max_steps: int) -> list[tu
     return windows
 
 
-def process_file(path: Path, display: str, min_steps: int, max_steps: int) -> FileResult:
-    """Read, split, quantize and window one file; errors become a reason, never an exception."""
+def process_file(path: Path, display: str, min_steps: int, max_steps: int,
+                 tempo_tolerance: float = TEMPO_TOLERANCE) -> FileResult:
+    """Read, split, quantize and window one file; errors become a reason, never an exception.
+
+    `reference_note_steps` is what the reference's rule keeps: a split at every tempo change, and parts
+    outside min_steps..max_steps dropped whole."""
     result = FileResult(display)
     try:
         piece = read_midi(path)
-        parts = split_and_quantize(piece)
+        parts = split_and_quantize(piece, tempo_tolerance=tempo_tolerance)
+        strict = split_and_quantize(piece) if tempo_tolerance else parts
     except MidiError as exc:
         result.error = exc.reason
         return result
@@ -124,11 +134,9 @@ def process_file(path: Path, display: str, min_steps: int, max_steps: int) -> Fi
     if not parts:
         result.error = "no pitched notes"
         return result
+    result.reference_note_steps = sum(p.note_steps for p in strict if min_steps <= p.num_steps <= max_steps)
     for part in parts:
-        steps = part.note_steps
-        result.note_steps += steps
-        if min_steps <= part.num_steps <= max_steps:
-            result.reference_note_steps += steps
+        result.note_steps += part.note_steps
         covered = np.zeros(part.num_steps, dtype=bool)
         for first, last in bar_windows(part, min_steps, max_steps):
             win = part.window(first, last)
@@ -147,11 +155,11 @@ def process_file(path: Path, display: str, min_steps: int, max_steps: int) -> Fi
     return result
 
 
-def _process(args: tuple[Path, str, int, int]) -> FileResult:
+def _process(args: tuple[Path, str, int, int, float]) -> FileResult:
     return process_file(*args)
 
 
-def _results(jobs: list[tuple[Path, str, int, int]], workers: int) -> Iterator[FileResult]:
+def _results(jobs: list[tuple[Path, str, int, int, float]], workers: int) -> Iterator[FileResult]:
     if workers <= 1 or len(jobs) < 8:
         yield from map(_process, jobs)
         return
@@ -206,7 +214,8 @@ def build_dataset(input_dir: str | Path, output_dir: str | Path, options: Datase
         old.unlink()
     train_files, eval_files = split_files(files, options.eval_ratio, options.seed)
     split_of = {f: "eval" for f in eval_files} | {f: "train" for f in train_files}
-    jobs = [(f, f.relative_to(input_dir).as_posix(), options.min_steps, options.max_steps) for f in files]
+    jobs = [(f, f.relative_to(input_dir).as_posix(), options.min_steps, options.max_steps, options.tempo_tolerance)
+            for f in files]
     writers = {s: ShardWriter(output_dir, s) for s in SPLITS}
     stats = {s: {"files": 0, "pieces": 0, "windows": 0} for s in SPLITS}
     skipped: list[dict[str, str]] = []
@@ -215,12 +224,12 @@ def build_dataset(input_dir: str | Path, output_dir: str | Path, options: Datase
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     for f, res in zip(files, progress(_results(jobs, workers), total=len(jobs), desc="dataset", unit="file",
                                       disable=not show_progress), strict=True):
+        note_steps += res.note_steps  # a file skipped for being too short still counts as music lost
         if res.error and not res.windows:
             print(f"skipped {res.name}: {res.error}", file=sys.stderr)
             skipped.append({"file": res.name, "reason": res.error})
             continue
         split = split_of[f]
-        note_steps += res.note_steps
         kept += res.kept_note_steps
         reference += res.reference_note_steps
         stats[split]["files"] += 1
@@ -245,7 +254,7 @@ def build_dataset(input_dir: str | Path, output_dir: str | Path, options: Datase
         "input_dir": str(input_dir),
         "options": {"eval_ratio": options.eval_ratio, "seed": options.seed, "transpose": list(options.transpose),
                     "min_steps": options.min_steps, "max_steps": options.max_steps,
-                    "recursive": options.recursive},
+                    "recursive": options.recursive, "tempo_tolerance": options.tempo_tolerance},
         "files_read": len(files),
         "files_used": usable,
         "files_skipped": skipped,

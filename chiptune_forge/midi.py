@@ -424,15 +424,22 @@ def quantize_beats(beats: np.ndarray) -> np.ndarray:
     return np.floor(np.asarray(beats) * STEPS_PER_QUARTER + 0.5).astype(np.int64)
 
 
-def split_and_quantize(piece: Piece, include_drums: bool = False) -> list[QuantizedPiece]:
-    """Split the piece where the tempo or the time signature changes and quantize each part.
+def split_and_quantize(piece: Piece, include_drums: bool = False, tempo_tolerance: float = 0.0
+                       ) -> list[QuantizedPiece]:
+    """Split the piece where the time signature changes or the tempo changes, and quantize each part.
 
+    A tempo change splits only when it moves more than `tempo_tolerance` (a fraction) away from the tempo
+    the current part started with: with 0 (the reference's rule) every change splits; with 0.1 a gradual
+    ritardando or accelerando inside a phrase stays one part, as it should, for the grid is in beats.
     Notes belong to the part they start in and are cut at its end. Parts are quantized in beats, so the
     grid follows the music whatever the tempo; each part carries its own qpm and time signature.
     """
     bounds: dict[float, None] = {0.0: None}
+    part_qpm = piece.tempos[0].qpm
     for t in piece.tempos:
-        bounds[t.beat] = None
+        if abs(t.qpm / part_qpm - 1.0) > tempo_tolerance:
+            bounds[t.beat] = None
+            part_qpm = t.qpm
     for s in piece.time_signatures:
         bounds[s.beat] = None
     edges = sorted(bounds)

@@ -134,6 +134,16 @@ def test_split_on_tempo_and_time_signature(tmp_path: Path) -> None:
     assert parts[2].start.tolist() == list(range(0, 48, 4))
 
 
+def test_a_gradual_ritardando_stays_one_part_within_the_tempo_tolerance(tmp_path: Path) -> None:
+    notes = [(60, s, s + 2) for s in range(0, 128, 4)]
+    ramp = [tempo(step * 120, qpm) for step, qpm in ((0, 120), (32, 116), (40, 113), (48, 110), (64, 120))]
+    path = write_song(tmp_path / "rit.mid", [[*ramp, tempo(96 * 120, 90)], notes_track(notes)])
+    piece = read_midi(path)
+    assert [p.num_steps for p in split_and_quantize(piece, tempo_tolerance=0.1)] == [96, 30]  # only 120 -> 90
+    assert [round(p.qpm) for p in split_and_quantize(piece, tempo_tolerance=0.1)] == [120, 90]
+    assert len(split_and_quantize(piece)) == 6  # the reference rule: a part at every tempo change
+
+
 def test_quantize_rounds_to_nearest_step_and_stretches_zero_length(tmp_path: Path) -> None:
     # Ticks: 120 per step. Start at 170 ticks (1.42 steps -> 1), end at 190 (1.58 -> 2); 300..310 -> 3..3 -> 3..4.
     path = write_song(tmp_path / "q.mid", [[tempo(0, 120)], [(170, on(60)), (190, off(60)), (300, on(62)),
