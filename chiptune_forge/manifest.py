@@ -50,7 +50,7 @@ class TrackSpec:
 
     name: str
     line: int
-    bars: int = 8
+    bars: int | None = 8  # None: a `midi` track's body runs to the piece's last bar line
     intro_bars: int = 0
     tempo: float = 120.0
     transpose: int = 0
@@ -297,7 +297,8 @@ def _validate_track(raw: dict[str, Any], index: int, root: Path, lines: _Lines, 
     if "formats" in values:
         formats = _check_formats(values["formats"], lambda: at("formats"), label, problem)
     return TrackSpec(
-        name=name, line=line, bars=int(values.get("bars", 8)), intro_bars=int(values.get("intro_bars", 0)),
+        name=name, line=line, bars=int(values["bars"]) if "bars" in values else (None if midi else 8),
+        intro_bars=int(values.get("intro_bars", 0)),
         tempo=float(values.get("tempo", 120.0)), transpose=int(values.get("transpose", 0)),
         seed=int(values.get("seed", 0)), temperature=float(values.get("temperature", 1.0)),
         primer_pitches=tuple(values["primer_pitches"]) if "primer_pitches" in values else None,

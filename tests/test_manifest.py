@@ -135,3 +135,12 @@ def test_a_model_folder_without_a_model_and_a_loudness_out_of_range(tmp_path: Pa
     assert ":2: [project] model:" in problems[0] and "not a model folder" in problems[0]
     assert ":3: [project] loudness_lufs: 5 is out of range" in problems[1]
     assert not (tmp_path / ".chiptune").exists(), "nothing is written"
+
+
+def test_a_midi_tracks_body_runs_to_its_last_bar_line_unless_bars_is_given(tmp_path: Path) -> None:
+    from midi_factory import simple_song
+
+    simple_song(tmp_path / "song.mid", bars=3)
+    path = write(tmp_path, '[[track]]\nname = "given"\nmidi = "song.mid"\n\n[[track]]\nname = "made"\n'
+                           '\n[[track]]\nname = "cut"\nmidi = "song.mid"\nbars = 2\n')
+    assert [t.bars for t in load_manifest(path).tracks] == [None, 8, 2]
