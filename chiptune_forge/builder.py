@@ -150,10 +150,18 @@ def build_lock(cache: Path) -> Iterator[None]:
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
+        global _held_lock_fd
+        _held_lock_fd = fh.fileno()
         try:
             yield
         finally:
+            _held_lock_fd = None
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_held_lock_fd: int | None = None
+"""The build lock's descriptor while this process holds it: forked workers close their copy, or a build
+killed outright would stay 'running' until its last worker exited."""
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -736,6 +744,8 @@ def worker_init(parent: int) -> None:
     get SIGTERM when the parent dies without cleaning up (killed with SIGKILL), so none is left behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if _held_lock_fd is not None:
+        os.close(_held_lock_fd)
     if sys.platform.startswith("linux"):
         import ctypes
 

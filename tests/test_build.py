@@ -254,25 +254,43 @@ def test_failed_export_keeps_previous_assets(tmp_path: Path, monkeypatch: pytest
     assert {p.name: p.read_bytes() for p in music.iterdir()} == before
 
 
-def test_killed_build_leaves_only_complete_files(tmp_path: Path) -> None:
-    manifest = project(tmp_path)
-    build(manifest)
-    music = manifest.parent / "music"
-    project(tmp_path, preset="snes_dungeon", seed=5)
+def _build_killed_when(manifest: Path, moment) -> bool:
+    """Run a build in a subprocess and SIGKILL its whole process group as soon as `moment()` is true;
+    whether that moment came before the build ended."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "chiptune_forge", "build", str(manifest)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None and not list((manifest.parent / CACHE_DIR).glob("gen/*")):
-        time.sleep(0.02)
+    deadline = time.monotonic() + 60
+    caught = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if moment():
+            caught = True
+            break
+        time.sleep(0.0005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
-    for asset in music.iterdir():
-        if asset.suffix in (".ogg", ".wav"):
-            assert len(decoded(asset)) > 0, asset
+    return caught
+
+
+@pytest.mark.parametrize("moment", ["generating", "writing assets"])
+def test_killed_build_leaves_only_complete_files(tmp_path: Path, moment: str) -> None:
+    manifest = project(tmp_path, formats='["ogg", "wav"]')
+    build(manifest)
+    music = manifest.parent / "music"
+    before = {p.name: p.read_bytes() for p in music.iterdir()}
+    project(tmp_path, formats='["ogg", "wav"]', preset="snes_dungeon", seed=5)
+    if moment == "generating":
+        caught = _build_killed_when(manifest, lambda: any((manifest.parent / CACHE_DIR / "gen").glob("*")))
+    else:
+        caught = _build_killed_when(manifest, lambda: any(n.endswith(".partial") for n in os.listdir(music)))
+    assert caught, f"the build ended before {moment}"
+    after = {p.name: p.read_bytes() for p in music.iterdir() if not p.name.endswith(".partial")}
     report = build(manifest)
     assert {t.status for t in report.tracks} <= {"built", "skipped"}
-    assert not [p for p in music.iterdir() if p.name.endswith(".partial")]
+    assert not [p for p in music.iterdir() if p.name.endswith(".partial")], "the next build cleans up"
+    final = {p.name: p.read_bytes() for p in music.iterdir()}
+    for name, data in after.items():  # every asset is the previous good file or the finished new one
+        assert data in (before.get(name), final.get(name)), name
     assert build(manifest).changed == []
 
 
