@@ -99,6 +99,7 @@ def main() -> int:
           f"(min {min(latencies):.3f}, max {max(latencies):.3f}); target <= {TARGET} s")
     print(f"same edit + separate 'chiptune-forge build' process: median {build_median:.3f} s")
     print(f"ratio watch / build: {watch_median / build_median:.2f}")
+    print(f"target <= {TARGET} s: {'met' if watch_median <= TARGET else 'NOT met'}")
     return 0
 
 
