@@ -38,8 +38,10 @@ except pygame.error as exc:
 pygame.mixer.music.load(path)
 pygame.mixer.music.set_volume(1.0)  # SDL_mixer's default is 127/128 in pygame
 pygame.mixer.music.play(loops=-1)
+# The disk driver runs ahead of real time: what it wrote before play() is silence, so count from here.
+start = os.path.getsize(capture)
 deadline = time.monotonic() + 60
-while os.path.getsize(capture) < frames * 4:
+while os.path.getsize(capture) < start + frames * 4:
     if time.monotonic() > deadline or not pygame.mixer.music.get_busy():
         sys.exit("playback stopped before enough audio was captured")
     time.sleep(0.002)
