@@ -8,6 +8,7 @@ Heavy modules are imported inside each command so that `--help` and the cheap co
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,7 +70,7 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
     add_flag(p, "recursive", False, "also read MIDI files in subfolders")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/eval split (default 0)")
     p.add_argument("--transpose", type=parse_int_range, default=(-4, 4), metavar="LO,HI",
-                   help="transpositions of the training split, in semitones (default -4,4; write --transpose=-4,4)")
+                   help="transpositions of the training split, in semitones (default -4,4)")
     p.add_argument(*option("min-steps"), dest="min_steps", type=int, default=80,
                    help="drop parts shorter than this many steps (default 80)")
     p.add_argument(*option("max-steps"), dest="max_steps", type=int, default=512,
@@ -522,9 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_ranges(argv: Sequence[str]) -> list[str]:
+    """`--transpose -4,4` as `--transpose=-4,4`: argparse would take "-4,4" for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--transpose" and re.fullmatch(r"-\d+[,:]-?\d+", arg):
+            out[-1] = f"--transpose={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_ranges(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -129,7 +129,9 @@ def test_cli_with_magenta_spellings(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert summary["files_read"] == 5
     assert summary["options"]["recursive"] is True
     assert "kept 100.0%" in capsys.readouterr().out
-    assert main(["dataset", "--input-dir", str(root), "--output-dir", str(tmp_path / "o2"), "--no-recursive"]) == 0
+    assert main(["dataset", "--input-dir", str(root), "--output-dir", str(tmp_path / "o2"), "--no-recursive",
+                 "--transpose", "-2,1"]) == 0
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["options"]["transpose"] == [-2, 1]
     assert json.loads((tmp_path / "o2" / "summary.json").read_text())["files_read"] == 4
 
 
