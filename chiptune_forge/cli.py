@@ -28,14 +28,36 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+_FLAG_NEGATIVES: dict[str, str] = {}
+"""Each boolean flag's spellings -> its --no- form, so `--name=false` can be read as `--no-name`."""
+
+
 def add_flag(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
-    """A boolean flag as `--name`, `--name=true|false` and `--no-name` (dash and underscore spellings)."""
+    """A boolean flag as `--name`, `--name=true|false` and `--no-name` (dash and underscore spellings).
+
+    `--name` takes no value of its own (so `build --check folder` keeps `folder` as the manifest);
+    `--name=VALUE` is rewritten before parsing (see _expand_flag_values)."""
     dest = name.replace("-", "_")
     spellings = [f"--{name}"] + ([f"--{dest}"] if dest != name else [])
     negatives = [f"--no-{name}"] + ([f"--no_{dest}", f"--no{dest}"] if dest != name else [f"--no{dest}"])
-    parser.add_argument(*spellings, dest=dest, nargs="?", const=True, default=default, type=parse_bool,
-                        metavar="true|false", help=f"{help} (default: {str(default).lower()})")
+    parser.add_argument(*spellings, dest=dest, action="store_true", default=default,
+                        help=f"{help}; also --{name}=true|false, --no-{name} (default: {str(default).lower()})")
     parser.add_argument(*negatives, dest=dest, action="store_false", help=argparse.SUPPRESS)
+    _FLAG_NEGATIVES.update(dict.fromkeys(spellings, negatives[0]))
+
+
+def _expand_flag_values(argv: Sequence[str]) -> list[str]:
+    """`--flag=true` -> `--flag`, `--flag=false` -> `--no-flag` (Magenta's boolean spellings)."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if eq and name in _FLAG_NEGATIVES:
+            try:
+                arg = name if parse_bool(value) else _FLAG_NEGATIVES[name]
+            except argparse.ArgumentTypeError:
+                raise ChiptuneError(f"{name}: expected true or false, got {value!r}") from None
+        out.append(arg)
+    return out
 
 
 def option(name: str) -> list[str]:
@@ -534,9 +556,17 @@ def _join_negative_ranges(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """argparse, after the spellings it cannot take itself: `--flag=false`, `--transpose -4,4`."""
+    try:
+        return parser.parse_args(_expand_flag_values(_join_negative_ranges(argv)))
+    except ChiptuneError as exc:
+        parser.error(str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_join_negative_ranges(sys.argv[1:] if argv is None else argv))
+    args = parse_args(parser, sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from chiptune_forge.cli import add_flag, build_parser, main, option, parse_int_range
+from chiptune_forge.cli import add_flag, build_parser, main, option, parse_args, parse_int_range
 
 
 def flag_parser() -> argparse.ArgumentParser:
@@ -28,13 +28,20 @@ def flag_parser() -> argparse.ArgumentParser:
     (["--condition-on-primer=yes"], True, False),
 ])
 def test_boolean_spellings(argv: list[str], condition: bool, recursive: bool) -> None:
-    args = flag_parser().parse_args(argv)
+    args = parse_args(flag_parser(), argv)
     assert (args.condition_on_primer, args.recursive) == (condition, recursive)
+
+
+def test_a_flag_never_takes_the_next_word_as_its_value() -> None:
+    p = flag_parser()
+    p.add_argument("folder")
+    args = parse_args(p, ["--recursive", "songs"])
+    assert (args.recursive, args.folder) == (True, "songs")
 
 
 def test_bad_boolean_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        flag_parser().parse_args(["--recursive=maybe"])
+        parse_args(flag_parser(), ["--recursive=maybe"])
     assert info.value.code == 2
     assert "expected true or false" in capsys.readouterr().err
 
