@@ -184,7 +184,10 @@ class ModelRef:
         if self._fingerprint is None:
             digest = hashlib.sha256()
             for name in ("model.json", "weights.npz"):
-                digest.update(sha256_file(self.dir / name).encode())
+                try:
+                    digest.update(sha256_file(self.dir / name).encode())
+                except OSError as exc:
+                    raise ChiptuneError(f"{self.dir / name}: cannot read the model ({exc.strerror or exc})") from None
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -504,8 +507,8 @@ class Builder:
             status = ("outdated" if self.check else "pending") if todo else "skipped"
             report.tracks.append(TrackReport(track.name, status, reasons=list(plan["reasons"]),
                                              files=list(state["tracks"].get(track.name, {}).get("files", []))))
-        if self.m.project.same_gain and any(p["render"] for p in plans.values()):
-            # One shared gain: a re-rendered track can change every track's gain.
+        if self.m.project.same_gain and any(p["render"] or p["export"] for p in plans.values()):
+            # One shared gain: new audio or another track's formats (its codec headroom) can change it.
             for t in report.tracks:
                 if t.status == "skipped":
                     t.status = "outdated" if self.check else "pending"
@@ -666,11 +669,18 @@ class Builder:
         levels: dict[str, dict] = {}
         paths: dict[str, str] = {}
         for t in self.m.tracks:
-            meta = metas.get(t.name) or state["tracks"].get(t.name, {}).get("audio_meta")
-            key = (plans.get(t.name) or {}).get("render_key") or state["tracks"].get(t.name, {}).get("render_key")
+            if t.name in metas:  # rendered now, or about to be exported from the audio cache
+                meta, key = metas[t.name], plans[t.name]["render_key"]
+            elif t.name in reports and reports[t.name].status == "failed":
+                continue  # its audio is not what the state remembers any more
+            else:  # not in this build (--only): as last built
+                old = state["tracks"].get(t.name, {})
+                meta, key = old.get("audio_meta"), old.get("render_key")
             if meta and key:
                 levels[t.name] = metas.setdefault(t.name, meta)
                 paths[t.name] = str(self.cache / "audio" / f"{key}.npz")
+        if not levels:
+            return 0.0
         wanted = {name: (tuple(self.m.formats_for(self.m.track(name))), p.true_peak_db) for name in levels}
         tags = {name: f"{','.join(fmts)}@{ceiling:g}" for name, (fmts, ceiling) in wanted.items()}
         jobs = {name: HeadroomJob(paths[name], *wanted[name]) for name, meta in levels.items()

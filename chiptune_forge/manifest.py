@@ -194,14 +194,16 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
                              "[project] ", problem)
     model = project_values.get("model", "default")
     if check_files and isinstance(model, str):
-        from .lstm import resolve_model_dir
+        from .lstm import WEIGHTS_NPZ, resolve_model_dir
 
         model_path = (root / model).expanduser()
         if model != "default" and not model_path.exists():
             problem(lines.of("project", 0, "model"), "[project] ", f"model: {model!r} not found ({model_path})")
         else:
             try:
-                resolve_model_dir(None if model == "default" else model_path)
+                folder = resolve_model_dir(None if model == "default" else model_path)
+                if not (folder / WEIGHTS_NPZ).is_file():
+                    raise ChiptuneError(f"{folder} has no {WEIGHTS_NPZ} (the model has no weights)")
             except ChiptuneError as exc:
                 problem(lines.of("project", 0, "model"), "[project] ", f"model: {exc}")
     preset = project_values.get("preset", "snes")

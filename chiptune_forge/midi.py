@@ -436,12 +436,13 @@ def split_and_quantize(piece: Piece, include_drums: bool = False, tempo_toleranc
     """
     bounds: dict[float, None] = {0.0: None}
     part_qpm = piece.tempos[0].qpm
-    for t in piece.tempos:
-        if abs(t.qpm / part_qpm - 1.0) > tempo_tolerance:
-            bounds[t.beat] = None
-            part_qpm = t.qpm
-    for s in piece.time_signatures:
-        bounds[s.beat] = None
+    signature_beats = sorted(s.beat for s in piece.time_signatures)
+    changes = sorted([(t.beat, 1, t.qpm) for t in piece.tempos]
+                     + [(b, 0, _at_beat(piece.tempos, b).qpm) for b in signature_beats])
+    for beat, is_tempo, qpm in changes:  # a metre change starts a part, and its tempo is the new reference
+        if not is_tempo or abs(qpm / part_qpm - 1.0) > tempo_tolerance:
+            bounds[beat] = None
+            part_qpm = qpm
     edges = sorted(bounds)
     notes = [n for n in piece.notes if include_drums or not n.is_drum]
     if not notes:

@@ -171,6 +171,11 @@ class Watcher:
         except ChiptuneError as exc:
             self.log(f"error: {exc}")
             return None
+        except (_Stop, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # watching goes on whatever one build ran into
+            self.log(f"error: the build failed unexpectedly ({type(exc).__name__}: {exc}); still watching")
+            return None
         finally:
             self.building = False
         if builder.workers_lost:

@@ -171,6 +171,13 @@ def test_same_gain_keeps_levels_and_every_file_under_the_ceiling(tmp_path: Path)
     assert max(peaks) <= -1.0
     assert max(peaks) > -1.5  # and the loudest file comes close to it
 
+    # The limiting track's formats change its codec headroom, so the shared gain moves for every track.
+    manifest.write_text(manifest.read_text().replace('name = "theme"', 'name = "theme"\nformats = ["wav"]'))
+    build(manifest)
+    gains = {json.loads((music / f"{name}.json").read_text())["gain_db"] for name in ("theme", "given")}
+    assert len(gains) == 1 and gains != {sidecars["theme"]["gain_db"]}
+    assert build(manifest).changed == []
+
 
 def test_the_lock_pins_takes_across_model_changes_and_preset_edits_never_load_the_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

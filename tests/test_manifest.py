@@ -135,6 +135,8 @@ def test_a_model_folder_without_a_model_and_a_loudness_out_of_range(tmp_path: Pa
     assert ":2: [project] model:" in problems[0] and "not a model folder" in problems[0]
     assert ":3: [project] loudness_lufs: 5 is out of range" in problems[1]
     assert not (tmp_path / ".chiptune").exists(), "nothing is written"
+    (tmp_path / "empty_model" / "model.json").write_text("{}")
+    assert "has no weights.npz" in problems_of(path)[0]
 
 
 def test_a_midi_tracks_body_runs_to_its_last_bar_line_unless_bars_is_given(tmp_path: Path) -> None:

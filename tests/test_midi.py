@@ -143,6 +143,13 @@ def test_a_gradual_ritardando_stays_one_part_within_the_tempo_tolerance(tmp_path
     assert [round(p.qpm) for p in split_and_quantize(piece, tempo_tolerance=0.1)] == [120, 90]
     assert len(split_and_quantize(piece)) == 6  # the reference rule: a part at every tempo change
 
+    # A metre change starts a part whose tempo is the reference for what follows.
+    path = write_song(tmp_path / "metre.mid", [
+        [tempo(0, 100), tempo(64 * 120, 108), time_signature(64 * 120, 3, 4), tempo(128 * 120, 115)],
+        notes_track([(60, s, s + 2) for s in range(0, 160, 4)])])
+    parts = split_and_quantize(read_midi(path), tempo_tolerance=0.1)
+    assert [(p.num_steps, p.numerator, round(p.qpm)) for p in parts] == [(64, 4, 100), (94, 3, 108)]
+
 
 def test_quantize_rounds_to_nearest_step_and_stretches_zero_length(tmp_path: Path) -> None:
     # Ticks: 120 per step. Start at 170 ticks (1.42 steps -> 1), end at 190 (1.58 -> 2); 300..310 -> 3..3 -> 3..4.
