@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .midi import Control, Note, Piece
+from .midi import DRUM_CHANNEL, Control, Note, Piece
 
 ROLES = ("lead", "harmony", "bass", "drums")
 CHORD_WINDOW = 0.02  # seconds: onsets this close form one chord
@@ -44,20 +44,21 @@ def arrange(piece: Piece, drums: bool = True) -> list[Part]:
     One pitched track/program: split into lead, harmony and bass voices. Several: each keeps its notes;
     the highest (by median pitch) is the lead, the lowest the bass, the rest harmony. Drum-channel notes
     are the drums part; with none and `drums` set, a drum part is generated. Each part carries the
-    controls of the track (and drum or pitched channels) its notes come from.
+    controls of the MIDI channels its notes come from.
     """
     groups: dict[tuple[int, int], list[Note]] = {}
     for note in piece.notes:
         if not note.is_drum:
             groups.setdefault((note.track, note.program), []).append(note)
 
-    def controls(tracks: set[int], drum: bool) -> tuple[Control, ...]:
-        return tuple(c for c in piece.controls if c.is_drum == drum and c.track in tracks)
+    def controls(notes: Sequence[Note]) -> tuple[Control, ...]:
+        channels = {n.channel for n in notes}
+        return tuple(c for c in piece.controls if c.channel in channels)
 
     parts: list[Part] = []
     if len(groups) == 1:
         lead, harmony, bass = split_voices(next(iter(groups.values())))
-        shared = controls({track for track, _ in groups}, False)
+        shared = controls(next(iter(groups.values())))
         parts += [Part(role, tuple(notes), None, role, shared)
                   for role, notes in (("lead", lead), ("harmony", harmony), ("bass", bass)) if notes]
     elif groups:
@@ -65,12 +66,12 @@ def arrange(piece: Piece, drums: bool = True) -> list[Part]:
         for rank, ((track, program), notes) in enumerate(ranked):
             role = "lead" if rank == 0 else ("bass" if rank == len(ranked) - 1 else "harmony")
             name = piece.track_names[track] if track < len(piece.track_names) else ""
-            parts.append(Part(role, tuple(notes), program, name or f"track {track}", controls({track}, False)))
+            parts.append(Part(role, tuple(notes), program, name or f"track {track}", controls(notes)))
     drum_notes = tuple(n for n in piece.notes if n.is_drum)
     if not drum_notes and drums and groups:
         drum_notes = tuple(generate_drums(piece))
     if drum_notes:
-        parts.append(Part("drums", drum_notes, None, "drums", controls({n.track for n in drum_notes}, True)))
+        parts.append(Part("drums", drum_notes, None, "drums", controls(drum_notes)))
     return parts
 
 
@@ -226,7 +227,7 @@ def generate_drums(piece: Piece) -> list[Note]:
     beats = np.array([h[0] for h in hits])
     starts = piece.beats_to_seconds(beats)
     stops = piece.beats_to_seconds(beats + np.array([h[3] for h in hits]))
-    notes = [Note(key, velocity, float(start), max(float(stop), float(start) + 0.01), 0, True, 0)
+    notes = [Note(key, velocity, float(start), max(float(stop), float(start) + 0.01), 0, True, 0, DRUM_CHANNEL)
              for (_, key, velocity, _), start, stop in zip(hits, starts, stops, strict=True) if start < end - 1e-6]
     notes.sort(key=lambda n: (n.start, n.pitch))
     return notes

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ from .manifest import Manifest, TrackSpec, load_manifest
 
 CACHE_DIR = ".chiptune"
 LOCK_NAME = "chiptune.lock"
-LOCK_VERSION = 1
+LOCK_VERSION = 2
+"""2: entries are valid for their track's generation settings alone (not the model or the tool's version)."""
 BUILD_VERSION = 3
 """Part of every cache key: raised when a stage computes something different (2: sparseness in the ranking;
 3: per-output seeds from SeedSequence)."""
@@ -258,7 +259,7 @@ def midi_from_file(track: TrackSpec) -> bytes:
         pitch = n.pitch if n.is_drum else n.pitch + track.transpose
         if not 0 <= pitch <= 127:
             raise ChiptuneError(f"{track.midi}: transpose {track.transpose} moves note {n.pitch} outside 0..127")
-        notes.append(type(n)(pitch, n.velocity, n.start, n.end, n.program, n.is_drum, n.track))
+        notes.append(replace(n, pitch=pitch))
     buf = io.BytesIO()
     build_midifile(Piece(notes, piece.tempos, piece.time_signatures, piece.track_names, piece.controls)).save(file=buf)
     return buf.getvalue()
@@ -386,6 +387,7 @@ class Builder:
         self.regenerate = set(regenerate or [])
         self.check = check
         self.executor = executor
+        self._told_old_lock = False
         self.workers_lost = False
         """Set when a worker of the given executor died: that pool takes no more work (watch mode replaces it)."""
         self.workers = workers or min(2, os.cpu_count() or 1)
@@ -422,7 +424,13 @@ class Builder:
 
     def _lock(self) -> dict[str, Any]:
         lock = read_json(self.lock_path, {})
-        return lock if lock.get("version") == LOCK_VERSION else {"version": LOCK_VERSION, "tracks": {}}
+        if lock.get("version") == LOCK_VERSION:
+            return lock
+        if lock and not self._told_old_lock:
+            self._told_old_lock = True
+            self.log(f"{self.lock_path}: written in lock format {lock.get('version')!r}, this version reads "
+                     f"{LOCK_VERSION}; its takes are generated again and the lock rewritten")
+        return {"version": LOCK_VERSION, "tracks": {}}
 
     def _track_plan(self, track: TrackSpec, state: dict, lock: dict) -> dict[str, Any]:
         """Keys and reasons for one track, without generating or rendering anything."""
@@ -765,7 +773,13 @@ def worker_init(parent: int) -> None:
 
 
 def new_executor(workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=workers, initializer=worker_init, initargs=(os.getpid(),))
+    """Workers forked from this process where the platform forks (Linux): they start at once with what is
+    imported here, and worker_init's parent check holds (Python 3.14 would otherwise use a fork server)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker_init,
+                               initargs=(os.getpid(),))
 
 
 def _call(fn: Callable, job: Any) -> tuple[Any, str | None]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -302,10 +302,10 @@ def loop_piece(piece: Piece, plan: LoopPlan, sample_rate: int) -> Piece:
     return Piece(notes, tempos, sigs, list(piece.track_names), controls)
 
 
-def _control_key(c: Control) -> tuple[int, bool, tuple[int, ...]]:
-    """Which controller a message sets: its track, drum flag, and status (plus the CC number)."""
+def _control_key(c: Control) -> tuple[int, tuple[int, ...]]:
+    """Which controller a message sets: its channel and status (plus the CC number)."""
     kind = (c.data[0], c.data[1]) if c.data[0] == 0xB0 else (c.data[0],)
-    return c.track, c.is_drum, kind
+    return c.channel, kind
 
 
 def _split_controls(piece: Piece, plan: LoopPlan, t_intro: float
@@ -325,10 +325,10 @@ def _split_controls(piece: Piece, plan: LoopPlan, t_intro: float
             body.append(c)
     restore: list[Control] = []
     for key in dict.fromkeys(_control_key(c) for c in body):
-        track, drum, kind = key
+        channel, kind = key
         data = state[key].data if key in state else CONTROL_DEFAULTS.get(kind)
         if data is not None:
-            restore.append(Control(t_intro, data, track, drum))
+            restore.append(Control(t_intro, data, channel))
     return intro, body, restore
 
 
@@ -348,14 +348,13 @@ def _leading(notes: list[Note], until: float) -> list[Note]:
 def _cut(note: Note, end: float) -> Note:
     if note.end <= end:
         return note
-    return Note(note.pitch, note.velocity, note.start, end, note.program, note.is_drum, note.track)
+    return replace(note, end=end)
 
 
 def _moved(note: Note, dt: float) -> Note:
     if dt == 0:
         return note
-    return Note(note.pitch, note.velocity, note.start + dt, note.end + dt, note.program, note.is_drum,
-                note.track)
+    return replace(note, start=note.start + dt, end=note.end + dt)
 
 
 # ------------------------------------------------------------------------------------------ rendering

@@ -28,7 +28,8 @@ SUSTAIN_CC = 64
 
 @dataclass(frozen=True, slots=True)
 class Note:
-    """One sounding note; `track` is the index of the source track (or of the part it belongs to)."""
+    """One sounding note; `track` is the index of the source track (or of the part it belongs to), and
+    `channel` its MIDI channel in the source file (0-15), which the file's controls refer to."""
 
     pitch: int
     velocity: int
@@ -37,6 +38,7 @@ class Note:
     program: int = 0
     is_drum: bool = False
     track: int = 0
+    channel: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +62,16 @@ class Control:
     included), pitch bend or channel pressure. Instruments that play MIDI (VST3 plugins) receive these;
     the note model and the built-in sampler use notes only (the pedal is already in the note lengths).
 
-    `data` is the raw message with the channel nibble cleared: whoever sends it picks the channel.
+    `data` is the raw message with the channel nibble cleared: whoever sends it picks the channel. As in
+    MIDI, a control applies to the notes of its `channel`, whatever track either is in.
     """
 
     time: float  # seconds
     data: bytes
-    track: int = 0
-    is_drum: bool = False
+    channel: int = 0
 
     def moved(self, dt: float) -> Control:
-        return self if dt == 0 else Control(self.time + dt, self.data, self.track, self.is_drum)
+        return self if dt == 0 else Control(self.time + dt, self.data, self.channel)
 
 
 CONTROL_STATUSES = (0xB0, 0xD0, 0xE0)
@@ -288,20 +290,18 @@ def _piece_from_midifile(mid: mido.MidiFile, path: Path) -> Piece:
     controls: list[Control] = []
     for index, events in enumerate(tracks_abs):
         notes.extend(_track_notes(events, index, tick_to_sec))
-        controls.extend(_track_controls(events, index, tick_to_sec))
+        controls.extend(_track_controls(events, tick_to_sec))
     notes.sort(key=lambda n: (n.start, n.pitch, n.track))
-    controls.sort(key=lambda c: (c.time, c.track))  # stable: one track's messages keep their order
+    controls.sort(key=lambda c: c.time)  # stable: one track's messages keep their order
     return Piece(notes, tempos, sigs, names, controls)
 
 
-def _track_controls(events: list[tuple[int, mido.Message]], track: int, tick_to_sec) -> list[Control]:
+def _track_controls(events: list[tuple[int, mido.Message]], tick_to_sec) -> list[Control]:
     controls = []
     for tick, msg in events:
         raw = msg.bytes()
         if raw[0] & 0xF0 in CONTROL_STATUSES:
-            channel = raw[0] & 0x0F
-            controls.append(Control(tick_to_sec(tick), bytes([raw[0] & 0xF0, *raw[1:]]), track,
-                                    channel == DRUM_CHANNEL))
+            controls.append(Control(tick_to_sec(tick), bytes([raw[0] & 0xF0, *raw[1:]]), raw[0] & 0x0F))
     return controls
 
 
@@ -350,7 +350,7 @@ def _track_notes(events: list[tuple[int, mido.Message]], track: int, tick_to_sec
         s, e = tick_to_sec(start), tick_to_sec(end)
         if e <= s:
             continue
-        notes.append(Note(pitch, vel, s, e, prog, ch == DRUM_CHANNEL, track))
+        notes.append(Note(pitch, vel, s, e, prog, ch == DRUM_CHANNEL, track, ch))
     return notes
 
 
@@ -361,7 +361,7 @@ def write_midi(piece: Piece, path: str | Path, ticks_per_beat: int = 480) -> Non
     """Write a Piece as a format-1 MIDI file: a conductor track, then one track per source track/program.
 
     Drum notes go to channel 10; pitched groups take the other channels in order. A control goes to every
-    group of its source track (and drum flag), on that group's channel, as it applied to all their notes.
+    group holding notes of its source channel, on that group's channel, as it applied to all those notes.
     """
     mid = build_midifile(piece, ticks_per_beat)
     mid.save(str(path))
@@ -392,8 +392,9 @@ def build_midifile(piece: Piece, ticks_per_beat: int = 480) -> mido.MidiFile:
             events.append((t0, 2, "note_on", {"channel": channel, "note": n.pitch,
                                                "velocity": max(1, min(127, n.velocity))}))
             events.append((t1, 1, "note_off", {"channel": channel, "note": n.pitch, "velocity": 0}))
+        sources = {n.channel for n in notes}
         for c in piece.controls:
-            if (c.track, c.is_drum) == (track, drum):
+            if c.channel in sources:
                 msg = mido.Message.from_bytes([c.data[0] | channel, *c.data[1:]])
                 fields = {k: v for k, v in msg.dict().items() if k not in ("type", "time")}
                 events.append((round(float(piece.seconds_to_beats(c.time)) * ticks_per_beat), 1, msg.type, fields))

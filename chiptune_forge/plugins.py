@@ -373,7 +373,8 @@ def role_messages(notes: Iterable[Note], controls: Iterable[MidiMessage] = ()) -
     Drum notes go to channel 10, the rest to channel 1. A program change goes out before a note whose
     program differs from the channel's current one (MIDI starts at program 0). A re-struck pitch ends the
     earlier note of that pitch first, as a MIDI file would. At one instant note-offs come first, then
-    controls and program changes, then note-ons, so that pedals and bends apply to the notes they start with.
+    program changes, then controls (in the order given: a restore before the value that follows it, RPN
+    selects before their data), then note-ons, so that pedals and bends apply to the notes they start with.
     """
     by_key: dict[tuple[int, int], list[Note]] = {}
     for note in notes:
@@ -385,17 +386,17 @@ def role_messages(notes: Iterable[Note], controls: Iterable[MidiMessage] = ()) -
         for i, note in enumerate(group):
             end = note.end if i + 1 == len(group) else min(note.end, group[i + 1].start)
             starts.append((note.start, channel, note))
-            events.append((note.start, 2, bytes([0x90 | channel, pitch, max(1, min(127, note.velocity))])))
+            events.append((note.start, 3, bytes([0x90 | channel, pitch, max(1, min(127, note.velocity))])))
             events.append((max(end, note.start), 0, bytes([0x80 | channel, pitch, 0])))
     program = [0] * 16
     for start, channel, note in sorted(starts, key=lambda s: (s[0], s[1], s[2].pitch)):
         if note.program != program[channel]:
             program[channel] = note.program
             events.append((start, 1, bytes([0xC0 | channel, note.program & 0x7F])))
-    for data, time in controls:
-        events.append((float(time), 1, bytes(data)))
-    events.sort()  # by time, then kind, then bytes: the same notes always give the same stream
-    return _spread_pileups([(data, time) for time, _, data in events])
+    ordered = [(float(time), 2, i.to_bytes(4, "big"), bytes(data)) for i, (data, time) in enumerate(controls)]
+    # By time, then kind, then bytes (notes) or given order (controls): the same input, the same stream.
+    merged = sorted([(time, kind, data, data) for time, kind, data in events] + ordered)
+    return _spread_pileups([(data, time) for time, _, _, data in merged])
 
 
 def _spread_pileups(messages: list[MidiMessage]) -> list[MidiMessage]:

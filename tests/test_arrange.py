@@ -74,16 +74,17 @@ def test_multi_track_files_keep_their_tracks_ranked_by_register() -> None:
                        ("drums", None, "drums", 1)}  # the file's own drums: nothing generated
 
 
-def test_parts_carry_the_controls_of_their_source() -> None:
-    bend = Control(0.5, bytes([0xE0, 0, 0x60]), track=1)
-    other = Control(0.5, bytes([0xB0, 1, 90]), track=2)
-    hat = Control(0.1, bytes([0xB0, 4, 20]), track=3, is_drum=True)
-    stream = [Note(72, 90, 0.0, 1.0, track=1), Note(60, 90, 0.0, 1.0, track=1), Note(40, 90, 0.0, 1.0, track=1),
-              Note(42, 90, 0.0, 0.1, is_drum=True, track=3)]
+def test_parts_carry_the_controls_of_their_channels() -> None:
+    bend = Control(0.5, bytes([0xE0, 0, 0x60]), channel=1)
+    other = Control(0.5, bytes([0xB0, 1, 90]), channel=2)
+    hat = Control(0.1, bytes([0xB0, 4, 20]), channel=9)
+    stream = [Note(72, 90, 0.0, 1.0, track=1, channel=1), Note(60, 90, 0.0, 1.0, track=1, channel=1),
+              Note(40, 90, 0.0, 1.0, track=1, channel=1), Note(42, 90, 0.0, 0.1, is_drum=True, track=3, channel=9)]
     parts = {p.role: p for p in arrange(Piece(stream, controls=[bend, other, hat]))}
     assert {role: p.controls for role, p in parts.items()} == {
         "lead": (bend,), "harmony": (bend,), "bass": (bend,), "drums": (hat,)}
-    two = [Note(72, 90, 0.0, 1.0, track=1), Note(40, 90, 0.0, 1.0, track=2)]
+    # A format-0 file: one track, a channel per instrument; each part gets its own channel's controls.
+    two = [Note(72, 90, 0.0, 1.0, program=80, channel=1), Note(40, 90, 0.0, 1.0, program=33, channel=2)]
     parts = {p.role: p for p in arrange(Piece(two, controls=[bend, other]), drums=False)}
     assert parts["lead"].controls == (bend,) and parts["bass"].controls == (other,)
 

@@ -108,16 +108,19 @@ def test_controls_are_kept_for_instruments_and_written_back(tmp_path: Path) -> N
     ])
     piece = read_midi(path)
     assert piece.controls == [
-        Control(0.0, bytes([0xB0, 1, 70]), 1, False),
-        Control(0.25, bytes([0xD0, 50]), 2, True),
-        Control(0.5, bytes([0xE0, 0x00, 0x60]), 1, False),  # 4096 above centre: 0x3000 as LSB, MSB
-        Control(1.0, bytes([0xB0, 64, 127]), 1, False),
+        Control(0.0, bytes([0xB0, 1, 70]), 3),
+        Control(0.25, bytes([0xD0, 50]), 9),
+        Control(0.5, bytes([0xE0, 0x00, 0x60]), 3),  # 4096 above centre: 0x3000 as LSB, MSB
+        Control(1.0, bytes([0xB0, 64, 127]), 3),
     ]
+    assert {(n.pitch, n.channel) for n in piece.notes} == {(60, 3), (36, 9)}
     assert next(n for n in piece.notes if n.pitch == 60).end == pytest.approx(2.0)  # pedal down till the end
     write_midi(piece, tmp_path / "back.mid")
     back = read_midi(tmp_path / "back.mid")
-    assert sorted((round(c.time, 4), c.data, c.is_drum) for c in back.controls) == sorted(
-        (c.time, c.data, c.is_drum) for c in piece.controls)
+    # Written on the channels the writer gives each group, and read back as applying to those notes.
+    channel_of = {n.pitch: n.channel for n in back.notes}
+    assert sorted((round(c.time, 4), c.data, c.channel) for c in back.controls) == sorted(
+        (c.time, c.data, channel_of[60 if c.channel == 3 else 36]) for c in piece.controls)
 
 
 def test_split_on_tempo_and_time_signature(tmp_path: Path) -> None:

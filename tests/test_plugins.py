@@ -334,9 +334,15 @@ def test_role_messages_order_programs_drums_and_restrikes() -> None:
         (0.5, "803c00"), (0.5, "903c5a"),  # the re-struck C4 ends before it starts again
         (0.5, "99247f"),  # drums on channel 10
         (0.6, "892400"), (0.8, "803c00"),
-        (1.0, "b0407f"), (1.0, "c022"), (1.0, "904001"),  # pedal and program before the note; velocity >= 1
+        (1.0, "c022"), (1.0, "b0407f"), (1.0, "904001"),  # program and pedal before the note; velocity >= 1
         (1.5, "804000"),
     ]
+    # Controls at one instant keep their order: a restored value, then the one that replaces it; RPN select
+    # (CC101, CC100) before its data entry (CC6).
+    same_time = [bytes([0xB0, 1, 100]), bytes([0xB0, 1, 0]), bytes([0xB0, 101, 0]), bytes([0xB0, 100, 0]),
+                 bytes([0xB0, 6, 12])]
+    msgs = role_messages([], controls=[(d, 2.0) for d in same_time])
+    assert [d for d, _ in msgs] == same_time
 
 
 def test_role_messages_spread_more_than_pedalboards_limit_per_timestamp() -> None:
