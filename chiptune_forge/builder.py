@@ -40,7 +40,7 @@ CACHE_DIR = ".chiptune"
 LOCK_NAME = "chiptune.lock"
 LOCK_VERSION = 2
 """2: entries are valid for their track's generation settings alone (not the model or the tool's version)."""
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 """Part of every cache key: raised when a stage computes something different (2: sparseness in the ranking;
 3: per-output seeds from SeedSequence)."""
 MAX_POLYPHONY = 8

@@ -79,7 +79,7 @@ RANK_WEIGHTS = {
     "loop_score": 1.0,
     "scale_consistency": 1.0,
     "empty_bar_fraction": -1.0,
-    "sparseness": -0.5,
+    "sparseness": -1.0,
 }
 RANK_FORMULA = " ".join(f"{'+' if w >= 0 else '-'} {abs(w):g}*{name}" for name, w in RANK_WEIGHTS.items()).lstrip("+ ")
 
