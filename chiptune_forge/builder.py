@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,9 +35,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ChiptuneError, UsageError
-from .manifest import Manifest, TrackSpec, load_manifest
+from .manifest import CACHE_DIR, Manifest, TrackSpec, load_manifest
 
-CACHE_DIR = ".chiptune"
 LOCK_NAME = "chiptune.lock"
 LOCK_VERSION = 2
 """2: entries are valid for their track's generation settings alone (not the model or the tool's version)."""
@@ -322,9 +322,13 @@ def render_job(job: RenderJob) -> dict[str, Any]:
 def load_track_audio(path: str):
     from .loops import TrackAudio
 
-    with np.load(path) as data:
-        audio = data["audio"]
-        meta = json.loads(str(data["meta"]))
+    try:
+        with np.load(path) as data:
+            audio = data["audio"]
+            meta = json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ChiptuneError(f"{path}: the cached render is damaged ({exc}); build with --force to render again") \
+            from None
     return TrackAudio(audio=audio, sample_rate=meta["sample_rate"], loop_start=meta["loop_start"],
                       loop_length=meta["loop_length"], qpm=meta["qpm"], bars=meta["bars"],
                       intro_bars=meta["intro_bars"]), meta
@@ -419,11 +423,25 @@ class Builder:
     # ---- planning: the cheap pass that decides what must be done
 
     def _state(self) -> dict[str, Any]:
+        """The cache's record of the last build; anything unreadable means an empty cache (it is rebuilt)."""
         state = read_json(self.cache / "state.json", {})
-        return state if state.get("version") == BUILD_VERSION else {"version": BUILD_VERSION, "tracks": {}}
+        if isinstance(state, dict) and state.get("version") == BUILD_VERSION and isinstance(state.get("tracks"), dict):
+            return state
+        return {"version": BUILD_VERSION, "tracks": {}}
 
     def _lock(self) -> dict[str, Any]:
-        lock = read_json(self.lock_path, {})
+        """The lock's takes. A damaged lock is an error, not an empty one: silently generating new takes
+        would break the promise that a committed lock reproduces the same music."""
+        try:
+            lock = json.loads(self.lock_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            lock = {}
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{self.lock_path}: cannot read the lock ({getattr(exc, 'strerror', None) or exc}); "
+                             f"restore it from version control, or delete it to generate new takes") from None
+        if not isinstance(lock, dict) or not isinstance(lock.get("tracks", {}), dict):
+            raise UsageError(f"{self.lock_path}: not a chiptune-forge lock (expected an object with 'tracks'); "
+                             f"restore it from version control, or delete it to generate new takes")
         if lock.get("version") == LOCK_VERSION:
             return lock
         if lock and not self._told_old_lock:
@@ -446,6 +464,9 @@ class Builder:
             take_key = key_of(take_inputs(gen_key, track))
             plan["lock_key"] = key_of(lock_inputs(track))
             locked = lock["tracks"].get(track.name)
+            if locked is not None and not isinstance(locked, dict):
+                raise ChiptuneError(f"{self.lock_path}: the entry for track {track.name!r} is damaged; run with "
+                                    f"'--regenerate {track.name}' to take a new one")
             if locked and locked.get("inputs_sha256") == plan["lock_key"] and track.name not in self.regenerate:
                 plan["take"] = "lock"
                 take_key = key_of(take_inputs(locked["generation"], track))  # the take as it was made
@@ -471,11 +492,11 @@ class Builder:
         export_in = self._export_inputs(track)
         plan["export_inputs"] = export_in
         needs_render = (old.get("render_key") != plan["render_key"]
-                        or not (self.cache / "audio" / f"{plan['render_key']}.npz").is_file())
+                        or not zipfile.is_zipfile(self.cache / "audio" / f"{plan['render_key']}.npz"))
         if old.get("render_key") != plan["render_key"]:
             plan["reasons"].append("render: " + ", ".join(changed_inputs(old.get("render_inputs"), render_in)))
         elif needs_render:
-            plan["reasons"].append("render: audio cache missing")
+            plan["reasons"].append("render: audio cache missing or damaged")
         plan["render"] = needs_render or self.force
         files_ok = bool(old.get("files")) and all(Path(f).is_file() for f in old.get("files", []))
         export_changed = old.get("export_inputs") != export_in
@@ -511,7 +532,7 @@ class Builder:
                 report.tracks.append(TrackReport(track.name, "failed", error=str(exc)))
                 continue
             plans[track.name] = plan
-            todo = plan["generate"] or plan["render"] or plan["export"]
+            todo = plan["generate"] or plan["render"] or plan["export"] or plan.get("take") == "cache"
             status = ("outdated" if self.check else "pending") if todo else "skipped"
             report.tracks.append(TrackReport(track.name, status, reasons=list(plan["reasons"]),
                                              files=list(state["tracks"].get(track.name, {}).get("files", []))))
@@ -570,6 +591,8 @@ class Builder:
         export_jobs = {}
         for t in ok:
             plan = plans[t.name]
+            if not (plan["render"] or plan["export"]):  # only its take was recorded in the lock
+                continue
             sidecar = {"midi_sha256": sha256_file(midi_paths[t.name]), "tempo": t.tempo if t.midi is None else None,
                        "preset": self.m.preset_for(t), "source": str(t.midi.relative_to(self.root))
                        if t.midi and t.midi.is_relative_to(self.root) else (str(t.midi) if t.midi else "generated")}
@@ -585,6 +608,9 @@ class Builder:
                 continue
             plan = plans[t.name]
             old_files = set(state["tracks"].get(t.name, {}).get("files", []))
+            if t.name not in export_jobs:
+                rep.status, rep.files = "built", sorted(old_files)
+                continue
             files = results[t.name]["files"]
             for stale in old_files - set(files):
                 Path(stale).unlink(missing_ok=True)
@@ -617,6 +643,8 @@ class Builder:
             events, index = self._take(track, plan, lock, rep)
             data = midi_from_events(events, track)
             played = {"midi_sha256": sha256_bytes(data), "tempo": track.tempo, "transpose": track.transpose}
+            if plan["take"] == "cache" and not (plan["render"] or plan["export"]):
+                rep.stages.append("lock")  # only the lock changes: a take made earlier is recorded in it
             if plan["take"] == "lock":  # the take and where it came from stay as locked
                 lock["tracks"][track.name] |= played
             else:
@@ -635,7 +663,12 @@ class Builder:
         """The chosen candidate's events: from the lock, the generation cache, or a new generation."""
         if plan["take"] == "lock":
             entry = lock["tracks"][track.name]
-            return np.frombuffer(base64.b64decode(entry["events"]), dtype="<i2").astype(np.int16), entry["candidate"]
+            try:
+                events = np.frombuffer(base64.b64decode(entry["events"], validate=True), dtype="<i2")
+                return events.astype(np.int16), int(entry["candidate"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ChiptuneError(f"{self.lock_path}: the take locked for track {track.name!r} is damaged "
+                                    f"({exc}); run with '--regenerate {track.name}' to take a new one") from None
         gen_path = self.cache / "gen" / f"{plan['gen_key']}.npz"
         if plan["take"] == "generate":
             self._generate(track, gen_path)

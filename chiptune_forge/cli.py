@@ -240,7 +240,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="drop these tracks' locked takes and generate them anew")
     add_flag(p, "check", False, "list what is out of date and exit 1 if anything is")
     add_flag(p, "json", False, "print a machine-readable report on stdout")
-    p.set_defaults(func=_run_build)
+    p.set_defaults(func=_run_build, failure_exit=3)
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -315,8 +315,16 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_watch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .watch import Watcher
 
+    manifest = Path(args.manifest)
+    manifest = manifest / "chiptune.toml" if manifest.is_dir() else manifest
+    if not manifest.is_file():  # a typo would otherwise watch a folder forever for a file that never comes
+        print(f"chiptune-forge: error: {manifest}: manifest not found (create one with 'chiptune-forge init')",
+              file=sys.stderr)
+        return 2
     return Watcher(args.manifest, debounce=args.debounce, log=lambda m: print(m, flush=True)).run(args.once_after)
 
 
@@ -397,7 +405,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(*option("max-polyphony"), dest="max_polyphony", type=int, default=8,
                    help="most notes sounding in one step (default 8, the SNES voice count)")
     p.add_argument("--qpm", type=float, default=None, help="tempo of the output (default: the primer MIDI's, else 120)")
-    p.add_argument("--seed", type=int, default=0, help="output i uses seed SEED + i (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="output i's random stream is derived from SEED and i, so the same seed gives the same "
+                        "pieces whatever --num-outputs is (default 0)")
     p.set_defaults(func=_run_generate)
 
 
@@ -427,8 +437,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     path = write_outputs(pieces, args.output_dir, request, model)
     best = rank(pieces)[0]
     events = sum(len(p.events) for p in pieces)
-    print(f"wrote {len(pieces)} MIDI files and {path} in {time.perf_counter() - started:.2f} s ({events} events); "
+    files = "1 MIDI file" if len(pieces) == 1 else f"{len(pieces)} MIDI files"
+    print(f"wrote {files} and {path} in {time.perf_counter() - started:.2f} s ({events} events); "
           f"best: {output_name(best.index, len(pieces))} (rank score {best.scores['rank_score']:.3f})")
+    silent = sum(1 for p in pieces if not len(p.quantized.pitch))
+    if silent:
+        print(f"chiptune-forge: warning: {silent} of {len(pieces)} outputs have no notes (the model ended or only "
+              "closed steps; give a primer or a higher --temperature)", file=sys.stderr)
     return 0
 
 
@@ -459,8 +474,11 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_render(args: argparse.Namespace) -> int:
+    import math
+
     from .export import export_track, file_sha256, measure_loudness, normalize
     from .loops import render_track
+    from .manifest import TRUE_PEAK_RANGE
     from .midi import read_midi
     from .presets import load_preset
     from .render import check_output_path, check_sample_rate, render_piece
@@ -468,9 +486,10 @@ def _run_render(args: argparse.Namespace) -> int:
     output = check_output_path(args.output)
     check_sample_rate(args.sample_rate)
     if not -70.0 <= args.loudness < 0.0:
-        raise ChiptuneError(f"--loudness {args.loudness} LUFS is out of range (use -70 to 0, e.g. -16)")
-    if args.true_peak > 0.0:
-        raise ChiptuneError(f"--true-peak {args.true_peak} dBTP is above full scale (use 0 or less, e.g. -1)")
+        raise ChiptuneError(f"--loudness {args.loudness:g} LUFS is out of range (use -70 up to below 0, e.g. -16)")
+    if not TRUE_PEAK_RANGE[0] <= args.true_peak <= TRUE_PEAK_RANGE[1]:
+        raise ChiptuneError(f"--true-peak {args.true_peak:g} dBTP is out of range (use {TRUE_PEAK_RANGE[0]:g} to 0, "
+                            f"e.g. -1)")
     preset = load_preset(args.preset)
     piece = read_midi(args.input)
     if not piece.notes:
@@ -490,8 +509,12 @@ def _run_render(args: argparse.Namespace) -> int:
     rate = args.sample_rate
     loop = (f"loop {track.loop_start / rate:.3f} s + {track.loop_length / rate:.3f} s "
             f"(LOOPSTART={track.loop_start}, LOOPLENGTH={track.loop_length})" if track.looping else "jingle")
-    print(f"{output}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, "
-          f"gain {gain:+.2f} dB to {args.loudness:g} LUFS; wrote {', '.join(p.name for p in paths)}")
+    reached = loudness + gain
+    level = ("silent" if math.isinf(reached) else f"gain {gain:+.2f} dB to {reached:.1f} LUFS"
+             + (f" (short of {args.loudness:g}: held back by the {args.true_peak:g} dBTP ceiling)"
+                if reached < args.loudness - 0.05 else ""))
+    print(f"{output}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, {level}; "
+          f"wrote {', '.join(p.name for p in paths)}")
     return 0
 
 
@@ -575,6 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChiptuneError as exc:
         print(f"chiptune-forge: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a folder that cannot be written, a disk that is full: the file and the reason
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"chiptune-forge: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return getattr(args, "failure_exit", 1)
     except KeyboardInterrupt:
         print("chiptune-forge: interrupted", file=sys.stderr)
         return 130

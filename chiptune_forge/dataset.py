@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import sys
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -69,7 +70,8 @@ class FileResult:
 def find_midi_files(input_dir: Path, recursive: bool) -> list[Path]:
     """MIDI files under the folder, sorted by relative path so every run sees the same order."""
     if not input_dir.is_dir():
-        raise ChiptuneError(f"{input_dir}: input folder does not exist")
+        what = "a file, not a folder" if input_dir.exists() else "input folder does not exist"
+        raise ChiptuneError(f"{input_dir}: {what} (--input-dir takes a folder of MIDI files)")
     pattern = "**/*" if recursive else "*"
     files = [p for p in input_dir.glob(pattern) if p.is_file() and p.suffix.lower() in MIDI_SUFFIXES]
     return sorted(files, key=lambda p: p.relative_to(input_dir).as_posix())
@@ -283,13 +285,21 @@ def load_split(dataset_dir: str | Path, split: str) -> list[np.ndarray]:
     if not summary_path.is_file():
         raise ChiptuneError(f"{dataset_dir}: not a dataset folder (no summary.json); "
                             "build one with 'chiptune-forge dataset'")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    if summary.get("encoding") != ENCODING_VERSION:
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        shards = summary["splits"][split]["shards"] if summary.get("encoding") == ENCODING_VERSION else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ChiptuneError(f"{summary_path}: damaged dataset summary ({exc}); rebuild the dataset") from None
+    if shards is None:
         raise ChiptuneError(f"{summary_path}: encoding {summary.get('encoding')!r} is not {ENCODING_VERSION!r}; "
                             "rebuild the dataset")
     sequences: list[np.ndarray] = []
-    for name in summary["splits"][split]["shards"]:
-        with np.load(dataset_dir / name) as shard:
-            events, offsets = shard["events"], shard["offsets"]
+    for name in shards:
+        try:
+            with np.load(dataset_dir / name) as shard:
+                events, offsets = shard["events"], shard["offsets"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise ChiptuneError(f"{dataset_dir / name}: damaged or missing dataset shard "
+                                f"({getattr(exc, 'strerror', None) or exc}); rebuild the dataset") from None
         sequences.extend(events[a:b] for a, b in itertools.pairwise(offsets))
     return sequences

@@ -16,6 +16,7 @@ folder never sees half a track, and a failed export leaves the previous files un
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -371,10 +372,14 @@ def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[
         text = json.dumps(sidecar, indent=2) + "\n"
         stage(out_dir / f"{name}.json", lambda p: p.write_text(text, encoding="utf-8"))
         for tmp, final in staged:
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                raise ChiptuneError(f"{final}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder has nothing of ours to remove
+                tmp.unlink(missing_ok=True)
         raise
     return [final for _, final in staged]
 

@@ -6,6 +6,7 @@ nothing is built until the whole manifest is valid.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -18,6 +19,12 @@ from .loops import SAMPLE_RATES
 
 FORMATS = ("ogg", "wav")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CACHE_DIR = ".chiptune"
+"""The build cache's folder beside the manifest."""
+MAX_BARS = 512
+MAX_CANDIDATES = 256
+TRUE_PEAK_RANGE = (-20.0, 0.0)
+"""dBTP ceilings accepted: below -20 a track would be normalized to near silence."""
 GENERATION_KEYS = ("seed", "temperature", "primer_pitches", "primer_melody", "primer_midi", "candidates", "pick",
                    "tempo")
 
@@ -144,7 +151,7 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     if path.is_dir():
         path = path / "chiptune.toml"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # editors on Windows may add a byte-order mark
     except FileNotFoundError:
         raise UsageError(f"{path}: manifest not found (create one with 'chiptune-forge init')") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -188,6 +195,11 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
     if output_dir == root:
         problem(lines.of("project", 0, "output_dir"), "[project] ",
                 "output_dir: must be a subfolder, not the manifest's own folder")
+    elif output_dir.exists() and not output_dir.is_dir():
+        problem(lines.of("project", 0, "output_dir"), "[project] ", f"output_dir: {output_dir} is a file, not a folder")
+    elif output_dir.name == CACHE_DIR:
+        problem(lines.of("project", 0, "output_dir"), "[project] ",
+                f"output_dir: {CACHE_DIR} is the build cache's folder; choose another")
     _check_choice(project_values, "sample_rate", SAMPLE_RATES, lambda k: lines.of("project", 0, k), "[project] ",
                   problem)
     formats = _check_formats(project_values.get("formats", ["ogg"]), lambda: lines.of("project", 0, "formats"),
@@ -218,11 +230,12 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
         same_gain=bool(project_values.get("same_gain", False)),
         godot_import=bool(project_values.get("godot_import", False)),
         split=bool(project_values.get("split", False)))
-    if settings.true_peak_db > 0:
-        problem(lines.of("project", 0, "true_peak_db"), "[project] ", "true_peak_db: must be 0 or below")
+    if not TRUE_PEAK_RANGE[0] <= settings.true_peak_db <= TRUE_PEAK_RANGE[1]:
+        problem(lines.of("project", 0, "true_peak_db"), "[project] ",
+                f"true_peak_db: {settings.true_peak_db:g} is out of range (use {TRUE_PEAK_RANGE[0]:g} to 0, e.g. -1)")
     if not -70.0 <= settings.loudness_lufs < 0.0:
         problem(lines.of("project", 0, "loudness_lufs"), "[project] ",
-                f"loudness_lufs: {settings.loudness_lufs:g} is out of range (use -70 to 0, e.g. -16)")
+                f"loudness_lufs: {settings.loudness_lufs:g} is out of range (use -70 up to below 0, e.g. -16)")
 
     raw_tracks = data.get("track", [])
     if not isinstance(raw_tracks, list) or not raw_tracks:
@@ -234,11 +247,23 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
         track = _validate_track(raw, index, root, lines, check_files, problem)
         if track is None:
             continue
-        if track.name in seen:
-            problem(track.line, f"track {track.name!r}: ",
-                    f"name: duplicate of the track at line {seen[track.name]}")
-        seen.setdefault(track.name, track.line)
+        folded = track.name.casefold()
+        if folded in seen:
+            problem(track.line, f"track {track.name!r}: ", f"name: duplicate of the track at line {seen[folded]}"
+                    + ("" if any(t.name == track.name for t in tracks) else " (names differ only in case, "
+                       "which is the same file on Windows and macOS)"))
+        seen.setdefault(folded, track.line)
         tracks.append(track)
+    if settings.split:  # the split clips NAME_intro and NAME_loop must not be another track's asset
+        clips: dict[str, TrackSpec] = {}
+        for t in tracks:
+            for part in ("intro", "loop") if t.loop else ():
+                clips.setdefault(f"{t.name}_{part}".casefold(), t)
+        for track in tracks:
+            owner = clips.get(track.name.casefold())
+            if owner is not None:
+                problem(track.line, f"track {track.name!r}: ",
+                        f"name: the same file as track {owner.name!r}'s split clip (split = true)")
     if problems:
         prefix = len(f"{path}:")
         raise ManifestError(sorted(problems, key=lambda p: int(p[prefix:].split(":", 1)[0])))
@@ -260,14 +285,18 @@ def _validate_track(raw: dict[str, Any], index: int, root: Path, lines: _Lines, 
             problem(line, label, "name: missing (the asset's file stem, e.g. name = \"title\")")
         return None
     if not NAME_PATTERN.match(name):
-        problem(at("name"), label, "name: use letters, digits, '_', '-' and '.' only (it becomes a file name)")
-    for key, low in (("bars", 1), ("intro_bars", 0), ("candidates", 1)):
-        if key in values and values[key] < low:
-            problem(at(key), label, f"{key}: must be at least {low}, got {values[key]}")
+        problem(at("name"), label, "name: use letters, digits, '_', '-' and '.' only, not starting with '.' "
+                                   "(it becomes a file name)")
+    for key, low, high in (("bars", 1, MAX_BARS), ("intro_bars", 0, MAX_BARS), ("candidates", 1, MAX_CANDIDATES)):
+        if key in values and not low <= values[key] <= high:
+            problem(at(key), label, f"{key}: must be within {low}..{high}, got {values[key]}")
+    if values.get("intro_bars", 0) > 0 and values.get("loop") is False:
+        problem(at("intro_bars"), label, "intro_bars: a jingle (loop = false) has no intro; remove one of them")
     if "tempo" in values and not 20 <= values["tempo"] <= 400:
         problem(at("tempo"), label, f"tempo: {values['tempo']} qpm is outside 20..400")
-    if "temperature" in values and values["temperature"] <= 0:
-        problem(at("temperature"), label, "temperature: must be greater than 0")
+    if "temperature" in values and not 0 < values["temperature"] < math.inf:
+        problem(at("temperature"), label,
+                f"temperature: must be a finite number greater than 0, got {values['temperature']}")
     if "transpose" in values and not -24 <= values["transpose"] <= 24:
         problem(at("transpose"), label, "transpose: must be within -24..24 semitones")
     primers = [k for k in ("primer_pitches", "primer_melody", "primer_midi") if k in values]
@@ -357,7 +386,7 @@ def _check_preset(preset: str, root: Path, line, label: str, problem) -> None:
 def _resolve_file(value: str, root: Path, check: bool, line: int, label: str, key: str, problem) -> Path:
     p = (root / value).expanduser().resolve()
     if check and not p.is_file():
-        problem(line, label, f"{key}: file not found: {value}")
+        problem(line, label, f"{key}: {'a folder, not a file' if p.is_dir() else 'file not found'}: {value}")
     return p
 
 

@@ -45,6 +45,7 @@ octave and echo apply as for built-ins)::
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -216,7 +217,8 @@ def load_preset(name_or_path: str | Path, base_dir: Path | None = None) -> Prese
         if not path.is_absolute():
             path = (base_dir or Path.cwd()) / path
         if not path.is_file():
-            raise ChiptuneError(f"{path}: preset file not found")
+            what = "a folder, not a preset file" if path.is_dir() else "preset file not found"
+            raise ChiptuneError(f"{path}: {what}")
         return parse_preset(path.read_bytes(), path.stem, path)
     name = str(name_or_path)
     path = shipped_presets_dir() / f"{name}.toml"
@@ -438,10 +440,13 @@ class _Validator:
             if not isinstance(item, dict):
                 raise self.fail(key, "expected a table with a type")
             kind = item.get("type")
+            if kind is None:
+                raise self.fail(f"{key}.type", "missing: the pedalboard effect to use, e.g. type = \"Reverb\"")
             if kind not in kinds:
                 raise self.fail(f"{key}.type", f"unknown effect {kind!r}{_did_you_mean(str(kind), kinds)}")
             cls = getattr(pedalboard, kind)
-            allowed = effect_parameters(cls)
+            types = effect_parameters(cls)
+            allowed = sorted(types)
             params = []
             for name, value in item.items():
                 if name == "type":
@@ -453,6 +458,8 @@ class _Validator:
                     value = str((self.folder / value).resolve())
                 if not isinstance(value, bool | int | float | str):
                     raise self.fail(f"{key}.{name}", f"expected a number, true/false or a string, got {value!r}")
+                if types[name] in ("float", "int") and (isinstance(value, bool | str) or not math.isfinite(value)):
+                    raise self.fail(f"{key}.{name}", f"expected a finite number, got {value!r}")
                 params.append((name, value))
             spec = EffectSpec(kind, tuple(params))
             try:
@@ -463,10 +470,11 @@ class _Validator:
         return tuple(out)
 
 
-def effect_parameters(cls: type) -> list[str]:
-    """Constructor parameter names of a pedalboard effect, read from its signature text."""
-    doc = cls.__init__.__doc__ or ""
-    return sorted({name for name in re.findall(r"(\w+): ", doc) if name != "self"})
+def effect_parameters(cls: type) -> dict[str, str]:
+    """Constructor parameter names of a pedalboard effect and their declared types ("float", "bool",
+    "Union[...]", ...), read from its signature text (the native classes have no inspectable signature)."""
+    doc = (cls.__init__.__doc__ or "").splitlines()[0] if cls.__init__.__doc__ else ""
+    return {name: kind for name, kind in re.findall(r"(?:\(|, )(\w+): ([\w.]+(?:\[[^\]]*\])?)", doc) if name != "self"}
 
 
 def make_effect(spec: EffectSpec) -> Any:

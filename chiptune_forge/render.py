@@ -335,4 +335,6 @@ def check_output_path(path: str | Path) -> Path:
         raise ChiptuneError(f"{p}: unsupported output format {p.suffix or '(none)'!r} (use .wav or .ogg)")
     if str(p.parent) and not p.parent.is_dir():
         raise ChiptuneError(f"{p}: folder {p.parent} does not exist")
+    if p.is_dir():
+        raise ChiptuneError(f"{p}: is a folder; name the file to write")
     return p

@@ -261,6 +261,51 @@ def test_failed_export_keeps_previous_assets(tmp_path: Path, monkeypatch: pytest
     assert {p.name: p.read_bytes() for p in music.iterdir()} == before
 
 
+def test_damaged_lock_state_and_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = project(tmp_path)
+    root = manifest.parent
+    build(manifest)
+    lock_path = root / LOCK_NAME
+    good_lock = lock_path.read_text()
+    capsys.readouterr()
+
+    # An unreadable lock stops the build (exit 2) instead of silently generating new takes.
+    for text in ("garbage {", "[1, 2]"):
+        lock_path.write_text(text)
+        assert main(["build", str(manifest)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"chiptune-forge: error: {lock_path}: ") and "Traceback" not in err
+        assert lock_path.read_text() == text, "the damaged lock is left for the user to restore"
+
+    # A damaged take fails its track only; the others build.
+    damaged = json.loads(good_lock)
+    damaged["tracks"]["theme"]["events"] = "AAA"
+    lock_path.write_text(json.dumps(damaged))
+    (root / CACHE_DIR / "state.json").unlink()
+    report = build(manifest, force=True)
+    by_name = {t.name: t for t in report.tracks}
+    assert by_name["theme"].status == "failed" and "--regenerate theme" in by_name["theme"].error
+    assert by_name["given"].status == "built"
+
+    # A damaged state.json is only a cache: the build starts over.
+    lock_path.write_text(good_lock)
+    (root / CACHE_DIR / "state.json").write_text("[]")
+    assert all(t.status == "built" for t in build(manifest).tracks)
+
+    # A damaged audio cache is rendered again.
+    for npz in (root / CACHE_DIR / "audio").glob("*.npz"):
+        npz.write_bytes(npz.read_bytes()[:100])
+    report = build(manifest)
+    assert statuses(report)["theme"] == ("built", ("render", "export"))
+    assert "render: audio cache missing or damaged" in {t.name: t for t in report.tracks}["theme"].reasons
+
+    # A deleted lock is written again from the cached takes, without generating.
+    lock_path.unlink()
+    assert statuses(build(manifest))["theme"] == ("built", ("lock",))
+    assert json.loads(lock_path.read_text())["tracks"]["theme"] == json.loads(good_lock)["tracks"]["theme"]
+    assert statuses(build(manifest))["theme"] == ("skipped", ())
+
+
 def _build_killed_when(manifest: Path, moment) -> bool:
     """Run a build in a subprocess and SIGKILL its whole process group as soon as `moment()` is true;
     whether that moment came before the build ended."""

@@ -155,3 +155,20 @@ def test_corpus_sample(corpus_dir: Path, tmp_path: Path) -> None:
     for split in ("train", "eval"):
         for seq in load_split(tmp_path / "out", split):
             assert np.sum(seq == STEP_END) <= 512
+
+
+def test_a_damaged_dataset_names_the_file(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["dataset", "--input-dir", str(make_folder(tmp_path / "in", good=4)), "--output-dir", str(out),
+                 "--eval-ratio", "0.25", "--transpose", "0,0"]) == 0
+    assert load_split(out, "train")
+    shard = out / json.loads((out / "summary.json").read_text())["splits"]["train"]["shards"][0]
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(ChiptuneError, match=f"^{shard}: damaged or missing dataset shard .*rebuild the dataset$"):
+        load_split(out, "train")
+    shard.unlink()
+    with pytest.raises(ChiptuneError, match=f"^{shard}: damaged or missing dataset shard"):
+        load_split(out, "train")
+    (out / "summary.json").write_text("{")
+    with pytest.raises(ChiptuneError, match=f"^{out / 'summary.json'}: damaged dataset summary"):
+        load_split(out, "train")

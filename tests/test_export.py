@@ -377,8 +377,9 @@ def test_render_cli_jingle_wav(midi_file, tmp_path):
     (["--loop", "--intro-bars", "3"], "leaves no body"),
     (["--intro-bars", "1"], "needs a looping track"),
     (["--loop", "--sample-rate", "22050"], "unsupported sample rate 22050 Hz"),
-    (["--loop", "--loudness", "3"], "--loudness 3.0 LUFS is out of range"),
-    (["--loop", "--true-peak", "0.5"], "--true-peak 0.5 dBTP is above full scale"),
+    (["--loop", "--loudness", "3"], "--loudness 3 LUFS is out of range"),
+    (["--loop", "--true-peak", "0.5"], "--true-peak 0.5 dBTP is out of range"),
+    (["--loop", "--true-peak", "-80"], "--true-peak -80 dBTP is out of range"),
 ])
 def test_render_cli_refuses_bad_requests(midi_file, tmp_path, capsys, args, message):
     out = tmp_path / "music"
@@ -387,3 +388,20 @@ def test_render_cli_refuses_bad_requests(midi_file, tmp_path, capsys, args, mess
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not any(out.iterdir())
+
+
+def test_render_cli_refuses_a_folder_as_output(midi_file, tmp_path, capsys):
+    folder = tmp_path / "theme.ogg"
+    folder.mkdir()
+    assert main(["render", str(midi_file), "-o", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"chiptune-forge: error: {folder}: is a folder; name the file to write\n"
+    assert not any(folder.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["in.mid", "theme.ogg"]
+
+
+def test_render_cli_says_the_loudness_it_reached(midi_file, tmp_path, capsys):
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "loud.wav"), "--loudness", "-1"]) == 0
+    out = capsys.readouterr().out
+    reached = json.loads((tmp_path / "loud.json").read_text())["loudness_lufs"]
+    assert reached < -1.5, "a -1 LUFS target is out of reach under a -1 dBTP ceiling"
+    assert f"to {reached:.1f} LUFS (short of -1: held back by the -1 dBTP ceiling)" in out

@@ -415,3 +415,13 @@ def test_unreadable_inputs_fail_cleanly(model_dir: Path, tmp_path: Path, capsys:
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_outputs_without_notes_are_pointed_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_model(tmp_path / "m", step_end_bias=50.0)  # the argmax always closes the step
+    assert main(["generate", "--model", str(folder), "--output-dir", str(tmp_path / "g"), "--num-outputs", "1",
+                 "--bars", "1", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("wrote 1 MIDI file and ")
+    assert err == ("chiptune-forge: warning: 1 of 1 outputs have no notes (the model ended or only closed steps; "
+                   "give a primer or a higher --temperature)\n")

@@ -146,3 +146,63 @@ def test_a_midi_tracks_body_runs_to_its_last_bar_line_unless_bars_is_given(tmp_p
     path = write(tmp_path, '[[track]]\nname = "given"\nmidi = "song.mid"\n\n[[track]]\nname = "made"\n'
                            '\n[[track]]\nname = "cut"\nmidi = "song.mid"\nbars = 2\n')
     assert [t.bars for t in load_manifest(path).tracks] == [None, 8, 2]
+
+
+def test_limits_conflicts_and_clashing_file_names(tmp_path: Path) -> None:
+    (tmp_path / "music").write_text("not a folder")
+    path = write(tmp_path, """\
+[project]
+true_peak_db = -80
+split = true
+
+[[track]]
+name = "a"
+bars = 100000
+candidates = 1000000
+temperature = inf
+
+[[track]]
+name = "jingle"
+loop = false
+intro_bars = 1
+
+[[track]]
+name = "A"
+
+[[track]]
+name = "a_loop"
+
+[[track]]
+name = ".hidden"
+""")
+    problems = problems_of(path)
+    text = "\n".join(problems)
+    assert f"{path}:1: [project] output_dir: {(tmp_path / 'music').resolve()} is a file, not a folder" in problems
+    assert f"{path}:2: [project] true_peak_db: -80 is out of range (use -20 to 0, e.g. -1)" in problems
+    assert f"{path}:7: track 'a': bars: must be within 1..512, got 100000" in problems
+    assert f"{path}:8: track 'a': candidates: must be within 1..256, got 1000000" in problems
+    assert f"{path}:9: track 'a': temperature: must be a finite number greater than 0, got inf" in problems
+    assert f"{path}:14: track 'jingle': intro_bars: a jingle (loop = false) has no intro; remove one of them" \
+        in problems
+    assert "track 'A': name: duplicate of the track at line 5 (names differ only in case" in text
+    assert f"{path}:19: track 'a_loop': name: the same file as track 'a''s split clip (split = true)" in problems
+    assert "track '.hidden': name: use letters, digits, '_', '-' and '.' only, not starting with '.'" in text
+
+
+def test_output_dir_cannot_be_the_build_cache(tmp_path: Path) -> None:
+    path = write(tmp_path, '[project]\noutput_dir = ".chiptune"\n\n[[track]]\nname = "a"\n')
+    assert problems_of(path) == [f"{path}:2: [project] output_dir: .chiptune is the build cache's folder; "
+                                 "choose another"]
+
+
+def test_init_into_a_missing_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", str(tmp_path / "no" / "such" / "chiptune.toml")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"chiptune-forge: error: {tmp_path / 'no' / 'such' / 'chiptune.toml'}: ")
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "chiptune.toml"
+    path.write_bytes(b"\xef\xbb\xbf[[track]]\nname = \"a\"\n")
+    assert [t.name for t in load_manifest(path).tracks] == ["a"]

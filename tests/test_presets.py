@@ -105,6 +105,10 @@ def error_for(tmp_path: Path, text: str) -> str:
     ("[[effects]]\ntype = \"Reverb\"\nroom_sise = 0.3\n", ["effects[0].room_sise: unknown parameter for Reverb",
                                                           "did you mean 'room_size'"]),
     ("[[effects]]\ntype = \"Reverb\"\nroom_size = 3.0\n", ["effects[0]: Reverb:", "between 0.0 and 1.0"]),
+    ("[[effects]]\ntype = \"Reverb\"\nroom_size = \"big\"\n", ["effects[0].room_size: expected a finite number, "
+                                                               "got 'big'"]),
+    ("[[effects]]\ntype = \"Gain\"\ngain_db = nan\n", ["effects[0].gain_db: expected a finite number, got nan"]),
+    ("[[effects]]\ngain_db = 3\n", ["effects[0].type: missing: the pedalboard effect to use"]),
 ])
 def test_broken_presets_name_the_file_and_key(tmp_path: Path, text: str, expected: list[str]) -> None:
     message = error_for(tmp_path, text)

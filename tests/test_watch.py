@@ -235,3 +235,11 @@ def test_once_after_ends_by_itself(project: tuple[Path, Path]) -> None:
         assert watch.proc.wait(timeout=10) == 0
     finally:
         watch.stop()
+
+
+def test_a_missing_manifest_is_an_error_not_a_watch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from chiptune_forge.cli import main
+
+    assert main(["watch", str(tmp_path / "nosuch"), "--once-after", "5"]) == 2
+    assert capsys.readouterr().err == (f"chiptune-forge: error: {tmp_path / 'nosuch'}: manifest not found "
+                                       "(create one with 'chiptune-forge init')\n")
