@@ -252,6 +252,8 @@ def midi_from_file(track: TrackSpec) -> bytes:
     from .midi import Piece, build_midifile, read_midi
 
     piece = read_midi(track.midi)  # a broken file is reported under its own name, not the cache copy's
+    if not piece.notes:
+        raise ChiptuneError(f"{track.midi}: no notes to render")
     if not track.transpose:
         return track.midi.read_bytes()
     notes = []

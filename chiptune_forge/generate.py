@@ -517,7 +517,10 @@ def generate(model: LstmModel, request: GenerationRequest) -> list[GeneratedPiec
     total_steps = request.total_steps
     primer_steps = primer.num_steps if primer is not None else 0
     if primer_steps > total_steps:
-        raise ChiptuneError(f"num-steps ({total_steps}) is shorter than the primer ({primer_steps} steps)")
+        source = f"{request.primer_midi}: " if request.primer_midi is not None else ""
+        bars = f"{request.bars} bar{'' if request.bars == 1 else 's'}"
+        asked = f"{bars} ({total_steps} steps)" if request.bars is not None else f"num-steps ({total_steps})"
+        raise ChiptuneError(f"{source}the primer is {primer_steps} steps, longer than the {asked} to generate")
     primer_events = encode(primer, start=False, end=False).astype(np.int64) if primer is not None else None
     conditioned = primer_events is not None and request.condition_on_primer
     prefix = np.concatenate([[START], primer_events]) if conditioned else np.array([START])

@@ -368,3 +368,20 @@ def test_example_game_plays_headless(tmp_path: Path) -> None:
     assert lines[-1] == "bye"
     captured = np.frombuffer((tmp_path / "audio.raw").read_bytes(), dtype=np.int16)
     assert captured.size > 0 and np.abs(captured).max() > 0, "the music was actually played"
+
+
+def test_track_problems_found_while_building_name_the_file(tmp_path: Path) -> None:
+    import mido
+
+    tiny_model(tmp_path / "model")
+    simple_song(tmp_path / "song.mid", bars=3)
+    empty = mido.MidiFile()
+    empty.tracks.append(mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=500000)]))
+    empty.save(tmp_path / "empty.mid")
+    (tmp_path / "chiptune.toml").write_text('[project]\nmodel = "model"\nsample_rate = 32000\n\n'
+                                            '[[track]]\nname = "primed"\nbars = 1\nprimer_midi = "song.mid"\n\n'
+                                            '[[track]]\nname = "silent"\nmidi = "empty.mid"\nbars = 1\n')
+    errors = {t.name: t.error for t in build(tmp_path / "chiptune.toml").tracks}
+    assert errors["primed"].startswith(f"{tmp_path / 'song.mid'}: the primer is ")
+    assert errors["primed"].endswith(", longer than the 1 bar (16 steps) to generate")
+    assert errors["silent"] == f"{tmp_path / 'empty.mid'}: no notes to render"

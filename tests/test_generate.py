@@ -381,7 +381,7 @@ def test_the_classic_command_runs_against_the_shipped_model(tmp_path: Path) -> N
     (["--hparams=batch_size=many"], "batch_size"),
     (["--hparams=batch_sise=64"], "batch_sise"),
     (["--primer-pitches=[60,130]"], "130 is not a MIDI pitch"),
-    (["--primer-melody=[60,-2,-2,-2]", "--num-steps=3"], "num-steps (3) is shorter than the primer (4 steps)"),
+    (["--primer-melody=[60,-2,-2,-2]", "--num-steps=3"], "the primer is 4 steps, longer than the num-steps (3) to"),
     (["--beam-size=0"], "beam-size must be a whole number of at least 1"),
     (["--branch_factor=0"], "branch-factor must be a whole number of at least 1"),
     (["--steps-per-iteration=0"], "steps-per-iteration must be"),
