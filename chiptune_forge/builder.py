@@ -49,7 +49,8 @@ STEPS_PER_BAR = 16
 
 @dataclass
 class TrackReport:
-    """What happened to one track: `status` is built, skipped, failed or outdated (with --check)."""
+    """What happened to one track: `status` is built, skipped, failed, outdated (with --check) or removed (no
+    longer in the manifest: its assets were deleted)."""
 
     name: str
     status: str = "skipped"
@@ -72,7 +73,7 @@ class BuildReport:
 
     @property
     def changed(self) -> list[TrackReport]:
-        return [t for t in self.tracks if t.status in ("built", "outdated")]
+        return [t for t in self.tracks if t.status in ("built", "outdated", "removed")]
 
     def to_dict(self) -> dict[str, Any]:
         return {"manifest": self.manifest, "seconds": round(self.seconds, 3),
@@ -415,10 +416,13 @@ class Builder:
         report = BuildReport(str(self.m.path))
         if self.check:
             self._plan(report)
+            report.tracks += [TrackReport(name, "outdated", reasons=["removed from the manifest"])
+                              for name in self._removed(self._state())]
         else:
             with build_lock(self.cache):
                 self._clean_partials()
                 self._build(report)
+                self._drop_removed(report)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -780,6 +784,28 @@ class Builder:
                     f.unlink(missing_ok=True)
                 for f in folder.glob(".*.partial"):
                     f.unlink(missing_ok=True)
+
+    def _removed(self, state: dict) -> list[str]:
+        names = {t.name for t in self.m.tracks}
+        return sorted(name for name in state["tracks"] if name not in names)
+
+    def _drop_removed(self, report: BuildReport) -> None:
+        """Delete the assets this tool wrote for tracks no longer in the manifest (a renamed track would
+        otherwise leave its old file in the game's music folder) and forget their state and lock entries."""
+        state = self._state()
+        removed = self._removed(state)
+        if not removed:
+            return
+        lock = self._lock()
+        for name in removed:
+            files = state["tracks"].pop(name).get("files", [])
+            for f in files:
+                Path(f).unlink(missing_ok=True)
+            lock["tracks"].pop(name, None)
+            report.tracks.append(TrackReport(name, "removed", reasons=["removed from the manifest"], files=files))
+        self._prune(state)
+        write_json(self.cache / "state.json", state)
+        write_json(self.lock_path, lock)
 
     def _prune(self, state: dict) -> None:
         """Keep only the audio cache entries that the current state points to."""

@@ -271,6 +271,8 @@ def _run_build(args: argparse.Namespace) -> int:
                 print(f"{t.name}: built [{', '.join(t.stages) or 'export'}] in {t.seconds:.2f} s{why}")
             elif t.status == "outdated":
                 print(f"{t.name}: out of date{why}")
+            elif t.status == "removed":
+                print(f"{t.name}: removed from the manifest; deleted {', '.join(Path(f).name for f in t.files)}")
             else:
                 print(f"{t.name}: up to date")
     if report.failed:
@@ -288,8 +290,6 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .manifest import STARTER
 
     path = Path(args.path)
@@ -315,8 +315,6 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_watch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .watch import Watcher
 
     manifest = Path(args.manifest)

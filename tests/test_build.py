@@ -385,3 +385,19 @@ def test_track_problems_found_while_building_name_the_file(tmp_path: Path) -> No
     assert errors["primed"].startswith(f"{tmp_path / 'song.mid'}: the primer is ")
     assert errors["primed"].endswith(", longer than the 1 bar (16 steps) to generate")
     assert errors["silent"] == f"{tmp_path / 'empty.mid'}: no notes to render"
+
+
+def test_a_removed_track_takes_its_assets_along(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = project(tmp_path)
+    music = manifest.parent / "music"
+    build(manifest)
+    assert sorted(p.name for p in music.iterdir()) == ["given.json", "given.ogg", "theme.json", "theme.ogg"]
+    manifest.write_text(manifest.read_text().replace('name = "given"', 'name = "song"'))
+    capsys.readouterr()
+    assert main(["build", str(manifest), "--check"]) == 1
+    assert "given: out of date (removed from the manifest)" in capsys.readouterr().out
+    assert main(["build", str(manifest)]) == 0
+    assert "given: removed from the manifest; deleted given.ogg, given.json" in capsys.readouterr().out
+    assert sorted(p.name for p in music.iterdir()) == ["song.json", "song.ogg", "theme.json", "theme.ogg"]
+    assert set(json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]) == {"theme"}
+    assert main(["build", str(manifest), "--check"]) == 0
