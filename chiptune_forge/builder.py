@@ -504,7 +504,7 @@ class Builder:
         elif needs_render:
             plan["reasons"].append("render: audio cache missing or damaged")
         plan["render"] = needs_render or self.force
-        files_ok = bool(old.get("files")) and all(Path(f).is_file() for f in old.get("files", []))
+        files_ok = bool(old.get("files")) and all(self._owns(f) and Path(f).is_file() for f in old.get("files", []))
         export_changed = old.get("export_inputs") != export_in
         if export_changed and not plan["render"]:
             plan["reasons"].append("export: " + ", ".join(changed_inputs(old.get("export_inputs"), export_in)))
@@ -619,7 +619,8 @@ class Builder:
                 continue
             files = results[t.name]["files"]
             for stale in old_files - set(files):
-                Path(stale).unlink(missing_ok=True)
+                if self._owns(stale):
+                    Path(stale).unlink(missing_ok=True)
             state["tracks"][t.name] = {
                 "gen_inputs": plan.get("gen_inputs"), "render_key": plan["render_key"],
                 "render_inputs": plan["render_inputs"], "export_inputs": plan["export_inputs"],
@@ -785,6 +786,11 @@ class Builder:
                 for f in folder.glob(".*.partial"):
                     f.unlink(missing_ok=True)
 
+    def _owns(self, file: str) -> bool:
+        """Whether a file recorded in the state is in this project's output folder. A project folder copied
+        with its .chiptune/ keeps the original's paths in its state, and those files are not ours to touch."""
+        return Path(file).parent == self.m.project.output_dir
+
     def _removed(self, state: dict) -> list[str]:
         names = {t.name for t in self.m.tracks}
         return sorted(name for name in state["tracks"] if name not in names)
@@ -798,7 +804,7 @@ class Builder:
             return
         lock = self._lock()
         for name in removed:
-            files = state["tracks"].pop(name).get("files", [])
+            files = [f for f in state["tracks"].pop(name).get("files", []) if self._owns(f)]
             for f in files:
                 Path(f).unlink(missing_ok=True)
             lock["tracks"].pop(name, None)

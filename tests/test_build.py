@@ -401,3 +401,21 @@ def test_a_removed_track_takes_its_assets_along(tmp_path: Path, capsys: pytest.C
     assert sorted(p.name for p in music.iterdir()) == ["song.json", "song.ogg", "theme.json", "theme.ogg"]
     assert set(json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]) == {"theme"}
     assert main(["build", str(manifest), "--check"]) == 0
+
+
+def test_a_copied_project_never_touches_the_original_assets(tmp_path: Path) -> None:
+    import shutil
+
+    manifest = project(tmp_path)
+    build(manifest)
+    original = {p.name: p.read_bytes() for p in (manifest.parent / "music").iterdir()}
+    copy = tmp_path / "copy"
+    shutil.copytree(manifest.parent, copy)  # .chiptune/ included: its state names the original's files
+    text = (copy / "chiptune.toml").read_text().replace('name = "given"', 'name = "song"')
+    (copy / "chiptune.toml").write_text(text.replace('formats = ["ogg"]', 'formats = ["wav"]'))
+    report = build(copy / "chiptune.toml")
+    assert not report.failed, [t.error for t in report.failed]
+    assert {p.name: p.read_bytes() for p in (manifest.parent / "music").iterdir()} == original
+    # The copy gets its own assets; the files copied along stay, as nothing proves this build wrote them.
+    assert sorted(p.name for p in (copy / "music").iterdir()) == ["given.json", "given.ogg", "song.json", "song.wav",
+                                                                  "theme.json", "theme.ogg", "theme.wav"]
