@@ -100,6 +100,12 @@ def key_of(inputs: dict[str, Any]) -> str:
     return sha256_bytes(json.dumps(inputs, sort_keys=True, default=str).encode())[:32]
 
 
+def lock_only(plan: dict[str, Any]) -> bool:
+    """A take made earlier (in the generation cache) that only needs recording in the lock: nothing to render
+    or export."""
+    return plan.get("take") == "cache" and not (plan["render"] or plan["export"])
+
+
 def changed_inputs(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     if old is None:
         return ["new"]
@@ -538,7 +544,7 @@ class Builder:
                 report.tracks.append(TrackReport(track.name, "failed", error=str(exc)))
                 continue
             plans[track.name] = plan
-            todo = plan["generate"] or plan["render"] or plan["export"] or plan.get("take") == "cache"
+            todo = plan["generate"] or plan["render"] or plan["export"] or lock_only(plan)
             status = ("outdated" if self.check else "pending") if todo else "skipped"
             report.tracks.append(TrackReport(track.name, status, reasons=list(plan["reasons"]),
                                              files=list(state["tracks"].get(track.name, {}).get("files", []))))
@@ -597,7 +603,7 @@ class Builder:
         export_jobs = {}
         for t in ok:
             plan = plans[t.name]
-            if not (plan["render"] or plan["export"]):  # only its take was recorded in the lock
+            if lock_only(plan):
                 continue
             sidecar = {"midi_sha256": sha256_file(midi_paths[t.name]), "tempo": t.tempo if t.midi is None else None,
                        "preset": self.m.preset_for(t), "source": str(t.midi.relative_to(self.root))
@@ -650,8 +656,8 @@ class Builder:
             events, index = self._take(track, plan, lock, rep)
             data = midi_from_events(events, track)
             played = {"midi_sha256": sha256_bytes(data), "tempo": track.tempo, "transpose": track.transpose}
-            if plan["take"] == "cache" and not (plan["render"] or plan["export"]):
-                rep.stages.append("lock")  # only the lock changes: a take made earlier is recorded in it
+            if lock_only(plan):
+                rep.stages.append("lock")
             if plan["take"] == "lock":  # the take and where it came from stay as locked
                 lock["tracks"][track.name] |= played
             else:

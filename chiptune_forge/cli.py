@@ -290,11 +290,9 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    from .manifest import STARTER
+    from .manifest import STARTER, manifest_file
 
-    path = Path(args.path)
-    if path.is_dir():
-        path = path / "chiptune.toml"
+    path = manifest_file(args.path)
     if path.exists():
         raise ChiptuneError(f"{path}: already exists; not overwriting it")
     path.write_text(STARTER, encoding="utf-8")
@@ -315,10 +313,10 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_watch(args: argparse.Namespace) -> int:
+    from .manifest import manifest_file
     from .watch import Watcher
 
-    manifest = Path(args.manifest)
-    manifest = manifest / "chiptune.toml" if manifest.is_dir() else manifest
+    manifest = manifest_file(args.manifest)
     if not manifest.is_file():  # a typo would otherwise watch a folder forever for a file that never comes
         print(f"chiptune-forge: error: {manifest}: manifest not found (create one with 'chiptune-forge init')",
               file=sys.stderr)
@@ -476,14 +474,14 @@ def _run_render(args: argparse.Namespace) -> int:
 
     from .export import export_track, file_sha256, measure_loudness, normalize
     from .loops import render_track
-    from .manifest import TRUE_PEAK_RANGE
+    from .manifest import LOUDNESS_RANGE, TRUE_PEAK_RANGE
     from .midi import read_midi
     from .presets import load_preset
     from .render import check_output_path, check_sample_rate, render_piece
 
     output = check_output_path(args.output)
     check_sample_rate(args.sample_rate)
-    if not -70.0 <= args.loudness < 0.0:
+    if not LOUDNESS_RANGE[0] <= args.loudness < LOUDNESS_RANGE[1]:
         raise ChiptuneError(f"--loudness {args.loudness:g} LUFS is out of range (use -70 up to below 0, e.g. -16)")
     if not TRUE_PEAK_RANGE[0] <= args.true_peak <= TRUE_PEAK_RANGE[1]:
         raise ChiptuneError(f"--true-peak {args.true_peak:g} dBTP is out of range (use {TRUE_PEAK_RANGE[0]:g} to 0, "

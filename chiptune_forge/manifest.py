@@ -25,6 +25,9 @@ MAX_BARS = 512
 MAX_CANDIDATES = 256
 TRUE_PEAK_RANGE = (-20.0, 0.0)
 """dBTP ceilings accepted: below -20 a track would be normalized to near silence."""
+LOUDNESS_RANGE = (-70.0, 0.0)
+"""LUFS targets accepted: from the BS.1770 absolute gate up to (not including) full scale."""
+MANIFEST_NAME = "chiptune.toml"
 GENERATION_KEYS = ("seed", "temperature", "primer_pitches", "primer_melody", "primer_midi", "candidates", "pick",
                    "tempo")
 
@@ -145,11 +148,15 @@ class _Lines:
         return self.tables.get((table, index), 1)
 
 
+def manifest_file(path: str | Path) -> Path:
+    """The manifest a command-line argument names: the file itself, or chiptune.toml in that folder."""
+    path = Path(path)
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
 def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     """Parse and validate a manifest; raise ManifestError listing every problem."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "chiptune.toml"
+    path = manifest_file(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # editors on Windows may add a byte-order mark
     except FileNotFoundError:
@@ -233,7 +240,7 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
     if not TRUE_PEAK_RANGE[0] <= settings.true_peak_db <= TRUE_PEAK_RANGE[1]:
         problem(lines.of("project", 0, "true_peak_db"), "[project] ",
                 f"true_peak_db: {settings.true_peak_db:g} is out of range (use {TRUE_PEAK_RANGE[0]:g} to 0, e.g. -1)")
-    if not -70.0 <= settings.loudness_lufs < 0.0:
+    if not LOUDNESS_RANGE[0] <= settings.loudness_lufs < LOUDNESS_RANGE[1]:
         problem(lines.of("project", 0, "loudness_lufs"), "[project] ",
                 f"loudness_lufs: {settings.loudness_lufs:g} is out of range (use -70 up to below 0, e.g. -16)")
 

@@ -473,7 +473,7 @@ class _Validator:
 def effect_parameters(cls: type) -> dict[str, str]:
     """Constructor parameter names of a pedalboard effect and their declared types ("float", "bool",
     "Union[...]", ...), read from its signature text (the native classes have no inspectable signature)."""
-    doc = (cls.__init__.__doc__ or "").splitlines()[0] if cls.__init__.__doc__ else ""
+    doc = (cls.__init__.__doc__ or "\n").splitlines()[0]
     return {name: kind for name, kind in re.findall(r"(?:\(|, )(\w+): ([\w.]+(?:\[[^\]]*\])?)", doc) if name != "self"}
 
 

@@ -22,7 +22,7 @@ from watchdog.observers import Observer
 
 from .builder import CACHE_DIR, Builder, BuildReport, new_executor
 from .errors import ChiptuneError
-from .manifest import ManifestError, load_manifest
+from .manifest import ManifestError, load_manifest, manifest_file
 
 RELEVANT_SUFFIXES = {".toml", ".mid", ".midi", ".npz", ".json", ".vstpreset", ".bin", ".vst3"}
 
@@ -123,8 +123,7 @@ def _stop_executor(executor: ProcessPoolExecutor) -> None:
 class Watcher:
     def __init__(self, manifest: str | Path, debounce: float = 0.2, log: Callable[[str], None] = print,
                  workers: int = 2) -> None:
-        path = Path(manifest)
-        self.path = (path / "chiptune.toml" if path.is_dir() else path).resolve()
+        self.path = manifest_file(manifest).resolve()
         self.debounce = debounce
         self.log = log
         self.workers = workers
