@@ -54,7 +54,7 @@ def windows(sequences: list[np.ndarray]) -> np.ndarray:
 
 
 def baseline_model():
-    import keras
+    from chiptune_forge.model.framework import keras
 
     model = keras.Sequential([keras.Input((WINDOW, CLASSES))]
                              + [keras.layers.LSTM(UNITS, return_sequences=True) for _ in range(3)]
@@ -104,8 +104,7 @@ def main() -> int:
     print(f"data: {source}: {len(train_seqs)} training sequences (mean {lengths.mean():.0f} events, "
           f"max {lengths.max()}), {len(held_out)} held out")
 
-    import keras
-
+    from chiptune_forge.model.framework import keras
     from chiptune_forge.model.network import LOOP_GROUPS, build_model
     from chiptune_forge.model.train import BatchSchedule, make_chunks, make_optimizer, make_train_step
 

@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +251,22 @@ def test_shipped_default_model_is_complete_and_small() -> None:
     assert description["training_steps"] > 0 and description["eval"]["loss"] < 4.0
     logits = numpy_logits(description, arrays, np.array([[START, NEW_NOTE + 60, STEP_END]]))
     assert np.isfinite(logits).all()
+
+
+def test_tensorflow_start_up_chatter_is_kept_off_stderr() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = ("import sys; from chiptune_forge.model.framework import tf; "
+            "print('after the import', file=sys.stderr); print(tf.constant(2.0).numpy())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2.0"
+    assert done.stderr == "after the import\n"
+
+
+def test_only_tensorflow_info_lines_count_as_chatter() -> None:
+    from chiptune_forge.model.framework import _CHATTER
+
+    assert _CHATTER.match("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR")
+    assert _CHATTER.match("I0000 00:00:1795754566.894543    9547 port.cc:153] oneDNN custom operations are on.")
+    assert not _CHATTER.match("E0000 00:00:1795754594.788571    9638 cuda_platform.cc:52] failed call to cuInit")
+    assert not _CHATTER.match("UserWarning: something the user should see")

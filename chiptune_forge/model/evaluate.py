@@ -11,12 +11,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
 from ..dataset import load_split
 from ..encoding import DEFAULT_EVENT
 from ..errors import ChiptuneError
 from ..hparams import HParams
+from .framework import tf
 from .network import build_model
 
 EVAL_ROWS = 16

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import os
 
-import keras
-import tensorflow as tf
-
 from ..encoding import NUM_CLASSES
 from ..hparams import HParams
+from .framework import keras, tf
 
 LOOP_GROUPS = max(1, min(4, os.cpu_count() or 1))
 _compiled = tf.function(jit_compile=True, reduce_retracing=True)

@@ -130,7 +130,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def make_optimizer(hparams: HParams):
-    import keras
+    from .framework import keras
 
     return keras.optimizers.Adam(learning_rate=hparams.learning_rate, global_clipnorm=hparams.clip_norm)
 
@@ -269,7 +269,7 @@ def make_train_step(model, optimizer):
     The step is a graph but not one XLA program: the network's recurrent loops are compiled on their own
     so that independent groups of rows run on different cores at once.
     """
-    import tensorflow as tf
+    from .framework import tf
 
     @tf.function(reduce_retracing=True)
     def train_step(x, y, mask):
@@ -288,10 +288,9 @@ def make_train_step(model, optimizer):
 
 def train(options: TrainOptions) -> dict:
     """Train (or resume) until num_training_steps (0: until stopped); returns the final counters."""
-    import tensorflow as tf
-
     from .evaluate import evaluate_model
     from .export import export_weights
+    from .framework import tf
 
     run_dir = options.run_dir
     config = resolve_config(options)
