@@ -3,11 +3,13 @@
 Generation feeds one event per sequence per step, so the network runs as a recurrence with carried state;
 numpy does that in a fraction of the time TensorFlow needs just to import, which keeps a build step fast.
 
-Batches are padded to a multiple of ROW_TILE rows and every matrix product is a stack of ROW_TILE-row
-products: BLAS computes a row of one large product with different last bits depending on how many rows there
-are (other kernels, other blocking), but a fixed-size product treats each of its rows alike. So a sequence's
-numbers, and with them its samples, do not depend on how many sequences are generated beside it. Numpy's
-element-wise functions and row reductions are per-row exact already.
+Batches are padded to a whole number of row tiles and every matrix product is a stack of fixed-size
+products (tiles of rows): BLAS computes a row of one large product with different last bits depending on how many rows
+there are (other kernels, other blocking), but a fixed-size product treats each of its rows alike. So a
+sequence's numbers, and with them its samples, do not depend on how many sequences are generated beside it.
+Numpy's element-wise functions and row reductions are per-row exact already. A weight matrix too large to
+stay in a core's cache is multiplied in tiles of 16 rows (it is read once per 16 rows, not once per 4);
+smaller ones in tiles of 4, and a model without large weights pads its batches to 4 rows only.
 """
 
 from __future__ import annotations
@@ -29,39 +31,47 @@ MODEL_FORMAT = "chiptune-forge-lstm-1"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
 MODEL_JSON = "model.json"
 WEIGHTS_NPZ = "weights.npz"
-ROW_TILE = 4  # rows per matrix product (see the module doc)
-_PAD_EVENTS = np.full(ROW_TILE, STEP_END, dtype=np.int64)
+SMALL_TILE, LARGE_TILE = 4, 16  # rows per matrix product, for weights under / from LARGE_WEIGHT_BYTES
+LARGE_WEIGHT_BYTES = 1 << 20
+_PAD_EVENTS = np.full(LARGE_TILE, STEP_END, dtype=np.int64)
 
 
-def _padded(rows: int) -> int:
-    return rows + (-rows % ROW_TILE)
+def _padded(rows: int, pad: int) -> int:
+    return rows + (-rows % pad)
 
 
 @dataclass
 class LstmState:
-    """Hidden and cell state of every layer: `rows` real rows, padded to a multiple of ROW_TILE."""
+    """Hidden and cell state of every layer: `rows` real rows, padded to a multiple of `pad` (the model's
+    largest row tile)."""
 
     h: list[np.ndarray]
     c: list[np.ndarray]
     rows: int
+    pad: int
 
     def take(self, rows: np.ndarray) -> LstmState:
         """The given rows, in that order (padding rows repeat a real row, so they stay finite)."""
-        index = np.zeros(_padded(len(rows)), dtype=np.int64)
+        index = np.zeros(_padded(len(rows), self.pad), dtype=np.int64)
         index[:len(rows)] = rows
-        return LstmState([h[index] for h in self.h], [c[index] for c in self.c], len(rows))
+        return LstmState([h[index] for h in self.h], [c[index] for c in self.c], len(rows), self.pad)
 
     @staticmethod
     def concat(states: list[LstmState]) -> LstmState:
         layers = range(len(states[0].h))
         joined = LstmState([np.concatenate([s.h[i][:s.rows] for s in states]) for i in layers],
-                           [np.concatenate([s.c[i][:s.rows] for s in states]) for i in layers], 0)
+                           [np.concatenate([s.c[i][:s.rows] for s in states]) for i in layers], 0, states[0].pad)
         return joined.take(np.arange(sum(s.rows for s in states)))
 
 
+def _tile(w: np.ndarray) -> int:
+    return LARGE_TILE if w.nbytes >= LARGE_WEIGHT_BYTES else SMALL_TILE
+
+
 def _rowwise(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x @ w as a stack of ROW_TILE-row products (len(x) is a multiple of ROW_TILE; see the module doc)."""
-    return np.matmul(x.reshape(-1, ROW_TILE, x.shape[1]), w).reshape(len(x), w.shape[1])
+    """x @ w as a stack of fixed-size row products (len(x) is a multiple of the tile; see the module doc)."""
+    tile = _tile(w)
+    return np.matmul(x.reshape(-1, tile, x.shape[1]), w).reshape(len(x), w.shape[1])
 
 
 class LstmModel:
@@ -123,6 +133,7 @@ class LstmModel:
                                 f"expected [{width}, {NUM_CLASSES}] and [{NUM_CLASSES}]")
         self._dense_k = np.ascontiguousarray(dense_k)
         self._dense_b = dense_b
+        self._pad = max(_tile(w) for w in [*self._weights, self._dense_k])
         declared = info.get("layers")
         if declared is not None and [int(s) for s in declared] != list(sizes):
             raise ChiptuneError(f"{where}: model.json lists layers {declared} but the weights have {list(sizes)}")
@@ -137,9 +148,9 @@ class LstmModel:
         return self._fingerprint
 
     def initial_state(self, batch: int) -> LstmState:
-        rows = _padded(batch)
+        rows = _padded(batch, self._pad)
         return LstmState([np.zeros((rows, u), dtype=np.float32) for u in self.layer_sizes],
-                         [np.zeros((rows, u), dtype=np.float32) for u in self.layer_sizes], batch)
+                         [np.zeros((rows, u), dtype=np.float32) for u in self.layer_sizes], batch, self._pad)
 
     def step(self, events: np.ndarray, state: LstmState) -> tuple[np.ndarray, LstmState]:
         """Feed one event per row; return the logits of the next event [rows, 259] and the new state."""
@@ -165,7 +176,7 @@ class LstmModel:
             cs.append(c)
         logits = _rowwise(x, self._dense_k)[:state.rows]
         logits += self._dense_b
-        return logits, LstmState(hs, cs, state.rows)
+        return logits, LstmState(hs, cs, state.rows, state.pad)
 
     def run(self, events: np.ndarray | list[int], state: LstmState | None = None) -> tuple[np.ndarray, LstmState]:
         """Feed one sequence from `state` (zero by default): logits after each event [T, 259] and the end state."""
