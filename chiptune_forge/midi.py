@@ -386,12 +386,15 @@ def build_midifile(piece: Piece, ticks_per_beat: int = 480) -> mido.MidiFile:
         events: list[tuple[int, int, str, dict]] = [(0, 0, "program_change", {"channel": channel, "program": prog})]
         starts = piece.seconds_to_beats(np.array([n.start for n in notes]))
         ends = piece.seconds_to_beats(np.array([n.end for n in notes]))
+        bad = next((n for n in notes if not 0 <= n.pitch <= 127), None)
+        if bad is not None:
+            raise ValueError(f"note pitch {bad.pitch} is outside MIDI's 0..127")
         for n, b0, b1 in zip(notes, starts, ends, strict=True):
             t0 = round(float(b0) * ticks_per_beat)
             t1 = max(t0 + 1, round(float(b1) * ticks_per_beat))
-            events.append((t0, 2, "note_on", {"channel": channel, "note": n.pitch,
-                                               "velocity": max(1, min(127, n.velocity))}))
-            events.append((t1, 1, "note_off", {"channel": channel, "note": n.pitch, "velocity": 0}))
+            events.append((t0, 2, "note_on", {"channel": channel, "note": int(n.pitch),
+                                               "velocity": max(1, min(127, int(n.velocity)))}))
+            events.append((t1, 1, "note_off", {"channel": channel, "note": int(n.pitch), "velocity": 0}))
         sources = {n.channel for n in notes}
         for c in piece.controls:
             if c.channel in sources:
@@ -406,12 +409,20 @@ def build_midifile(piece: Piece, ticks_per_beat: int = 480) -> mido.MidiFile:
     return mid
 
 
+_CHECKED_HERE = frozenset({"note_on", "note_off"})
+"""Message types whose fields build_midifile has range-checked already: mido's own per-message validation
+is most of the cost of writing a long generated piece, so it is skipped for them."""
+
+
 def _track_from(events: Sequence[tuple[int, int, str, dict]], kind: type) -> mido.MidiTrack:
     """A track from (absolute tick, order, type, fields); each message is built once, with its delta time."""
     track = mido.MidiTrack()
     now = 0
     for tick, _, name, fields in events:
-        track.append(kind(name, time=tick - now, **fields))
+        if name in _CHECKED_HERE:
+            track.append(kind(name, skip_checks=True, time=tick - now, **fields))
+        else:
+            track.append(kind(name, time=tick - now, **fields))
         now = tick
     track.append(mido.MetaMessage("end_of_track", time=0))
     return track

@@ -96,6 +96,13 @@ def test_write_and_read_back(tmp_path: Path) -> None:
     assert got == sorted((n.pitch, n.velocity, n.start, n.end, n.is_drum) for n in notes)
 
 
+def test_writing_refuses_a_pitch_outside_midi_and_writes_nothing(tmp_path: Path) -> None:
+    piece = Piece([Note(60, 100, 0.0, 0.5), Note(128, 100, 0.5, 1.0)], [TempoChange(0.0, 0.0, 120.0)])
+    with pytest.raises(ValueError, match="pitch 128"):
+        write_midi(piece, tmp_path / "out.mid")
+    assert not (tmp_path / "out.mid").exists()
+
+
 def test_controls_are_kept_for_instruments_and_written_back(tmp_path: Path) -> None:
     mod = mido.Message("control_change", control=1, value=70, channel=3)
     pedal = mido.Message("control_change", control=64, value=127, channel=3)
