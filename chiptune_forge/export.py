@@ -121,8 +121,7 @@ def fit_ceiling(track: TrackAudio, gain_db: float, ceiling_db: float = TRUE_PEAK
     if "ogg" not in {f.lower() for f in formats} or math.isinf(gain):  # inf: a silent track
         return gain
     for _ in range(CEILING_TRIES):
-        decoded = _vorbis_round_trip(_scaled(track.audio, gain), track.sample_rate)
-        over = true_peak_db(decoded, track.sample_rate, track.loop_start) - ceiling_db
+        over = _vorbis_true_peak_db(_scaled(track.audio, gain), track.sample_rate, track.loop_start) - ceiling_db
         if over <= 0:
             return gain
         gain -= over + CEILING_MARGIN_DB
@@ -151,6 +150,7 @@ def normalize(track: TrackAudio, target_lufs: float = TARGET_LUFS, true_peak_db:
 
 
 _last_vorbis: dict[tuple, tuple[bytes, np.ndarray]] = {}
+_last_vorbis_peaks: dict[tuple, float] = {}
 
 
 def _vorbis(audio: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
@@ -170,6 +170,7 @@ def _vorbis(audio: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
         data = _with_serial(buf.getvalue(), int.from_bytes(digest[:4], "little"))
         decoded = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]
         _last_vorbis.clear()
+        _last_vorbis_peaks.clear()
         _last_vorbis[key] = (data, decoded)
     return _last_vorbis[key]
 
@@ -193,6 +194,16 @@ def encode_vorbis(target: str | Path, audio: np.ndarray, sample_rate: int) -> No
 
 def _vorbis_round_trip(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     return _vorbis(audio, sample_rate)[1]
+
+
+def _vorbis_true_peak_db(audio: np.ndarray, sample_rate: int, loop_start: int | None) -> float:
+    """True peak of the audio as the OGG will play it; the ceiling check and the sidecar ask for the same
+    encode, so it is measured once."""
+    decoded = _vorbis_round_trip(audio, sample_rate)
+    key = (id(decoded), loop_start)  # _last_vorbis holds `decoded` as long as this entry exists
+    if key not in _last_vorbis_peaks:
+        _last_vorbis_peaks[key] = true_peak_db(decoded, sample_rate, loop_start)
+    return _last_vorbis_peaks[key]
 
 
 def write_ogg(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> None:
@@ -360,8 +371,8 @@ def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[
                 final = out_dir / f"{clip}.{fmt}"
                 tmp = stage(final, lambda p, a=audio, lp=loop, f=fmt: WRITERS[f](p, a, rate, lp))
                 if clip == name:
-                    played = _vorbis_round_trip(audio, rate) if fmt == "ogg" else _decoded(tmp)
-                    peak = max(peak, true_peak_db(played, rate, track.loop_start))
+                    peak = max(peak, _vorbis_true_peak_db(audio, rate, track.loop_start) if fmt == "ogg"
+                               else true_peak_db(_decoded(tmp), rate, track.loop_start))
                 if godot_import:
                     imp = final.with_name(final.name + ".import")
                     text = godot_import_text(fmt, rate, loop, _existing_uid(imp))
