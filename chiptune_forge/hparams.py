@@ -80,6 +80,15 @@ def parse_hparams(text: str | None, base: HParams | None = None) -> tuple[HParam
     return result, given
 
 
+_EXPECTED = {
+    "rnn_layer_sizes": "a list of whole numbers above 0, e.g. [128,128,128]",
+    "batch_size": "a whole number above 0, e.g. 64",
+    "dropout_keep_prob": "a number above 0 up to 1, e.g. 0.5",
+    "clip_norm": "a finite number above 0, e.g. 5",
+    "learning_rate": "a number above 0 up to 1, e.g. 0.001",
+}
+
+
 def _convert(name: str, raw: str) -> object:
     try:
         if name == "rnn_layer_sizes":
@@ -96,12 +105,12 @@ def _convert(name: str, raw: str) -> object:
             return value
         value = float(raw)
     except (ValueError, json.JSONDecodeError):
-        raise ChiptuneError(f"--hparams: bad value {raw!r} for {name}") from None
+        raise ChiptuneError(f"--hparams: bad value {raw!r} for {name} (expected {_EXPECTED[name]})") from None
     limits = {"dropout_keep_prob": (0.0, 1.0, False), "clip_norm": (0.0, float("inf"), True),
               "learning_rate": (0.0, 1.0, False)}
     lo, hi, open_hi = limits[name]
     if not lo < value <= hi or (open_hi and value == float("inf")):
-        raise ChiptuneError(f"--hparams: {name}={raw} is out of range")
+        raise ChiptuneError(f"--hparams: {name}={raw} is out of range (expected {_EXPECTED[name]})")
     return value
 
 

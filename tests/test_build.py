@@ -347,7 +347,6 @@ def test_killed_build_leaves_only_complete_files(tmp_path: Path, moment: str) ->
 
 
 def test_example_game_plays_headless(tmp_path: Path) -> None:
-    pytest.importorskip("pygame")
     root = tmp_path / "game"
     root.mkdir()
     tiny_model(root / "model")

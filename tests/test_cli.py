@@ -59,7 +59,7 @@ def test_int_range() -> None:
 
 
 def test_every_listed_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    """The commands listed are exactly those that work (each has its own tests), and each answers --help."""
+    """The command list is the documented set (each command has tests of its own), and each answers --help."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == {"dataset", "build", "init", "watch", "train", "evaluate", "export", "generate",

@@ -20,7 +20,6 @@ from chiptune_forge.cli import main
 from chiptune_forge.encoding import CONTINUED_NOTE, NEW_NOTE, START, STEP_END, decode, encode
 from chiptune_forge.errors import ChiptuneError
 from chiptune_forge.generate import (
-    RANK_WEIGHTS,
     GenerationRequest,
     generate,
     melody_primer,
@@ -295,8 +294,10 @@ def test_likelihoods_match_a_direct_run_of_the_model(model: LstmModel) -> None:
 
 def test_ranking_uses_the_documented_combination(model: LstmModel) -> None:
     pieces = generate(model, GenerationRequest(num_outputs=5, num_steps=32))
-    for p in pieces:
-        assert p.scores["rank_score"] == pytest.approx(sum(w * p.scores[k] for k, w in RANK_WEIGHTS.items()))
+    for p in pieces:  # the README's formula
+        s = p.scores
+        assert s["rank_score"] == pytest.approx(
+            s["log_likelihood"] + s["loop_score"] + s["scale_consistency"] - s["empty_bar_fraction"] - s["sparseness"])
     ranked = [p.scores["rank_score"] for p in rank(pieces)]
     assert ranked == sorted(ranked, reverse=True)
 

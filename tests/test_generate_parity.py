@@ -8,9 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-pytest.importorskip("tensorflow")
 
 from chiptune_forge.hparams import HParams
 from chiptune_forge.lstm import load_model

@@ -35,19 +35,24 @@ def test_round_trips_through_string_and_dict() -> None:
     assert HParams.from_dict(hp.to_dict()) == hp
 
 
+WHOLE = "whole number above 0"
+LIST = "list of whole numbers above 0"
+UP_TO_1 = "above 0 up to 1"
+
+
 @pytest.mark.parametrize(("text", "names"), [
-    ("batch_sise=64", ["batch_sise", "batch_size"]),
-    ("rnn_layers=[128]", ["rnn_layers"]),
-    ("batch_size=many", ["batch_size", "many"]),
-    ("batch_size=0", ["batch_size"]),
-    ("rnn_layer_sizes=[128,0]", ["rnn_layer_sizes"]),
-    ("rnn_layer_sizes=[]", ["rnn_layer_sizes"]),
-    ("rnn_layer_sizes=[128,", ["rnn_layer_sizes"]),
-    ("dropout_keep_prob=1.5", ["dropout_keep_prob"]),
-    ("dropout_keep_prob=0", ["dropout_keep_prob"]),
-    ("learning_rate=-1", ["learning_rate"]),
-    ("clip_norm=inf", ["clip_norm"]),
-    ("batch_size", ["batch_size"]),
+    ("batch_sise=64", ["unknown hyperparameter 'batch_sise'", "did you mean 'batch_size'"]),
+    ("rnn_layers=[128]", ["unknown hyperparameter 'rnn_layers'", "did you mean 'rnn_layer_sizes'"]),
+    ("batch_size=many", ["bad value 'many' for batch_size", WHOLE]),
+    ("batch_size=0", ["for batch_size", WHOLE]),
+    ("rnn_layer_sizes=[128,0]", ["for rnn_layer_sizes", LIST]),
+    ("rnn_layer_sizes=[]", ["for rnn_layer_sizes", LIST]),
+    ("rnn_layer_sizes=[128,", ["for rnn_layer_sizes", LIST]),
+    ("dropout_keep_prob=1.5", ["dropout_keep_prob=1.5 is out of range", UP_TO_1]),
+    ("dropout_keep_prob=0", ["dropout_keep_prob=0 is out of range", UP_TO_1]),
+    ("learning_rate=-1", ["learning_rate=-1 is out of range", UP_TO_1]),
+    ("clip_norm=inf", ["clip_norm=inf is out of range", "finite number above 0"]),
+    ("batch_size", ["'batch_size' is not name=value"]),
 ])
 def test_bad_strings_name_the_problem(text: str, names: list[str]) -> None:
     with pytest.raises(ChiptuneError) as info:
@@ -59,8 +64,9 @@ def test_bad_strings_name_the_problem(text: str, names: list[str]) -> None:
 
 
 def test_differences_lists_only_given_names_that_differ() -> None:
-    run = HParams(batch_size=64, rnn_layer_sizes=(128, 128))
+    run = HParams(batch_size=64, rnn_layer_sizes=(128, 128), clip_norm=3.0)  # clip_norm not given: not listed
     given, names = parse_hparams("batch_size=64,rnn_layer_sizes=[64],learning_rate=0.001")
+    assert given.clip_norm != run.clip_norm
     out = differences(run, given, names)
     assert len(out) == 1 and out[0].startswith("rnn_layer_sizes")
 

@@ -200,6 +200,7 @@ def test_absurd_tempo(tmp_path: Path) -> None:
 
 def test_reads_corpus_files(corpus_dir: Path) -> None:
     files = sorted(corpus_dir.glob("*.mid"))[:5]
+    assert len(files) == 5
     for f in files:
         piece = read_midi(f)
         assert piece.notes, f

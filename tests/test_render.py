@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 import soundfile
 
+from chiptune_forge.arrange import arrange
 from chiptune_forge.cli import main
 from chiptune_forge.errors import ChiptuneError
 from chiptune_forge.midi import Note, Piece, read_midi, write_midi
 from chiptune_forge.presets import Preset, RoleSpec, load_preset, shipped_names
-from chiptune_forge.render import render_piece
-from chiptune_forge.snes.dsp import OUTPUT_DELAY
+from chiptune_forge.render import plan_voices, render_piece
+from chiptune_forge.snes.dsp import OUTPUT_DELAY, PITCH_MAX, PITCH_ONE
 from chiptune_forge.snes.instruments import INSTRUMENTS
 
 
@@ -103,7 +105,19 @@ def test_a4_is_440_hz_on_every_instrument(name: str) -> None:
 
 
 def test_out_of_range_notes_fold_into_the_pitch_register() -> None:
-    audio = render_piece(Piece([Note(120, 100, 0.0, 0.3), Note(15, 100, 0.3, 0.6)]), without_drums("snes_dry"))
+    """A note above the 14-bit pitch register plays whole octaves lower, at the highest octave that fits."""
+    preset = without_drums("snes_dry")
+    piece = Piece([Note(120, 100, 0.0, 0.3), Note(15, 100, 0.3, 0.6)])
+    part = next(p for p in arrange(piece, drums=False) if any(n.pitch == 120 for n in p.notes))
+    spec = preset.spec_for(part.role, part.program)
+    inst = INSTRUMENTS[spec.builtin_name]
+    ratio = inst.pitch_ratio(440.0 * 2 ** ((120 + 12 * spec.octave - 69) / 12))
+    octaves = math.ceil(math.log2(ratio * PITCH_ONE / (PITCH_MAX + 0.5)))
+    assert octaves >= 1  # the note is out of range to begin with
+    voices, _ = plan_voices([part], preset)
+    high = next(v for v in voices if v.kon == 0)
+    assert high.pitch == round(PITCH_ONE * ratio / 2 ** octaves) <= PITCH_MAX
+    audio = render_piece(piece, preset)
     assert np.abs(audio).max() > 0.01 and np.isfinite(audio).all()
 
 

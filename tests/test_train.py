@@ -18,15 +18,13 @@ from chiptune_forge.dataset import ShardWriter
 from chiptune_forge.encoding import CONTINUED_NOTE, ENCODING_VERSION, END, NEW_NOTE, START, STEP_END
 from chiptune_forge.errors import ChiptuneError
 from chiptune_forge.hparams import HParams
-
-tf = pytest.importorskip("tensorflow")
-
-from chiptune_forge.lstm import read_export  # noqa: E402
-from chiptune_forge.model import train as train_module  # noqa: E402
-from chiptune_forge.model.evaluate import model_from_export  # noqa: E402
-from chiptune_forge.model.export import export_weights, model_card  # noqa: E402
-from chiptune_forge.model.network import build_model  # noqa: E402
-from chiptune_forge.model.train import (  # noqa: E402
+from chiptune_forge.lstm import read_export
+from chiptune_forge.model import train as train_module
+from chiptune_forge.model.evaluate import model_from_export
+from chiptune_forge.model.export import export_weights, model_card
+from chiptune_forge.model.framework import tf
+from chiptune_forge.model.network import build_model
+from chiptune_forge.model.train import (
     BatchSchedule,
     TrainOptions,
     latest_checkpoint,
