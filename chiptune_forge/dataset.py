@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import sys
 import zipfile
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from .progress import progress
 MIDI_SUFFIXES = {".mid", ".midi", ".smf", ".kar"}
 SHARD_SEQUENCES = 4096
 SPLITS = ("train", "eval")
+_SHARD_NAME = re.compile(r"(train|eval)-\d{5}\.npz")
 TEMPO_TOLERANCE = 0.1
 """Tempo changes within 10% of a part's opening tempo do not split it (see split_and_quantize)."""
 
@@ -170,7 +172,11 @@ def _results(jobs: list[tuple[Path, str, int, int, float]], workers: int) -> Ite
 
 
 class ShardWriter:
-    """Collects sequences and writes `<split>-NNNNN.npz` shards of flat events + offsets."""
+    """Collects sequences and writes `<split>-NNNNN.npz` shards of flat events + offsets.
+
+    Shards are written under a hidden partial name (`staged`) and only renamed into place by `commit`, so a
+    build that fails or is interrupted leaves the folder's previous dataset as it was.
+    """
 
     def __init__(self, out_dir: Path, split: str) -> None:
         self.out_dir = out_dir
@@ -194,12 +200,21 @@ class ShardWriter:
             return
         name = f"{self.split}-{len(self.shards):05d}.npz"
         offsets = np.concatenate([[0], np.cumsum([len(b) for b in self.buffer])]).astype(np.int64)
-        tmp = self.out_dir / (name + ".partial")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, events=np.concatenate(self.buffer).astype(np.int16), offsets=offsets)
-        os.replace(tmp, self.out_dir / name)
         self.shards.append(name)
+        with open(self.staged(name), "wb") as fh:
+            np.savez(fh, events=np.concatenate(self.buffer).astype(np.int16), offsets=offsets)
         self.buffer = []
+
+    def staged(self, name: str) -> Path:
+        return self.out_dir / f".{name}.partial"
+
+    def commit(self) -> None:
+        for name in self.shards:
+            os.replace(self.staged(name), self.out_dir / name)
+
+    def discard(self) -> None:
+        for name in self.shards:
+            self.staged(name).unlink(missing_ok=True)
 
 
 def build_dataset(input_dir: str | Path, output_dir: str | Path, options: DatasetOptions,
@@ -211,14 +226,48 @@ def build_dataset(input_dir: str | Path, output_dir: str | Path, options: Datase
     if not files:
         raise ChiptuneError(f"{input_dir}: no MIDI files found (looked for {', '.join(sorted(MIDI_SUFFIXES))}"
                             + ("" if options.recursive else "; add --recursive to search subfolders") + ")")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for old in output_dir.glob("*.npz"):
-        old.unlink()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ChiptuneError(f"{output_dir}: is a file, not a folder for the dataset") from None
+    except OSError as exc:
+        raise ChiptuneError(f"{output_dir}: cannot create the folder ({exc.strerror or exc})") from None
+    previous = _own_shards(output_dir)
+    writers = {s: ShardWriter(output_dir, s) for s in SPLITS}
+    try:
+        summary = _build(files, input_dir, output_dir, options, writers, workers, show_progress)
+        tmp = output_dir / "summary.json.partial"
+        tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for w in writers.values():
+            w.commit()
+        os.replace(tmp, output_dir / "summary.json")
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        (output_dir / "summary.json.partial").unlink(missing_ok=True)
+        raise
+    written = {name for w in writers.values() for name in w.shards}
+    for name in previous - written:  # shards of the dataset this one replaces, and nothing else
+        (output_dir / name).unlink(missing_ok=True)
+    return summary
+
+
+def _own_shards(output_dir: Path) -> set[str]:
+    """The shard files the folder's current summary.json lists (the only files a rebuild may remove)."""
+    try:
+        summary = json.loads((output_dir / "summary.json").read_text(encoding="utf-8"))
+        names = {str(n) for s in summary["splits"].values() for n in s["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {n for n in names if _SHARD_NAME.fullmatch(n)}
+
+
+def _build(files: list[Path], input_dir: Path, output_dir: Path, options: DatasetOptions,
+           writers: dict[str, ShardWriter], workers: int | None, show_progress: bool) -> dict:
     train_files, eval_files = split_files(files, options.eval_ratio, options.seed)
     split_of = {f: "eval" for f in eval_files} | {f: "train" for f in train_files}
     jobs = [(f, f.relative_to(input_dir).as_posix(), options.min_steps, options.max_steps, options.tempo_tolerance)
             for f in files]
-    writers = {s: ShardWriter(output_dir, s) for s in SPLITS}
     stats = {s: {"files": 0, "pieces": 0, "windows": 0} for s in SPLITS}
     skipped: list[dict[str, str]] = []
     note_steps = kept = reference = 0
@@ -272,9 +321,6 @@ def build_dataset(input_dir: str | Path, output_dir: str | Path, options: Datase
             "reference_discard_rule_fraction": round(reference / note_steps, 4) if note_steps else 0.0,
         },
     }
-    tmp = output_dir / "summary.json.partial"
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, output_dir / "summary.json")
     return summary
 
 

@@ -117,6 +117,37 @@ def test_no_usable_file_is_an_error(tmp_path: Path) -> None:
         build_dataset(root, tmp_path / "out", DatasetOptions(), show_progress=False)
 
 
+def test_a_rebuild_keeps_other_files_and_a_failed_one_keeps_the_old_dataset(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights.npz").write_bytes(b"not ours")
+    (out / "notes.txt").write_text("mine")
+    build_dataset(make_folder(tmp_path / "big", good=6), out, DatasetOptions(eval_ratio=0.5), show_progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"weights.npz", "notes.txt", "summary.json", "train-00000.npz", "eval-00000.npz"} <= set(before)
+    train = load_split(out, "train")
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.mid").write_bytes(b"")
+    with pytest.raises(ChiptuneError, match="none of the 1 MIDI files was usable"):
+        build_dataset(bad, out, DatasetOptions(), show_progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing staged is left either
+    assert [s.tolist() for s in load_split(out, "train")] == [s.tolist() for s in train]
+
+    build_dataset(make_folder(tmp_path / "small", good=2), out, DatasetOptions(eval_ratio=0.0), show_progress=False)
+    names = {p.name for p in out.iterdir()}
+    assert "eval-00000.npz" not in names  # the replaced dataset's own shard goes
+    assert {"weights.npz", "notes.txt", "train-00000.npz"} <= names
+    assert (out / "weights.npz").read_bytes() == b"not ours"
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ChiptuneError, match="taken: is a file, not a folder"):
+        build_dataset(make_folder(tmp_path / "in", good=1), tmp_path / "taken", DatasetOptions(), show_progress=False)
+
+
 def test_cli_with_magenta_spellings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = make_folder(tmp_path / "in", good=4)
     sub = root / "more"

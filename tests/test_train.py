@@ -53,6 +53,7 @@ def write_dataset(out: Path, train: list[np.ndarray], evals: list[np.ndarray]) -
         for seq in seqs:
             writer.add(seq)
         writer.flush()
+        writer.commit()
         splits[name] = {"shards": writer.shards, "sequences": writer.sequences, "events": writer.events}
     (out / "summary.json").write_text(json.dumps({"encoding": ENCODING_VERSION, "splits": splits}))
     return out
