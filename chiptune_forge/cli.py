@@ -123,9 +123,28 @@ def _run_dataset(args: argparse.Namespace) -> int:
 
 
 def _dataset_dir(path: str) -> Path:
-    """A dataset folder, or (Magenta style) a file inside one such as a shard given as --sequence_example_file."""
+    """A dataset folder, or (Magenta style) a file inside one such as a shard given as --sequence_example_file.
+
+    Checked here, before a command imports TensorFlow, so a wrong path is reported at once."""
     p = Path(path)
-    return p.parent if p.is_file() else p
+    folder = p.parent if p.is_file() else p
+    if not folder.is_dir():
+        raise ChiptuneError(f"{path}: no such dataset folder")
+    if not (folder / "summary.json").is_file():
+        raise ChiptuneError(f"{path}: not a dataset folder (no summary.json); build one with 'chiptune-forge dataset'")
+    return folder
+
+
+def _run_folder(path: str, new_ok: bool) -> Path:
+    """A training run folder (or, with `new_ok`, a place for a new one), checked before TensorFlow loads."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ChiptuneError(f"{path}: is a file, not a run folder")
+    if not new_ok and not p.is_dir():
+        raise ChiptuneError(f"{path}: no such run folder")
+    if not new_ok and not (p / "hparams.json").is_file():
+        raise ChiptuneError(f"{path}: not a training run folder (no hparams.json)")
+    return p
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -159,12 +178,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.max_length is not None and args.max_length < 2:
         raise ChiptuneError(f"--max-length must be at least 2, got {args.max_length}")
     dataset = _dataset_dir(args.dataset)
-    if not (dataset / "summary.json").is_file():
-        raise ChiptuneError(f"{args.dataset}: not a dataset folder (no summary.json); "
-                            "build one with 'chiptune-forge dataset'")
+    run_dir = _run_folder(args.run_dir, new_ok=True)
     from .model.train import TrainOptions, train
 
-    result = train(TrainOptions(run_dir=Path(args.run_dir), dataset_dir=dataset, hparams=hparams,
+    result = train(TrainOptions(run_dir=run_dir, dataset_dir=dataset, hparams=hparams,
                                 given=frozenset(given), num_training_steps=args.num_training_steps,
                                 checkpoint_every=args.checkpoint_every, evaluate=args.eval,
                                 max_length=args.max_length, seed=args.seed))
@@ -193,9 +210,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     import json
 
+    dataset = _dataset_dir(args.dataset)
+    run_dir = _run_folder(args.run_dir, new_ok=False) if args.run_dir is not None else None
     from .model.evaluate import evaluate_dir
 
-    result = evaluate_dir(_dataset_dir(args.dataset), args.split, run_dir=args.run_dir, model=args.model)
+    result = evaluate_dir(dataset, args.split, run_dir=run_dir, model=args.model)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -217,13 +236,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     import json
 
+    run_dir = _run_folder(args.run_dir, new_ok=False)
+    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ChiptuneError(f"{args.output_dir}: is a file, not a folder to export into")
     from .model.export import model_card
     from .model.train import export_run
 
-    out = export_run(Path(args.run_dir), Path(args.output_dir) if args.output_dir else None)
+    out = export_run(run_dir, Path(args.output_dir) if args.output_dir else None)
     if args.model_card:
+        from .lstm import DEFAULT_MODEL_DIR
+
         description = json.loads((out / "model.json").read_text(encoding="utf-8"))
-        (out / "MODEL_CARD.md").write_text(model_card(description), encoding="utf-8")
+        card = model_card(description, default=out.resolve() == DEFAULT_MODEL_DIR.resolve())
+        (out / "MODEL_CARD.md").write_text(card, encoding="utf-8")
     print(f"exported {args.run_dir} to {out}")
     return 0
 

@@ -225,11 +225,54 @@ def test_model_card_carries_the_recorded_numbers(trained_run: tuple[Path, dict, 
     _, _, last = trained_run
     card = model_card(last)
     assert "steps: 60," in card and f"{last['eval']['loss']:.4f}" in card and "batch_size=4" in card
+    # a user's model is described by its own data, not as the shipped model trained on VGMIDI
+    assert card.startswith("# chiptune-forge model\n") and "VGMIDI" not in card and "train_default_model" not in card
+    shipped = model_card(last, default=True)
+    assert shipped.startswith("# chiptune-forge default model\n") and "VGMIDI" in shipped
 
 
-def test_missing_default_model_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", "--model", str(tmp_path), "--dataset", str(tmp_path)]) == 1
+def test_missing_default_model_is_a_clean_error(tmp_path: Path, dataset: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--model", str(tmp_path), "--dataset", str(dataset)]) == 1
     assert "model.json" in capsys.readouterr().err
+
+
+def test_a_refused_start_leaves_no_run_behind(dataset: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--dataset", str(dataset), "--hparams",
+                 "rnn_layer_sizes=[8],batch_size=100000", "--num-training-steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(dataset) in err and "fewer than batch_size=100000" in err
+    assert not (run / "hparams.json").exists()
+    assert main(["train", "--run-dir", str(run), "--dataset", str(dataset), "--hparams",
+                 "rnn_layer_sizes=[8],batch_size=4", "--num-training-steps", "1"]) == 0
+
+
+def test_a_damaged_checkpoint_is_one_line(trained_run: tuple[Path, dict, dict], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    assert main(["export", "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{ckpt}: damaged checkpoint" in err
+
+
+def test_wrong_paths_are_reported_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("x")
+    cases = [(["evaluate", "--dataset", str(tmp_path / "nope")], "nope: no such dataset folder"),
+             (["export", "--run-dir", str(tmp_path / "nope")], "nope: no such run folder"),
+             (["export", "--run-dir", str(tmp_path)], "not a training run folder (no hparams.json)"),
+             (["train", "--run-dir", str(tmp_path / "file"), "--dataset", str(tmp_path / "nope")],
+              "nope: no such dataset folder")]
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        assert message in capsys.readouterr().err, argv
 
 
 def test_shipped_default_model_is_complete_and_small() -> None:

@@ -109,5 +109,8 @@ def evaluate_dir(dataset_dir: str | Path, split: str = "eval", run_dir: str | Pa
         steps = json.loads((model_dir / "model.json").read_text(encoding="utf-8")).get("training_steps", 0)
         source = {"model": str(model_dir), "training_steps": steps}
     sequences = load_split(dataset_dir, split)
+    if not sequences:
+        raise ChiptuneError(f"{dataset_dir}: the {split} split has no sequences (see its summary.json); "
+                            f"evaluate another split or rebuild the dataset")
     result = evaluate_model(net, sequences)
     return {**result, "split": split, "dataset": str(dataset_dir), **source}

@@ -71,17 +71,24 @@ def export_weights(model, hparams: HParams, out_dir: str | Path, info: dict) -> 
     return write_export(weight_arrays(model), hparams, out_dir, info)
 
 
-def model_card(description: dict) -> str:
-    """The MODEL_CARD.md text for an exported model, from the numbers recorded in its model.json."""
+def model_card(description: dict, default: bool = False) -> str:
+    """The MODEL_CARD.md text for an exported model, from the numbers recorded in its model.json.
+
+    `default` is for the shipped default model, which names the corpus it was trained on, its citation and
+    the script that reproduces it; any other model's card describes its own dataset only.
+    """
     hp = HParams.from_dict(description["hparams"])
     metrics = description.get("eval") or {}
     data = description.get("dataset") or {}
     hours = description.get("training_time_s", 0.0) / 3600.0
+    intro = ("A polyphony LSTM (Magenta polyphony_rnn event encoding, 259 classes) that `chiptune-forge` uses "
+             "whenever no model is named (`--model default`)." if default else
+             "A polyphony LSTM (Magenta polyphony_rnn event encoding, 259 classes) trained with "
+             "`chiptune-forge train`; use it with `--model` and this folder.")
     lines = [
-        "# chiptune-forge default model",
+        "# chiptune-forge default model" if default else "# chiptune-forge model",
         "",
-        "A polyphony LSTM (Magenta polyphony_rnn event encoding, 259 classes) that `chiptune-forge` uses "
-        "whenever no model is named (`--model default`).",
+        intro,
         "",
         "## Network",
         f"- event embedding {description['embedding_dim']} wide, LSTM layers {list(hp.rnn_layer_sizes)}, "
@@ -93,21 +100,24 @@ def model_card(description: dict) -> str:
         f"- steps: {description['training_steps']}, each a batch of {hp.batch_size} chunks of at most "
         f"{description.get('max_length', '?')} events cut from the training sequences (Adam, masked loss)",
         f"- training time: {hours:.2f} h on {description.get('machine', 'a CPU machine')}",
-        "- reproduce: `scripts/train_default_model.sh`",
     ]
+    if default:
+        lines.append("- reproduce: `scripts/train_default_model.sh`")
     if data:
+        source = ("of the VGMIDI corpus (piano arrangements of video-game music)" if default else
+                  f"from `{data.get('input_dir') or data.get('path', '?')}`")
         lines += [
             "",
             "## Data",
-            f"- {data.get('files_used', '?')} of {data.get('files_read', '?')} MIDI files of the VGMIDI corpus "
-            "(piano arrangements of video-game music), split by file into train and eval "
-            f"(eval ratio {data.get('eval_ratio', '?')}); training pieces transposed by "
+            f"- {data.get('files_used', '?')} of {data.get('files_read', '?')} MIDI files {source}, split by file "
+            f"into train and eval (eval ratio {data.get('eval_ratio', '?')}); training pieces transposed by "
             f"{data.get('transpose', '?')} semitones",
             f"- train: {data.get('train_sequences', '?')} sequences, {data.get('train_events', '?')} events; "
             f"eval: {data.get('eval_sequences', '?')} sequences, {data.get('eval_events', '?')} events",
-            "- source: https://github.com/lucasnfe/vgmidi. Cite: Ferreira, L. N. and Whitehead, J. "
-            "\"Learning to Generate Music with Sentiment.\" Proceedings of ISMIR 2019.",
         ]
+        if default:
+            lines.append("- source: https://github.com/lucasnfe/vgmidi. Cite: Ferreira, L. N. and Whitehead, J. "
+                         "\"Learning to Generate Music with Sentiment.\" Proceedings of ISMIR 2019.")
     if metrics:
         lines += [
             "",

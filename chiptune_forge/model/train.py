@@ -23,6 +23,7 @@ import platform
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,14 +153,19 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, state: dict) -> 
 
 
 def restore_checkpoint(path: Path, model, optimizer=None) -> tuple[int, dict]:
-    with np.load(path) as data:
-        n_model = sum(1 for k in data.files if k.startswith("model_"))
-        model.set_weights([data[f"model_{i}"] for i in range(n_model)])
-        if optimizer is not None:
-            optimizer.build(model.trainable_variables)
-            for i, var in enumerate(optimizer.variables):
-                var.assign(data[f"optimizer_{i}"])
-        return int(data["step"]), json.loads(str(data["state"]))
+    """Load a checkpoint into the model (and optimizer); a damaged or mismatched file is a one-line error."""
+    try:
+        with np.load(path) as data:
+            n_model = sum(1 for k in data.files if k.startswith("model_"))
+            model.set_weights([data[f"model_{i}"] for i in range(n_model)])
+            if optimizer is not None:
+                optimizer.build(model.trainable_variables)
+                for i, var in enumerate(optimizer.variables):
+                    var.assign(data[f"optimizer_{i}"])
+            return int(data["step"]), json.loads(str(data["state"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ChiptuneError(f"{path}: damaged checkpoint ({getattr(exc, 'strerror', None) or exc}); move it "
+                            "away to use the one before it") from None
 
 
 def _restore_run(run_dir: Path):
@@ -207,7 +213,8 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
 def _dataset_summary(dataset_dir: Path) -> dict:
     summary = json.loads((dataset_dir / "summary.json").read_text(encoding="utf-8"))
     splits, opts = summary.get("splits", {}), summary.get("options", {})
-    return {"path": str(dataset_dir), "files_read": summary.get("files_read"), "files_used": summary.get("files_used"),
+    return {"path": str(dataset_dir), "input_dir": summary.get("input_dir"),
+            "files_read": summary.get("files_read"), "files_used": summary.get("files_used"),
             "eval_ratio": opts.get("eval_ratio"), "transpose": opts.get("transpose"),
             "train_sequences": splits.get("train", {}).get("sequences"),
             "train_events": splits.get("train", {}).get("events"),
@@ -296,14 +303,30 @@ def train(options: TrainOptions) -> dict:
     config = resolve_config(options)
     hparams = HParams.from_dict(config["hparams"])
     max_length = int(config["max_length"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "hparams.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    dataset = options.dataset_dir
+    if config.get("dataset") not in (None, str(dataset)):
+        print(f"note: {run_dir} was started on {config['dataset']}; it goes on with {dataset}", file=sys.stderr)
 
-    schedule = BatchSchedule(make_chunks(load_split(options.dataset_dir, "train"), max_length),
-                             hparams.batch_size, int(config["seed"]))
-    eval_sequences = load_split(options.dataset_dir, "eval") if options.evaluate else []
+    # Everything that can refuse the run is checked before the run folder is written, so that a refused
+    # start leaves no folder behind that a corrected command would then be held to.
+    chunks = make_chunks(load_split(dataset, "train"), max_length)
+    if not chunks:
+        raise ChiptuneError(f"{dataset}: the training split has no sequences; rebuild the dataset with more MIDI "
+                            "files or a lower --eval-ratio")
+    try:
+        schedule = BatchSchedule(chunks, hparams.batch_size, int(config["seed"]))
+    except ChiptuneError as exc:
+        raise ChiptuneError(f"{dataset}: {exc}") from None
+    eval_sequences = load_split(dataset, "eval") if options.evaluate else []
     if options.evaluate and not eval_sequences:
-        raise ChiptuneError(f"{options.dataset_dir}: the eval split is empty; train without --eval")
+        raise ChiptuneError(f"{dataset}: the eval split is empty; train without --eval")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "hparams.json.partial"
+        tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, run_dir / "hparams.json")
+    except OSError as exc:
+        raise ChiptuneError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
 
     model = build_model(hparams)
     optimizer = make_optimizer(hparams)
