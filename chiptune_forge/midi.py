@@ -208,7 +208,7 @@ def read_midi(path: str | Path) -> Piece:
 
     Tempo events from every track form one global tempo map (format 1 files often put them in several
     tracks); note-on with velocity 0 is a note-off; CC64 holds notes until the pedal lifts; a re-struck
-    pitch ends the earlier note of that pitch and channel.
+    pitch ends the earlier note of that pitch and channel; a note that ends where it starts lasts one tick.
     """
     path = Path(path)
     try:
@@ -347,9 +347,9 @@ def _track_notes(events: list[tuple[int, mido.Message]], track: int, tick_to_sec
         close(key, max(last_tick, open_notes[key][0]))
     notes = []
     for ch, pitch, vel, prog, start, end in spans:
-        s, e = tick_to_sec(start), tick_to_sec(end)
-        if e <= s:
-            continue
+        # A note switched off at the tick it starts (common for drum hits) lasts one tick, as it would
+        # sound on a synthesizer, rather than vanishing; quantizing stretches it to a step.
+        s, e = tick_to_sec(start), tick_to_sec(max(end, start + 1))
         notes.append(Note(pitch, vel, s, e, prog, ch == DRUM_CHANNEL, track, ch))
     return notes
 

@@ -96,6 +96,19 @@ def test_write_and_read_back(tmp_path: Path) -> None:
     assert got == sorted((n.pitch, n.velocity, n.start, n.end, n.is_drum) for n in notes)
 
 
+def test_a_note_that_ends_where_it_starts_is_kept_one_tick_long(tmp_path: Path) -> None:
+    """Drum tracks often switch a hit off at the tick it starts; the hit must not vanish."""
+    path = write_song(tmp_path / "zero.mid", [
+        [tempo(0, 120)],
+        [(0, on(36, ch=9)), (0, off(36, ch=9)), (480, on(60)), (480, off(60)), (960, on(64))],  # 64 never ends
+    ])
+    piece = read_midi(path)
+    got = sorted((n.pitch, n.is_drum, n.start) for n in piece.notes)
+    assert got == [(36, True, 0.0), (60, False, 0.5), (64, False, 1.0)]
+    tick = 0.5 / 480  # at 120 qpm, 480 ticks to the beat
+    assert all(n.end == pytest.approx(n.start + tick) for n in piece.notes)
+
+
 def test_writing_refuses_a_pitch_outside_midi_and_writes_nothing(tmp_path: Path) -> None:
     piece = Piece([Note(60, 100, 0.0, 0.5), Note(128, 100, 0.5, 1.0)], [TempoChange(0.0, 0.0, 120.0)])
     with pytest.raises(ValueError, match="pitch 128"):
