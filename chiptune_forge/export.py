@@ -23,8 +23,10 @@ import json
 import math
 import os
 import re
+import signal
 import struct
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -149,6 +151,30 @@ def normalize(track: TrackAudio, target_lufs: float = TARGET_LUFS, true_peak_db:
 # -------------------------------------------------------------------------------------------- encoders
 
 
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done, then act on it.
+
+    soundfile reads and writes in-memory files through callbacks from C; a KeyboardInterrupt raised inside
+    one cannot unwind through libsndfile, so it is printed as an ignored exception and the encoder goes on
+    with a failed write. The blocks this guards last a second or so at most.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
 _last_vorbis: dict[tuple, tuple[bytes, np.ndarray]] = {}
 _last_vorbis_peaks: dict[tuple, float] = {}
 
@@ -163,12 +189,13 @@ def _vorbis(audio: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
     key = (sample_rate, audio.shape, digest)
     if key not in _last_vorbis:
         buf = io.BytesIO()
-        with sf.SoundFile(buf, "w", sample_rate, 2, subtype="VORBIS", format="OGG",
-                          compression_level=1.0 - VORBIS_QUALITY) as f:
-            for i in range(0, audio.shape[0], VORBIS_CHUNK_FRAMES):
-                f.write(audio[i:i + VORBIS_CHUNK_FRAMES])
-        data = _with_serial(buf.getvalue(), int.from_bytes(digest[:4], "little"))
-        decoded = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]
+        with _interrupt_after():
+            with sf.SoundFile(buf, "w", sample_rate, 2, subtype="VORBIS", format="OGG",
+                              compression_level=1.0 - VORBIS_QUALITY) as f:
+                for i in range(0, audio.shape[0], VORBIS_CHUNK_FRAMES):
+                    f.write(audio[i:i + VORBIS_CHUNK_FRAMES])
+            data = _with_serial(buf.getvalue(), int.from_bytes(digest[:4], "little"))
+            decoded = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]
         _last_vorbis.clear()
         _last_vorbis_peaks.clear()
         _last_vorbis[key] = (data, decoded)
@@ -233,7 +260,8 @@ def wav_bytes(audio: np.ndarray, sample_rate: int, loop: Loop) -> bytes:
     Stereo 16-bit data is always an even number of bytes, so the chunk needs no RIFF pad byte before it.
     """
     buf = io.BytesIO()
-    sf.write(buf, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    with _interrupt_after():
+        sf.write(buf, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
     data = buf.getvalue()
     if loop is None:
         return data

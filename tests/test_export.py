@@ -4,12 +4,16 @@ smpl chunk, Godot's .import keeps its uid, split clips join, exports are all-or-
 from __future__ import annotations
 
 import configparser
+import io
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
+import types
 import wave
 from pathlib import Path
 
@@ -406,3 +410,22 @@ def test_render_cli_says_the_loudness_it_reached(midi_file, tmp_path, capsys):
     reached = json.loads((tmp_path / "loud.json").read_text())["loudness_lufs"]
     assert reached < -1.5, "a -1 LUFS target is out of reach under a -1 dBTP ceiling"
     assert f"to {reached:.1f} LUFS (short of -1: held back by the -1 dBTP ceiling)" in out
+
+
+def test_ctrl_c_during_an_encode_waits_for_it_then_stops_cleanly(track, tmp_path, monkeypatch, capsys) -> None:
+    """libsndfile calls back into Python to write an in-memory file; Ctrl-C must not land inside that."""
+    sent: list[bool] = []
+
+    class InterruptedBuffer(io.BytesIO):
+        def write(self, data) -> int:  # called by libsndfile, through a cffi callback
+            if not sent:
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(data)
+
+    monkeypatch.setattr(export, "io", types.SimpleNamespace(BytesIO=InterruptedBuffer))
+    export._last_vorbis.clear()
+    with pytest.raises(KeyboardInterrupt):
+        export_track(track, tmp_path / "out", "theme", ("ogg",))
+    assert sent and not any((tmp_path / "out").iterdir())
+    assert "Exception ignored" not in capsys.readouterr().err
