@@ -511,6 +511,8 @@ def _run_render(args: argparse.Namespace) -> int:
     if not TRUE_PEAK_RANGE[0] <= args.true_peak <= TRUE_PEAK_RANGE[1]:
         raise ChiptuneError(f"--true-peak {args.true_peak:g} dBTP is out of range (use {TRUE_PEAK_RANGE[0]:g} to 0, "
                             f"e.g. -1)")
+    if args.split and not args.loop:
+        raise ChiptuneError("--split needs --loop: it writes the loop's intro and body as separate clips")
     preset = load_preset(args.preset)
     piece = read_midi(args.input)
     if not piece.notes:

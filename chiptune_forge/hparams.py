@@ -75,6 +75,8 @@ def parse_hparams(text: str | None, base: HParams | None = None) -> tuple[HParam
             close = get_close_matches(name, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
             raise ChiptuneError(f"--hparams: unknown hyperparameter {name!r}{hint}")
+        if name in given:
+            raise ChiptuneError(f"--hparams: {name} is given twice")
         result = replace(result, **{name: _convert(name, raw)})
         given.add(name)
     return result, given

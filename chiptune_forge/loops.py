@@ -68,6 +68,9 @@ JOIN_FADE_SECONDS = 0.01
 """The intro's last 10 ms crossfade into the audio that precedes the kept body, so the first pass from the
 intro into the body is as continuous as every later pass from the body's end into its start."""
 
+MAX_MUSIC_SECONDS = 1200.0
+"""The longest stretch of music rendered (20 minutes, about 150 MB of audio at 32 kHz): a MIDI file that
+runs longer is almost always a stray event far past the music, and would take minutes and gigabytes."""
 JINGLE_FADE_SECONDS = 0.05
 JINGLE_SILENCE_DB = -60.0
 """A jingle ends where its tail stays this far below the track's peak, then fades to zero."""
@@ -383,6 +386,7 @@ def render_track(piece: Piece, render: RenderFn, sample_rate: int, loop: bool = 
     """
     if loop:
         plan = plan_loop(piece, sample_rate, intro_bars, bars)
+        _check_length(piece, (plan.intro_frames + plan.body_frames) / sample_rate)
         return _render_loop(piece, render, sample_rate, plan)
     check_sample_rate(sample_rate)
     if _whole_bars(intro_bars, "intro") != 0:
@@ -421,6 +425,7 @@ def _render_jingle(piece: Piece, render: RenderFn, sample_rate: int, bars: int |
         controls = [c for c in piece.controls if c.time < end_seconds]
         piece = Piece(notes, piece.tempos, piece.time_signatures, piece.track_names, controls)
         total = count
+    _check_length(piece, piece.end_time)
     music_end = round(piece.end_time * sample_rate)
     fade = max(1, round(JINGLE_FADE_SECONDS * sample_rate))
     audio = _stereo(render(piece, sample_rate), music_end + fade)
@@ -430,6 +435,13 @@ def _render_jingle(piece: Piece, render: RenderFn, sample_rate: int, bars: int |
     ramp = 0.5 * (1 + np.cos(np.linspace(0.0, np.pi, fade)))
     out[end - fade:] *= ramp[:, None].astype(np.float32)
     return TrackAudio(out, sample_rate, None, None, piece.qpm, total, 0)
+
+
+def _check_length(piece: Piece, seconds: float) -> None:
+    if seconds > MAX_MUSIC_SECONDS:
+        last = max(piece.notes, key=lambda n: n.end)
+        raise ChiptuneError(f"{seconds:.0f} s of music to render (the last note, pitch {last.pitch}, ends at "
+                            f"{last.end:.0f} s); at most {MAX_MUSIC_SECONDS / 60:.0f} minutes are rendered")
 
 
 def _sounding_until(audio: np.ndarray, start: int, threshold: float) -> int:

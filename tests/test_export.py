@@ -36,7 +36,7 @@ from chiptune_forge.export import (
     write_ogg,
 )
 from chiptune_forge.loops import TrackAudio, render_track
-from chiptune_forge.midi import write_midi
+from chiptune_forge.midi import Note, Piece, write_midi
 
 
 @pytest.fixture(scope="module")
@@ -385,6 +385,7 @@ def test_render_cli_jingle_wav(midi_file, tmp_path):
     (["--loop", "--loudness", "3"], "--loudness 3 LUFS is out of range"),
     (["--loop", "--true-peak", "0.5"], "--true-peak 0.5 dBTP is out of range"),
     (["--loop", "--true-peak", "-80"], "--true-peak -80 dBTP is out of range"),
+    (["--split"], "--split needs --loop"),
 ])
 def test_render_cli_refuses_bad_requests(midi_file, tmp_path, capsys, args, message):
     out = tmp_path / "music"
@@ -393,6 +394,17 @@ def test_render_cli_refuses_bad_requests(midi_file, tmp_path, capsys, args, mess
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not any(out.iterdir())
+
+
+@pytest.mark.parametrize("args", [[], ["--loop"]])
+def test_music_far_too_long_is_refused_before_rendering(tmp_path, capsys, args):
+    """A stray note hours after the music would take minutes and gigabytes; say where it is instead."""
+    midi = tmp_path / "gap.mid"
+    write_midi(Piece([Note(60, 100, 0.0, 1.0), Note(62, 100, 5000.0, 5001.0)]), midi)
+    assert main(["render", str(midi), "-o", str(tmp_path / "gap.ogg"), *args]) == 1
+    err = capsys.readouterr().err
+    assert f"{midi}: 500" in err and "s of music to render (the last note, pitch 62, ends at 5001 s)" in err
+    assert not (tmp_path / "gap.ogg").exists()
 
 
 def test_render_cli_refuses_a_folder_as_output(midi_file, tmp_path, capsys):

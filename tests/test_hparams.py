@@ -53,6 +53,7 @@ UP_TO_1 = "above 0 up to 1"
     ("learning_rate=-1", ["learning_rate=-1 is out of range", UP_TO_1]),
     ("clip_norm=inf", ["clip_norm=inf is out of range", "finite number above 0"]),
     ("batch_size", ["'batch_size' is not name=value"]),
+    ("rnn_layer_sizes=[8],rnn_layer_sizes=[16]", ["rnn_layer_sizes is given twice"]),
 ])
 def test_bad_strings_name_the_problem(text: str, names: list[str]) -> None:
     with pytest.raises(ChiptuneError) as info:
