@@ -536,9 +536,20 @@ def _run_render(args: argparse.Namespace) -> int:
     level = ("silent" if math.isinf(reached) else f"gain {gain:+.2f} dB to {reached:.1f} LUFS"
              + (f" (short of {args.loudness:g}: held back by the {args.true_peak:g} dBTP ceiling)"
                 if reached < args.loudness - 0.05 else ""))
-    print(f"{output}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, {level}; "
+    print(f"{paths[0]}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, {level}; "
           f"wrote {', '.join(p.name for p in paths)}")
+    stale = [p.name for p in _side_files(paths[0]) if p.exists() and p not in paths]
+    if stale:
+        print(f"chiptune-forge: warning: {', '.join(stale)} from an earlier render no longer match and were left as "
+              "they were (rewrite them with --godot-import / --split, or delete them)", file=sys.stderr)
     return 0
+
+
+def _side_files(main_file: Path) -> list[Path]:
+    """The files a render may write beside NAME.fmt: Godot import settings and the split clips."""
+    stem, fmt = main_file.stem, main_file.suffix
+    clips = [main_file.with_name(f"{stem}_{part}{fmt}") for part in ("intro", "loop")]
+    return [p.with_name(p.name + ".import") for p in (main_file, *clips)] + clips
 
 
 def _add_presets(sub: argparse._SubParsersAction) -> None:

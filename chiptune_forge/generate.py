@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -68,6 +70,7 @@ DEFAULT_NUM_STEPS = 128
 SNES_VOICES = 8
 PRIMER_CHORD_STEPS = STEPS_PER_QUARTER
 RESULT_FORMAT = "chiptune-forge-generate-1"
+_OUTPUT_NAME = re.compile(r"output_\d{2,}\.mid")
 NOISE_BLOCK = 64
 
 # rank_score = sum of weight * score. Both likelihoods are mean nats per event (about -0.5..-4), the other
@@ -603,6 +606,7 @@ def write_outputs(pieces: Sequence[GeneratedPiece], output_dir: str | Path, requ
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ChiptuneError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    previous = _listed_outputs(out / "generate.json")
     places = {p.index: place for place, p in enumerate(rank(pieces), start=1)}
     outputs = []
     for p in pieces:
@@ -627,5 +631,18 @@ def write_outputs(pieces: Sequence[GeneratedPiece], output_dir: str | Path, requ
         "outputs": outputs,
     }
     path = out / "generate.json"
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp = out / "generate.json.partial"
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    for name in previous - {o["file"] for o in outputs}:  # an earlier run's outputs that this one did not replace
+        (out / name).unlink(missing_ok=True)
     return path
+
+
+def _listed_outputs(result_file: Path) -> set[str]:
+    """The MIDI files an earlier generate.json in the folder lists (plain output names only)."""
+    try:
+        listed = {str(o["file"]) for o in json.loads(result_file.read_text(encoding="utf-8"))["outputs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {name for name in listed if _OUTPUT_NAME.fullmatch(name)}

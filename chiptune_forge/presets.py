@@ -203,7 +203,7 @@ def list_presets() -> list[tuple[str, str]]:
 
 
 def _looks_like_path(text: str) -> bool:
-    return "/" in text or "\\" in text or text.endswith(".toml")
+    return "/" in text or "\\" in text or text.lower().endswith(".toml")
 
 
 def load_preset(name_or_path: str | Path, base_dir: Path | None = None) -> Preset:

@@ -331,6 +331,8 @@ OUTPUT_SUFFIXES = (".wav", ".ogg")
 def check_output_path(path: str | Path) -> Path:
     """The output path, checked before any work: a .wav or .ogg name in an existing folder."""
     p = Path(path)
+    if p.name.lower() in OUTPUT_SUFFIXES:
+        raise ChiptuneError(f"{p}: name the file, e.g. {p.with_name('theme' + p.name)}")
     if p.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ChiptuneError(f"{p}: unsupported output format {p.suffix or '(none)'!r} (use .wav or .ogg)")
     if str(p.parent) and not p.parent.is_dir():

@@ -407,6 +407,20 @@ def test_music_far_too_long_is_refused_before_rendering(tmp_path, capsys, args):
     assert not (tmp_path / "gap.ogg").exists()
 
 
+def test_render_points_out_side_files_of_an_earlier_render(midi_file, tmp_path, capsys):
+    out = tmp_path / "theme.ogg"
+    assert main(["render", str(midi_file), "-o", str(out), "--loop", "--intro-bars", "1", "--split",
+                 "--godot-import"]) == 0
+    capsys.readouterr()
+    assert main(["render", str(midi_file), "-o", str(out)]) == 0  # now a jingle: the old loop files are stale
+    err = capsys.readouterr().err
+    assert "warning: theme.ogg.import, theme_intro.ogg.import, theme_loop.ogg.import, theme_intro.ogg, " \
+           "theme_loop.ogg from an earlier render no longer match" in err
+    assert main(["render", str(midi_file), "-o", str(out), "--loop", "--intro-bars", "1", "--split",
+                 "--godot-import"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_render_cli_refuses_a_folder_as_output(midi_file, tmp_path, capsys):
     folder = tmp_path / "theme.ogg"
     folder.mkdir()

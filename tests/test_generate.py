@@ -129,6 +129,16 @@ def test_same_seed_gives_byte_identical_files(model: LstmModel, tmp_path: Path) 
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+def test_a_rerun_in_the_same_folder_leaves_no_outputs_of_the_earlier_run(model: LstmModel, tmp_path: Path) -> None:
+    many = GenerationRequest(num_outputs=12, num_steps=16)
+    write_outputs(generate(model, many), tmp_path, many, model)
+    (tmp_path / "mine.mid").write_bytes(b"not generated")
+    few = GenerationRequest(num_outputs=3, num_steps=16)
+    write_outputs(generate(model, few), tmp_path, few, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "generate.json", "mine.mid", "output_01.mid", "output_02.mid", "output_03.mid"]
+
+
 def test_an_output_does_not_depend_on_the_batch(model: LstmModel) -> None:
     request = GenerationRequest(num_outputs=8, num_steps=64, seed=11)
     eight = generate(model, request)
