@@ -451,6 +451,13 @@ def _run_generate(args: argparse.Namespace) -> int:
         beam_size=args.beam_size, branch_factor=args.branch_factor, steps_per_iteration=args.steps_per_iteration,
         max_polyphony=args.max_polyphony, qpm=args.qpm, seed=args.seed)
     request.validate()
+    if not (args.primer_melody or args.primer_pitches or args.primer_midi):
+        unused = [flag for flag, used in (("--inject-primer-during-generation", args.inject_primer_during_generation),
+                                          ("--no-condition-on-primer", not args.condition_on_primer)) if used]
+        if unused:
+            print(f"chiptune-forge: warning: {' and '.join(unused)} {'does' if len(unused) == 1 else 'do'} nothing "
+                  "without a primer "
+                  "(--primer-melody, --primer-pitches or --primer-midi)", file=sys.stderr)
     model = load_model(args.run_dir or args.model)
     if args.hparams is not None:
         check_hparams(model, args.hparams)

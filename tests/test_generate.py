@@ -388,6 +388,17 @@ def test_the_classic_command_runs_against_the_shipped_model(tmp_path: Path) -> N
     assert len(list(out.glob("*.mid"))) == 2
 
 
+def test_primer_flags_without_a_primer_are_pointed_out(model_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", "--model", str(model_dir), "--output-dir", str(tmp_path), "--num-outputs", "1",
+            "--num-steps", "8"]
+    assert main([*base, "--inject-primer-during-generation", "--no-condition-on-primer"]) == 0
+    assert ("warning: --inject-primer-during-generation and --no-condition-on-primer do nothing without a primer"
+            in capsys.readouterr().err)
+    assert main([*base, "--primer-melody=[60]", "--inject-primer-during-generation"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--hparams=rnn_layer_sizes=[128,128,128]"], "rnn_layer_sizes: given (128, 128, 128), the run has (24, 24)"),
     (["--hparams=batch_size=many"], "batch_size"),
