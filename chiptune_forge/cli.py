@@ -119,6 +119,9 @@ def _run_dataset(args: argparse.Namespace) -> int:
     print(f"kept {steps['kept_fraction']:.1%} of the input's note-steps "
           f"(the 80..512-step discard rule would keep {steps['reference_discard_rule_fraction']:.1%}); "
           f"summary: {args.output_dir}/summary.json")
+    if not train["sequences"]:
+        print("chiptune-forge: warning: the train split is empty, so 'train' cannot use this dataset; give more "
+              "MIDI files or a lower --eval-ratio", file=sys.stderr)
     return 0
 
 

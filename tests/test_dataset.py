@@ -172,6 +172,12 @@ def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert err.count("\n") == 0 and "missing" in err
 
 
+def test_an_empty_train_split_is_pointed_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_folder(tmp_path / "in", good=1)
+    assert main(["dataset", "--input-dir", str(root), "--output-dir", str(tmp_path / "o"), "--eval-ratio", "0.99"]) == 0
+    assert "warning: the train split is empty" in capsys.readouterr().err
+
+
 def test_corpus_sample(corpus_dir: Path, tmp_path: Path) -> None:
     """A realistic slice of the corpus: long pieces are windowed, not discarded."""
     root = tmp_path / "in"
