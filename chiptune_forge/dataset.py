@@ -7,6 +7,7 @@ each sequence, which the training input pipeline loads without TensorFlow-specif
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -28,7 +29,7 @@ from .progress import progress
 MIDI_SUFFIXES = {".mid", ".midi", ".smf", ".kar"}
 SHARD_SEQUENCES = 4096
 SPLITS = ("train", "eval")
-_SHARD_NAME = re.compile(r"(train|eval)-\d{5}\.npz")
+_SHARD_NAME = re.compile(r"(train|eval)-\d{5}(-[0-9a-f]{8})?\.npz")
 TEMPO_TOLERANCE = 0.1
 """Tempo changes within 10% of a part's opening tempo do not split it (see split_and_quantize)."""
 
@@ -172,10 +173,11 @@ def _results(jobs: list[tuple[Path, str, int, int, float]], workers: int) -> Ite
 
 
 class ShardWriter:
-    """Collects sequences and writes `<split>-NNNNN.npz` shards of flat events + offsets.
+    """Collects sequences and writes `<split>-NNNNN-<hash>.npz` shards of flat events + offsets.
 
-    Shards are written under a hidden partial name (`staged`) and only renamed into place by `commit`, so a
-    build that fails or is interrupted leaves the folder's previous dataset as it was.
+    Shards are written under a hidden partial name and renamed into place by `commit` under a name that
+    carries a hash of the split's contents, so they never replace the shards of the dataset in the folder:
+    until the new summary.json takes its place, the old summary and its shards are untouched.
     """
 
     def __init__(self, out_dir: Path, split: str) -> None:
@@ -186,6 +188,8 @@ class ShardWriter:
         self.sequences = 0
         self.events = 0
         self.lengths: list[int] = []
+        self._staged: list[Path] = []
+        self._digest = hashlib.blake2b(digest_size=4)
 
     def add(self, events: np.ndarray) -> None:
         self.buffer.append(events)
@@ -198,23 +202,28 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        name = f"{self.split}-{len(self.shards):05d}.npz"
         offsets = np.concatenate([[0], np.cumsum([len(b) for b in self.buffer])]).astype(np.int64)
-        self.shards.append(name)
-        with open(self.staged(name), "wb") as fh:
-            np.savez(fh, events=np.concatenate(self.buffer).astype(np.int16), offsets=offsets)
+        events = np.concatenate(self.buffer).astype(np.int16)
+        self._digest.update(events.tobytes())
+        self._digest.update(offsets.tobytes())
+        staged = self.out_dir / f".{self.split}-{len(self._staged):05d}.npz.partial"
+        self._staged.append(staged)
+        with open(staged, "wb") as fh:
+            np.savez(fh, events=events, offsets=offsets)
         self.buffer = []
 
-    def staged(self, name: str) -> Path:
-        return self.out_dir / f".{name}.partial"
-
     def commit(self) -> None:
-        for name in self.shards:
-            os.replace(self.staged(name), self.out_dir / name)
+        """Rename the staged shards into place; `shards` then lists their final names."""
+        tag = self._digest.hexdigest()
+        self.shards = [f"{self.split}-{k:05d}-{tag}.npz" for k in range(len(self._staged))]
+        for staged, name in zip(self._staged, self.shards, strict=True):
+            os.replace(staged, self.out_dir / name)
 
-    def discard(self) -> None:
-        for name in self.shards:
-            self.staged(name).unlink(missing_ok=True)
+    def discard(self, keep: set[str] = frozenset()) -> None:
+        """Remove what this writer staged or committed (a build that did not complete), except the names in
+        `keep` (the folder's current dataset, which a rebuild of identical contents shares names with)."""
+        for path in [*self._staged, *(self.out_dir / n for n in self.shards if n not in keep)]:
+            path.unlink(missing_ok=True)
 
 
 def build_dataset(input_dir: str | Path, output_dir: str | Path, options: DatasetOptions,
@@ -229,21 +238,23 @@ def build_dataset(input_dir: str | Path, output_dir: str | Path, options: Datase
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise ChiptuneError(f"{output_dir}: is a file, not a folder for the dataset") from None
+        blocker = next((p for p in [output_dir, *output_dir.parents] if p.exists() or p.is_symlink()), output_dir)
+        raise ChiptuneError(f"{blocker}: is a file, not a folder for the dataset") from None
     except OSError as exc:
         raise ChiptuneError(f"{output_dir}: cannot create the folder ({exc.strerror or exc})") from None
     previous = _own_shards(output_dir)
     writers = {s: ShardWriter(output_dir, s) for s in SPLITS}
     try:
         summary = _build(files, input_dir, output_dir, options, writers, workers, show_progress)
+        for split, w in writers.items():
+            w.commit()
+            summary["splits"][split]["shards"] = w.shards
         tmp = output_dir / "summary.json.partial"
         tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        for w in writers.values():
-            w.commit()
-        os.replace(tmp, output_dir / "summary.json")
+        os.replace(tmp, output_dir / "summary.json")  # the one step that makes the new dataset the folder's
     except BaseException:
         for w in writers.values():
-            w.discard()
+            w.discard(keep=previous)
         (output_dir / "summary.json.partial").unlink(missing_ok=True)
         raise
     written = {name for w in writers.values() for name in w.shards}

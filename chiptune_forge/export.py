@@ -157,10 +157,10 @@ def _interrupt_after() -> Iterator[None]:
 
     soundfile reads and writes in-memory files through callbacks from C; a KeyboardInterrupt raised inside
     one cannot unwind through libsndfile, so it is printed as an ignored exception and the encoder goes on
-    with a failed write. The blocks this guards last a second or so at most.
+    with a failed write. The blocks this guards take under a second per minute of audio.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # not ours to defer: another thread, or a handler installed outside Python
         return
     caught: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))

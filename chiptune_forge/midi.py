@@ -332,7 +332,11 @@ def _track_notes(events: list[tuple[int, mido.Message]], track: int, tick_to_sec
         elif kind == "note_on" and msg.velocity > 0:
             key = (msg.channel, msg.note)
             if key in open_notes:
-                close(key, tick)
+                if open_notes[key][0] == tick:  # the same pitch struck twice at once (doubled parts): one note
+                    open_notes.pop(key)
+                    held.pop(key, None)
+                else:
+                    close(key, tick)
             open_notes[key] = (tick, msg.velocity, program[msg.channel])
         elif kind in ("note_off", "note_on"):
             key = (msg.channel, msg.note)

@@ -333,6 +333,8 @@ def check_output_path(path: str | Path) -> Path:
     p = Path(path)
     if p.name.lower() in OUTPUT_SUFFIXES:
         raise ChiptuneError(f"{p}: name the file, e.g. {p.with_name('theme' + p.name)}")
+    if p.name.startswith("."):
+        raise ChiptuneError(f"{p}: a hidden file name; game engines skip those (use e.g. {p.name[1:]})")
     if p.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ChiptuneError(f"{p}: unsupported output format {p.suffix or '(none)'!r} (use .wav or .ogg)")
     if str(p.parent) and not p.parent.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mido
@@ -124,7 +125,8 @@ def test_a_rebuild_keeps_other_files_and_a_failed_one_keeps_the_old_dataset(tmp_
     (out / "notes.txt").write_text("mine")
     build_dataset(make_folder(tmp_path / "big", good=6), out, DatasetOptions(eval_ratio=0.5), show_progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert {"weights.npz", "notes.txt", "summary.json", "train-00000.npz", "eval-00000.npz"} <= set(before)
+    assert {"weights.npz", "notes.txt", "summary.json"} <= set(before)
+    assert len([n for n in before if n.startswith(("train-", "eval-"))]) == 2
     train = load_split(out, "train")
 
     bad = tmp_path / "bad"
@@ -137,15 +139,41 @@ def test_a_rebuild_keeps_other_files_and_a_failed_one_keeps_the_old_dataset(tmp_
 
     build_dataset(make_folder(tmp_path / "small", good=2), out, DatasetOptions(eval_ratio=0.0), show_progress=False)
     names = {p.name for p in out.iterdir()}
-    assert "eval-00000.npz" not in names  # the replaced dataset's own shard goes
-    assert {"weights.npz", "notes.txt", "train-00000.npz"} <= names
+    assert not any(n.startswith("eval-") for n in names)  # the replaced dataset's own shards go
+    assert [n for n in names if n.startswith("train-")] == json.loads((out / "summary.json").read_text())[
+        "splits"]["train"]["shards"]
+    assert {"weights.npz", "notes.txt"} <= names
     assert (out / "weights.npz").read_bytes() == b"not ours"
+
+
+def test_an_interrupt_at_the_last_moment_still_leaves_the_old_dataset(tmp_path: Path, monkeypatch) -> None:
+    import chiptune_forge.dataset as dataset_module
+
+    out = tmp_path / "out"
+    build_dataset(make_folder(tmp_path / "a", good=3), out, DatasetOptions(eval_ratio=0.0), show_progress=False)
+    train = [s.tolist() for s in load_split(out, "train")]
+    real_replace = os.replace
+
+    def interrupted_at_the_summary(src, dst):
+        if Path(dst).name == "summary.json":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(dataset_module.os, "replace", interrupted_at_the_summary)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(make_folder(tmp_path / "b", good=1), out, DatasetOptions(eval_ratio=0.0), show_progress=False)
+    monkeypatch.undo()
+    assert [s.tolist() for s in load_split(out, "train")] == train
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
 
 
 def test_an_output_folder_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "taken").write_text("x")
+    folder = make_folder(tmp_path / "in", good=1)
     with pytest.raises(ChiptuneError, match="taken: is a file, not a folder"):
-        build_dataset(make_folder(tmp_path / "in", good=1), tmp_path / "taken", DatasetOptions(), show_progress=False)
+        build_dataset(folder, tmp_path / "taken", DatasetOptions(), show_progress=False)
+    with pytest.raises(ChiptuneError, match=f"{tmp_path / 'taken'}: is a file, not a folder"):
+        build_dataset(folder, tmp_path / "taken" / "sub", DatasetOptions(), show_progress=False)
 
 
 def test_cli_with_magenta_spellings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -151,6 +151,19 @@ def test_an_output_does_not_depend_on_the_batch(model: LstmModel) -> None:
         "neighbouring seeds share no outputs"
 
 
+def test_a_wide_model_gives_an_output_the_same_numbers_alone_or_among_many(tmp_path: Path) -> None:
+    """Weights over 1 MB use 16-row products for batches of more than 8 rows, 4-row ones below."""
+    model = load_model(write_model(tmp_path, layers=(256, 256)))
+    events = np.random.default_rng(5).integers(0, 259, size=(6, 20))
+    logits = {}
+    for rows in (1, 3, 20):
+        state = model.initial_state(rows)
+        for t in range(events.shape[1]):
+            out, state = model.step(np.resize(events[:, t], rows) if rows > 1 else events[:1, t], state)
+        logits[rows] = out
+    assert np.array_equal(logits[1][0], logits[20][0]) and np.array_equal(logits[3], logits[20][:3])
+
+
 # ----------------------------------------------------------------------------------------- well-formed
 
 

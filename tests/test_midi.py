@@ -109,6 +109,14 @@ def test_a_note_that_ends_where_it_starts_is_kept_one_tick_long(tmp_path: Path) 
     assert all(n.end == pytest.approx(n.start + tick) for n in piece.notes)
 
 
+def test_a_pitch_struck_twice_at_once_is_one_note(tmp_path: Path) -> None:
+    """Doubled parts merged onto one channel strike a pitch twice on the same tick: one note, not a blip."""
+    path = write_song(tmp_path / "doubled.mid", [
+        [tempo(0, 120)], [(0, on(60)), (0, on(60)), (480, off(60)), (480, off(60))]])
+    notes = read_midi(path).notes
+    assert [(n.pitch, n.start, n.end) for n in notes] == [(60, 0.0, 0.5)]
+
+
 def test_writing_refuses_a_pitch_outside_midi_and_writes_nothing(tmp_path: Path) -> None:
     piece = Piece([Note(60, 100, 0.0, 0.5), Note(128, 100, 0.5, 1.0)], [TempoChange(0.0, 0.0, 120.0)])
     with pytest.raises(ValueError, match="pitch 128"):

@@ -249,6 +249,16 @@ def test_a_refused_start_leaves_no_run_behind(dataset: Path, tmp_path: Path,
                  "rnn_layer_sizes=[8],batch_size=4", "--num-training-steps", "1"]) == 0
 
 
+def test_a_run_that_never_saved_a_checkpoint_takes_new_hparams(dataset: Path, tmp_path: Path) -> None:
+    """A start that failed after writing hparams.json (say the loss blew up at once) holds nothing to resume."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "hparams.json").write_text(json.dumps({"encoding": ENCODING_VERSION, "hparams": HParams().to_dict(),
+                                                  "max_length": 512, "seed": 0, "dataset": str(dataset)}))
+    train(options(run, dataset, 1, evaluate=False))
+    assert json.loads((run / "hparams.json").read_text())["hparams"]["rnn_layer_sizes"] == [16, 16]
+
+
 def test_a_damaged_checkpoint_is_one_line(trained_run: tuple[Path, dict, dict], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
@@ -303,6 +313,17 @@ def test_tensorflow_start_up_chatter_is_kept_off_stderr() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2.0"
     assert done.stderr == "after the import\n"
+
+
+def test_a_failing_tensorflow_import_keeps_its_diagnostics(tmp_path: Path) -> None:
+    (tmp_path / "keras.py").write_text("import os\nos.write(2, b'E0000 broken install: libfoo.so missing\\n')\n"
+                                       "raise ImportError('keras is broken here')\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", "import chiptune_forge.model.framework"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "E0000 broken install: libfoo.so missing" in done.stderr and "keras is broken here" in done.stderr
 
 
 def test_only_tensorflow_info_lines_count_as_chatter() -> None:

@@ -29,16 +29,17 @@ def _quiet_import() -> None:
             try:
                 import keras  # noqa: F401
                 import tensorflow  # noqa: F401
-            finally:
+            finally:  # also when the import fails: its own diagnostics must reach the user
                 sys.stderr.flush()
                 os.dup2(saved, 2)
                 capture.seek(0)
                 text = capture.read().decode("utf-8", errors="replace")
+                kept = "".join(line for line in text.splitlines(keepends=True) if not _CHATTER.match(line))
+                if kept:
+                    sys.stderr.write(kept)
+                    sys.stderr.flush()
     finally:
         os.close(saved)
-    kept = "".join(line for line in text.splitlines(keepends=True) if not _CHATTER.match(line))
-    if kept:
-        sys.stderr.write(kept)
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

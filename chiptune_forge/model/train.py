@@ -226,10 +226,10 @@ def resolve_config(options: TrainOptions) -> dict:
     """The run's configuration: a new run takes the options, a resumed one must agree with what it has."""
     run_dir = options.run_dir
     existing = read_run_config(run_dir)
-    if existing is None:
+    if existing is None or latest_checkpoint(run_dir) is None:  # nothing trained yet: the options decide
         hparams = options.hparams or HParams()
         return {"encoding": ENCODING_VERSION, "hparams": hparams.to_dict(), "max_length": options.max_length or 512,
-                "seed": options.seed, "dataset": str(options.dataset_dir),
+                "seed": options.seed, "dataset": str(options.dataset_dir.resolve()),
                 "dataset_summary": _dataset_summary(options.dataset_dir)}
     run_hparams = HParams.from_dict(existing["hparams"])
     if options.hparams is not None:
@@ -304,8 +304,11 @@ def train(options: TrainOptions) -> dict:
     hparams = HParams.from_dict(config["hparams"])
     max_length = int(config["max_length"])
     dataset = options.dataset_dir
-    if config.get("dataset") not in (None, str(dataset)):
-        print(f"note: {run_dir} was started on {config['dataset']}; it goes on with {dataset}", file=sys.stderr)
+    if config.get("dataset") is not None and Path(config["dataset"]).resolve() != dataset.resolve():
+        # Going on with other data is allowed (fine-tuning); the run then records the data it trains on now.
+        print(f"note: {run_dir} was trained on {config['dataset']} so far; it goes on with {dataset}",
+              file=sys.stderr)
+        config = {**config, "dataset": str(dataset.resolve()), "dataset_summary": _dataset_summary(dataset)}
 
     # Everything that can refuse the run is checked before the run folder is written, so that a refused
     # start leaves no folder behind that a corrected command would then be held to.
