@@ -778,6 +778,11 @@ class Builder:
                             result = (None, f"{what} worker failed: {type(exc).__name__}: {exc}")
                         yield (name, *result)
                         progress.update()
+        except BaseException:  # Ctrl-C or an error here: stop the workers now rather than wait for them
+            if own:
+                _stop_workers(executor)
+                own = False
+            raise
         finally:
             if own:
                 executor.shutdown(wait=True, cancel_futures=True)
@@ -853,6 +858,19 @@ def new_executor(workers: int) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker_init,
                                initargs=(os.getpid(),))
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """Terminate a pool's workers at once. Waiting for them on Ctrl-C could hang: an interrupt that lands
+    while the parent holds the pool's queue lock leaves a worker blocked on it forever. What they leave
+    half-written is a .partial file, which the next build removes. The executor has no public way to reach
+    its processes, hence `_processes`."""
+    workers = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        process.terminate()
+    for process in workers:
+        process.join(timeout=5)
 
 
 def _call(fn: Callable, job: Any) -> tuple[Any, str | None]:

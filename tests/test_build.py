@@ -418,3 +418,23 @@ def test_a_copied_project_never_touches_the_original_assets(tmp_path: Path) -> N
     # The copy gets its own assets; the files copied along stay, as nothing proves this build wrote them.
     assert sorted(p.name for p in (copy / "music").iterdir()) == ["given.json", "given.ogg", "song.json", "song.wav",
                                                                   "theme.json", "theme.ogg", "theme.wav"]
+
+
+def _sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_an_interrupted_parallel_stage_stops_its_workers_at_once() -> None:
+    """Ctrl-C while workers run: they are stopped, not waited for (waiting could hang on the pool's lock)."""
+    from chiptune_forge.builder import Builder
+
+    builder = Builder.__new__(Builder)  # only what _map uses
+    builder.executor, builder.workers, builder.show_progress, builder.workers_lost = None, 2, False, False
+    import threading
+
+    started = time.monotonic()
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        list(builder._map(_sleep, {"a": 30.0, "b": 30.0}, "render"))
+    assert time.monotonic() - started < 10
