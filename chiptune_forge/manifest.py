@@ -382,10 +382,15 @@ def _check_formats(value: list, line, label: str, problem) -> tuple[str, ...]:
 
 
 def _check_preset(preset: str, root: Path, line, label: str, problem) -> None:
+    """A preset that does not parse makes the manifest invalid; one whose plugin is missing or cannot load
+    here only fails the tracks that use it, when the build gets to them."""
+    from .plugins import PluginUnavailable
     from .presets import load_preset
 
     try:
         load_preset(preset, base_dir=root)
+    except PluginUnavailable:
+        pass
     except ChiptuneError as exc:
         problem(line(), label, f"preset: {exc}")
 

@@ -139,6 +139,11 @@ class PluginCrash(ChiptuneError):
     """The worker process died (a segfault, an abort) while loading or rendering a plugin."""
 
 
+class PluginUnavailable(ChiptuneError):
+    """The plugin a preset names is not there, or is not a VST3 this machine can load. A build fails only
+    the tracks that use it."""
+
+
 # ------------------------------------------------------------------------------------- finding plugins
 
 
@@ -174,7 +179,7 @@ def resolve_plugin_path(text: str, base_dir: Path | None = None, origin: str = "
         found = _search(names)
         if found is None:
             dirs = ", ".join(str(d) for d in vst3_search_path())
-            raise ChiptuneError(_where(origin, text, f"not found as a path nor on the VST3 search path "
+            raise PluginUnavailable(_where(origin, text, f"not found as a path nor on the VST3 search path "
                                                      f"({dirs}; add folders with ${SEARCH_PATH_ENV})"))
         path = found
     path = path.absolute()
@@ -233,36 +238,36 @@ def check_bundle(path: Path, origin: str = "") -> None:
     Missing paths, things that are not VST3, and bundles built for another platform or processor.
     """
     if not path.exists():
-        raise ChiptuneError(_where(origin, path, "not found"))
+        raise PluginUnavailable(_where(origin, path, "not found"))
     if path.suffix.lower() != ".vst3":
-        raise ChiptuneError(_where(origin, path, "not a VST3 plugin (expected a .vst3 bundle; VST2, AU, LV2 "
+        raise PluginUnavailable(_where(origin, path, "not a VST3 plugin (expected a .vst3 bundle; VST2, AU, LV2 "
                                                  "and CLAP plugins are not supported)"))
     want, system = _platform_folder()
     if path.is_file():
         kind = _binary_kind(path)
         if kind is None:
-            raise ChiptuneError(_where(origin, path, "not a VST3 plugin (neither a bundle nor a plugin binary)"))
+            raise PluginUnavailable(_where(origin, path, "not a VST3 plugin (neither a bundle nor a plugin binary)"))
         if kind != f"a {system} binary":
-            raise ChiptuneError(_where(origin, path, f"is {kind}, which cannot load on {system}"))
+            raise PluginUnavailable(_where(origin, path, f"is {kind}, which cannot load on {system}"))
         return
     contents = path / "Contents"
     if not contents.is_dir():
-        raise ChiptuneError(_where(origin, path, "not a VST3 bundle (it has no Contents folder)"))
+        raise PluginUnavailable(_where(origin, path, "not a VST3 bundle (it has no Contents folder)"))
     binary_dir = contents / want
     if binary_dir.is_dir() and any(p.is_file() for p in binary_dir.iterdir()):
         if sys.platform.startswith("linux"):
             for lib in binary_dir.glob("*.so"):
                 if _binary_kind(lib) != "a Linux binary":
-                    raise ChiptuneError(_where(origin, path, f"Contents/{want}/{lib.name} is not a Linux "
+                    raise PluginUnavailable(_where(origin, path, f"Contents/{want}/{lib.name} is not a Linux "
                                                              "shared library"))
         return
     present = sorted(p.name for p in contents.iterdir() if p.is_dir() and p.name != "Resources")
     builds = [_describe_platform_folder(name) for name in present]
     builds = [b for b in builds if b]
     if builds:
-        raise ChiptuneError(_where(origin, path, f"is a {' and '.join(builds)} build; {system} on this "
+        raise PluginUnavailable(_where(origin, path, f"is a {' and '.join(builds)} build; {system} on this "
                                                  f"machine needs Contents/{want}/"))
-    raise ChiptuneError(_where(origin, path, f"has no binary for this machine (Contents/{want}/ is missing)"))
+    raise PluginUnavailable(_where(origin, path, f"has no binary for this machine (Contents/{want}/ is missing)"))
 
 
 def _describe_platform_folder(name: str) -> str | None:
@@ -941,6 +946,8 @@ def _coerce(name: str, param: Any, value: ParameterValue) -> ParameterValue:
             choices = ", ".join(str(v) for v in param.valid_values)
             raise _Problem(f"parameter {name!r} must be one of {choices}, got {value!r}")
         return text
+    if isinstance(value, bool):
+        raise _Problem(f"parameter {name!r} expects a number, got {str(value).lower()}")
     if isinstance(value, str):
         try:
             value = float(value)

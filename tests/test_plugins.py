@@ -235,6 +235,8 @@ def test_unknown_parameters_and_bad_values_name_the_role(synth: Path, host: Plug
         render_role(spec(synth, dutty=0.3), notes, SR, host=host)
     with pytest.raises(ChiptuneError, match=r"'duty' must be within 0.05..0.95, got 3"):
         render_role(spec(synth, duty=3), notes, SR, host=host)
+    with pytest.raises(ChiptuneError, match=r"'duty' expects a number, got true"):
+        render_role(spec(synth, duty=True), notes, SR, host=host)
     with pytest.raises(ChiptuneError, match=r"'waveform' must be one of pulse, triangle, saw, got 'sine'"):
         render_role(spec(synth, waveform="sine"), notes, SR, host=host)
 
@@ -550,3 +552,34 @@ preset = "bad.toml"
     assert report["fine"].status == "built" and (tmp_path / "music" / "fine.wav").is_file()
     assert report["broken"].status == "failed" and not (tmp_path / "music" / "broken.wav").exists()
     assert "bad.toml: roles.lead: plugin" in report["broken"].error and "crashed" in report["broken"].error
+
+
+def test_a_missing_plugin_fails_only_the_tracks_that_use_it(synth: Path, tmp_path: Path) -> None:
+    from midi_factory import simple_song
+
+    from chiptune_forge.builder import build
+
+    simple_song(tmp_path / "song.mid", bars=2)
+    write_preset(tmp_path, synth).rename(tmp_path / "good.toml")
+    write_preset(tmp_path, tmp_path / "Gone.vst3").rename(tmp_path / "gone.toml")
+    (tmp_path / "chiptune.toml").write_text("""
+[project]
+output_dir = "music"
+preset = "good.toml"
+formats = ["wav"]
+sample_rate = 32000
+
+[[track]]
+name = "fine"
+midi = "song.mid"
+bars = 2
+
+[[track]]
+name = "lost"
+midi = "song.mid"
+bars = 2
+preset = "gone.toml"
+""")
+    report = {t.name: t for t in build(tmp_path / "chiptune.toml").tracks}
+    assert report["fine"].status == "built" and (tmp_path / "music" / "fine.wav").is_file()
+    assert report["lost"].status == "failed" and "Gone.vst3: not found" in report["lost"].error
