@@ -318,13 +318,23 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_init(args: argparse.Namespace) -> int:
-    from .manifest import STARTER, manifest_file
+    import shlex
 
+    from .manifest import MANIFEST_NAME, STARTER, manifest_file
+
+    if args.path == "-":
+        raise ChiptuneError("init: give a project folder or a .toml file name, not '-'")
     path = manifest_file(args.path)
+    if not path.is_dir() and path.suffix.lower() != ".toml":  # a folder to create, e.g. "mygame" or "mygame/"
+        path = path / MANIFEST_NAME
     if path.exists():
         raise ChiptuneError(f"{path}: already exists; not overwriting it")
-    path.write_text(STARTER, encoding="utf-8")
-    print(f"wrote {path}; build it with: chiptune-forge build {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(STARTER, encoding="utf-8")
+    except OSError as exc:
+        raise ChiptuneError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    print(f"wrote {path}; build it with: chiptune-forge build {shlex.quote(str(path))}")
     return 0
 
 

@@ -197,11 +197,19 @@ def test_output_dir_cannot_be_the_build_cache(tmp_path: Path) -> None:
                                  "choose another"]
 
 
-def test_init_into_a_missing_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["init", str(tmp_path / "no" / "such" / "chiptune.toml")]) == 1
+def test_init_creates_a_new_project_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", str(tmp_path / "new game")]) == 0  # a name without .toml is a folder, as "mygame/"
+    assert (tmp_path / "new game" / "chiptune.toml").read_text() == STARTER
+    out = capsys.readouterr().out
+    assert f"chiptune-forge build '{tmp_path / 'new game' / 'chiptune.toml'}'" in out  # pastes as it is
+    assert main(["init", str(tmp_path / "no" / "such" / "music.toml")]) == 0
+    assert (tmp_path / "no" / "such" / "music.toml").is_file()
+    assert main(["init", "-"]) == 1
+    assert "not '-'" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["init", str(tmp_path / "file" / "sub")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"chiptune-forge: error: {tmp_path / 'no' / 'such' / 'chiptune.toml'}: ")
+    assert err.count("\n") == 1 and "cannot write" in err
 
 
 def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
