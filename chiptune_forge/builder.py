@@ -106,9 +106,28 @@ def lock_only(plan: dict[str, Any]) -> bool:
     return plan.get("take") == "cache" and not (plan["render"] or plan["export"])
 
 
+def _file_stamp(path: str) -> list:
+    """[size, mtime_ns, sha256] of a written asset, so a later build can tell it was altered on disk."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, hashlib.sha256(Path(path).read_bytes()).hexdigest()]
+
+
+def _file_intact(path: str, stamp: list | None) -> bool:
+    """Whether an asset is still what the build wrote: same size, and same time or (a checkout or copy that
+    touched it) same contents. State from before stamps were kept counts as intact."""
+    if not stamp:
+        return True
+    st = os.stat(path)
+    if st.st_size != stamp[0]:
+        return False
+    return st.st_mtime_ns == stamp[1] or hashlib.sha256(Path(path).read_bytes()).hexdigest() == stamp[2]
+
+
 def changed_inputs(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """The inputs that differ from the recorded ones (compared as stored: tuples read back as lists)."""
     if old is None:
         return ["new"]
+    new = json.loads(json.dumps(new, default=str))
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
@@ -510,12 +529,17 @@ class Builder:
         elif needs_render:
             plan["reasons"].append("render: audio cache missing or damaged")
         plan["render"] = needs_render or self.force
-        files_ok = bool(old.get("files")) and all(self._owns(f) and Path(f).is_file() for f in old.get("files", []))
+        files = old.get("files", [])
+        present = bool(files) and all(self._owns(f) and Path(f).is_file() for f in files)
+        intact = present and all(_file_intact(f, old.get("file_stamps", {}).get(f)) for f in files)
+        files_ok = present and intact
         export_changed = old.get("export_inputs") != export_in
         if export_changed and not plan["render"]:
             plan["reasons"].append("export: " + ", ".join(changed_inputs(old.get("export_inputs"), export_in)))
-        if not files_ok and old.get("files"):
+        if files and not present:
             plan["reasons"].append("output missing")
+        elif files and not intact:
+            plan["reasons"].append("output changed on disk")
         plan["export"] = plan["render"] or export_changed or not files_ok or self.force
         if self.force and not plan["reasons"]:
             plan["reasons"].append("--force")
@@ -630,7 +654,8 @@ class Builder:
             state["tracks"][t.name] = {
                 "gen_inputs": plan.get("gen_inputs"), "render_key": plan["render_key"],
                 "render_inputs": plan["render_inputs"], "export_inputs": plan["export_inputs"],
-                "audio_meta": metas[t.name], "gain_db": results[t.name]["gain_db"], "files": files}
+                "audio_meta": metas[t.name], "gain_db": results[t.name]["gain_db"], "files": files,
+                "file_stamps": {f: _file_stamp(f) for f in files}}
             rep.status, rep.files = "built", files
         self._prune(state)
         write_json(self.cache / "state.json", state)
@@ -803,19 +828,25 @@ class Builder:
         return Path(file).parent == self.m.project.output_dir
 
     def _removed(self, state: dict) -> list[str]:
+        """Tracks the last build or the lock knows that the manifest no longer has."""
         names = {t.name for t in self.m.tracks}
-        return sorted(name for name in state["tracks"] if name not in names)
+        return sorted((set(state["tracks"]) | set(self._lock()["tracks"])) - names)
 
     def _drop_removed(self, report: BuildReport) -> None:
         """Delete the assets this tool wrote for tracks no longer in the manifest (a renamed track would
-        otherwise leave its old file in the game's music folder) and forget their state and lock entries."""
+        otherwise leave its old file in the game's music folder) and forget their state and lock entries.
+
+        Without build state (a fresh clone: .chiptune/ is not committed) a removed track is known from the
+        lock, and its files from the sidecar JSON the export wrote beside them."""
         state = self._state()
         removed = self._removed(state)
         if not removed:
             return
         lock = self._lock()
         for name in removed:
-            files = [f for f in state["tracks"].pop(name).get("files", []) if self._owns(f)]
+            entry = state["tracks"].pop(name, None)
+            files = ([f for f in entry.get("files", []) if self._owns(f)] if entry is not None
+                     else self._sidecar_files(name))
             for f in files:
                 Path(f).unlink(missing_ok=True)
             lock["tracks"].pop(name, None)
@@ -823,6 +854,22 @@ class Builder:
         self._prune(state)
         write_json(self.cache / "state.json", state)
         write_json(self.lock_path, lock)
+
+    def _sidecar_files(self, name: str) -> list[str]:
+        """The files NAME.json (written by our export) lists for the track, with itself and any Godot
+        .import files beside them; nothing if there is no such sidecar of ours."""
+        out = self.m.project.output_dir
+        sidecar = out / f"{name}.json"
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+            listed = [*data["files"], *(f for clips in (data.get("split") or {}).values() for f in clips)]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+        if data.get("name") != name or not all(isinstance(f, str) and Path(f).name == f for f in listed):
+            return []
+        files = [out / f for f in listed]
+        files += [f.with_name(f.name + ".import") for f in files]
+        return [str(f) for f in [*files, sidecar] if f.is_file()]
 
     def _prune(self, state: dict) -> None:
         """Keep only the audio cache entries that the current state points to."""

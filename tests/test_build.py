@@ -438,3 +438,43 @@ def test_an_interrupted_parallel_stage_stops_its_workers_at_once() -> None:
     with pytest.raises(KeyboardInterrupt):
         list(builder._map(_sleep, {"a": 30.0, "b": 30.0}, "render"))
     assert time.monotonic() - started < 10
+
+
+def test_an_asset_damaged_on_disk_is_rebuilt_and_a_touched_one_is_not(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    build(manifest)
+    asset = manifest.parent / "music" / "theme.ogg"
+    good = asset.read_bytes()
+    os.utime(asset, ns=(1, 1))  # a checkout or copy that only changed its time
+    assert statuses(build(manifest))["theme"] == ("skipped", ())
+    asset.write_bytes(good[:1000])  # truncated
+    report = build(manifest, check=True)
+    theme = next(t for t in report.tracks if t.name == "theme")
+    assert theme.status == "outdated" and "output changed on disk" in theme.reasons
+    assert statuses(build(manifest))["theme"] == ("built", ("export",))
+    assert asset.read_bytes() == good
+
+
+def test_a_renamed_track_takes_its_assets_along_without_build_state(tmp_path: Path) -> None:
+    """A fresh clone has the lock and the assets but no .chiptune/; the lock and sidecars tell what was ours."""
+    import shutil
+
+    manifest = project(tmp_path)
+    build(manifest)
+    music = manifest.parent / "music"
+    (music / "mine.ogg").write_bytes(b"the user's own file")
+    shutil.rmtree(manifest.parent / CACHE_DIR)
+    manifest.write_text(manifest.read_text().replace('name = "theme"', 'name = "opening"'))
+    assert statuses(build(manifest, check=True))["theme"][0] == "outdated"
+    report = build(manifest)
+    assert statuses(report)["theme"][0] == "removed"
+    assert sorted(p.name for p in music.iterdir()) == ["given.json", "given.ogg", "mine.ogg", "opening.json",
+                                                       "opening.ogg"]
+    assert "theme" not in json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]
+
+
+def test_the_reason_names_only_what_changed() -> None:
+    from chiptune_forge.builder import changed_inputs
+
+    recorded = json.loads(json.dumps({"primer_melody": (60, -2, 64), "seed": 1}))  # as the state file keeps it
+    assert changed_inputs(recorded, {"primer_melody": (60, -2, 64), "seed": 2}) == ["seed"]
