@@ -805,7 +805,7 @@ class Builder:
                         progress.update()
         except BaseException:  # Ctrl-C or an error here: stop the workers now rather than wait for them
             if own:
-                _stop_workers(executor)
+                stop_workers(executor)
                 own = False
             raise
         finally:
@@ -907,7 +907,7 @@ def new_executor(workers: int) -> ProcessPoolExecutor:
                                initargs=(os.getpid(),))
 
 
-def _stop_workers(executor: ProcessPoolExecutor) -> None:
+def stop_workers(executor: ProcessPoolExecutor) -> None:
     """Terminate a pool's workers at once. Waiting for them on Ctrl-C could hang: an interrupt that lands
     while the parent holds the pool's queue lock leaves a worker blocked on it forever. What they leave
     half-written is a .partial file, which the next build removes. The executor has no public way to reach

@@ -20,11 +20,12 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .builder import CACHE_DIR, Builder, BuildReport, new_executor
+from .builder import CACHE_DIR, Builder, BuildReport, new_executor, stop_workers
 from .errors import ChiptuneError
 from .manifest import ManifestError, load_manifest, manifest_file
 
 RELEVANT_SUFFIXES = {".toml", ".mid", ".midi", ".npz", ".json", ".vstpreset", ".bin", ".vst3"}
+ASSET_SUFFIXES = {".ogg", ".wav", ".json", ".import"}
 
 
 class _Stop(BaseException):
@@ -34,7 +35,7 @@ class _Stop(BaseException):
 class _Changes(FileSystemEventHandler):
     """Collects relevant paths from watchdog's thread and wakes the main loop."""
 
-    def __init__(self, ignored: Callable[[Path], bool]) -> None:
+    def __init__(self, ignored: Callable[[Path, str], bool]) -> None:
         self.ignored = ignored
         self.lock = threading.Lock()
         self.paths: set[Path] = set()
@@ -42,13 +43,19 @@ class _Changes(FileSystemEventHandler):
         self.wake = threading.Event()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        if event.is_directory and event.event_type not in ("created", "deleted", "moved"):
             return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             if not raw:
                 continue
             path = Path(raw if isinstance(raw, str) else raw.decode())
-            if path.suffix.lower() in RELEVANT_SUFFIXES and not self.ignored(path):
+            # A folder that appears may hold the files the manifest names (it gets watched after the next
+            # build); one that goes may have held assets; an asset that goes must be written again.
+            relevant = (event.is_directory or path.suffix.lower() in RELEVANT_SUFFIXES
+                        or (event.event_type == "deleted" and path.suffix.lower() in ASSET_SUFFIXES))
+            if relevant and not self.ignored(path, event.event_type):
                 with self.lock:
                     self.paths.add(path)
                     self.last = time.monotonic()
@@ -61,7 +68,7 @@ class _Changes(FileSystemEventHandler):
         return paths
 
 
-def watched_folders(manifest_path: Path) -> set[Path]:
+def watched_folders(manifest_path: Path, output_dir: Path | None = None) -> set[Path]:
     """Folders to watch: the manifest's, and those of every file it names (read leniently, so a manifest
     that is currently invalid still tells where its presets and MIDI files will appear)."""
     root = manifest_path.parent
@@ -91,7 +98,17 @@ def watched_folders(manifest_path: Path) -> set[Path]:
     from .presets import shipped_presets_dir
 
     folders.add(shipped_presets_dir())
-    return {f for f in folders if f.is_dir()}
+    if output_dir is not None:
+        folders.add(output_dir)
+    return {_nearest_folder(f) for f in folders}
+
+
+def _nearest_folder(path: Path) -> Path:
+    """The path itself if it is a folder, else its closest existing ancestor (where it will appear)."""
+    for candidate in [path, *path.parents]:
+        if candidate.is_dir():
+            return candidate
+    return path
 
 
 def _preset_folders(preset: Path) -> set[Path]:
@@ -110,16 +127,6 @@ def _preset_folders(preset: Path) -> set[Path]:
     return folders
 
 
-def _stop_executor(executor: ProcessPoolExecutor) -> None:
-    """Stop a pool's workers now, even in the middle of a render (they write only temporary files)."""
-    workers = list((getattr(executor, "_processes", None) or {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for proc in workers:
-        proc.terminate()
-    for proc in workers:
-        proc.join(timeout=1)
-
-
 class Watcher:
     def __init__(self, manifest: str | Path, debounce: float = 0.2, log: Callable[[str], None] = print,
                  workers: int = 2) -> None:
@@ -135,14 +142,18 @@ class Watcher:
         self.building = False
         self.executor: ProcessPoolExecutor | None = None
 
-    def _ignored(self, path: Path) -> bool:
+    def _ignored(self, path: Path, event_type: str) -> bool:
+        """Builds write the cache and the assets; only an asset (or the output folder) going away, or a
+        manifest input kept in the output folder, counts as a change there."""
         parts = path.parts
         if CACHE_DIR in parts or path.name.startswith(".") or path.name.endswith(".partial"):
             return True
-        return self.output_dir is not None and path.is_relative_to(self.output_dir)
+        if self.output_dir is None or not path.is_relative_to(self.output_dir):
+            return False
+        return event_type != "deleted" and path.suffix.lower() in ASSET_SUFFIXES | {""}
 
     def _rewatch(self) -> None:
-        wanted = watched_folders(self.path)
+        wanted = watched_folders(self.path, self.output_dir)
         for folder in set(self.watches) - wanted:
             self.observer.unschedule(self.watches.pop(folder))
         for folder in wanted - set(self.watches):
@@ -163,6 +174,7 @@ class Watcher:
             self.log(f"error: {exc}")
             return None
         self.output_dir = manifest.project.output_dir
+        self._rewatch()  # before building, so edits made while it runs are seen
         self.building = True
         try:
             builder = Builder(manifest, executor=executor, show_progress=False, log=self.log)
@@ -204,7 +216,7 @@ class Watcher:
             pass
         finally:
             self.observer.stop()
-            _stop_executor(self.executor)
+            stop_workers(self.executor)
             if self.observer.is_alive():
                 self.observer.join(timeout=1)
             self._clean_partials()
@@ -214,7 +226,7 @@ class Watcher:
         return 0
 
     def _replace_executor(self) -> None:
-        _stop_executor(self.executor)
+        stop_workers(self.executor)
         self.executor = new_executor(self.workers)
 
     def _run_loop(self, deadline: float | None) -> None:

@@ -160,6 +160,43 @@ def test_new_preset_file_appearing_later(project: tuple[Path, Path]) -> None:
         watch.stop()
 
 
+def test_presets_in_new_or_output_folders_and_deleted_assets(project: tuple[Path, Path]) -> None:
+    manifest, _ = project
+    music = manifest.parent / "music"
+    watch = WatchProcess(manifest, "--once-after", "240")
+    try:
+        watch.expect("watching")
+        # A preset in a folder that does not exist yet: the error, then the folder and the file appear.
+        manifest.write_text(manifest.read_text().replace("../sounds/mine.toml", "later/dark.toml"))
+        watch.expect("error:")
+        (manifest.parent / "later").mkdir()
+        shutil.copy(shipped_presets_dir() / "snes_dungeon.toml", manifest.parent / "later" / "dark.toml")
+        watch.expect("theme:")
+        # ...and once there, its edits are seen.
+        dark = manifest.parent / "later" / "dark.toml"
+        before = (music / "theme.ogg").read_bytes()
+        dark.write_text(dark.read_text().replace("feedback = 0.42", "feedback = 0.1"))
+        watch.expect("theme:")
+        wait_for_change(music / "theme.ogg", before)
+
+        # A preset kept in the output folder is watched like any other.
+        shutil.copy(shipped_presets_dir() / "snes_dry.toml", music / "kept.toml")
+        manifest.write_text(manifest.read_text().replace("later/dark.toml", "music/kept.toml"))
+        watch.expect("theme:")
+        before = (music / "theme.ogg").read_bytes()
+        kept = music / "kept.toml"
+        kept.write_text(kept.read_text().replace("volume = 0.9", "volume = 0.5"))
+        watch.expect("theme:")
+        wait_for_change(music / "theme.ogg", before)
+
+        # An asset deleted while watching is written again.
+        (music / "theme.ogg").unlink()
+        watch.expect("theme:")
+        wait_until(lambda: (music / "theme.ogg").is_file(), WAIT, "theme.ogg written again")
+    finally:
+        watch.stop()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signals_end_cleanly(project: tuple[Path, Path], sig: signal.Signals) -> None:
     manifest, preset = project
