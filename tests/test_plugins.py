@@ -522,15 +522,9 @@ def test_render_with_a_crashing_plugin_exits_1_and_writes_nothing(synth: Path, c
     assert not out.exists() and not list(tmp_path.glob("out*"))
 
 
-def test_a_crashing_plugin_fails_its_track_and_the_build_goes_on(synth: Path, tmp_path: Path) -> None:
-    from midi_factory import simple_song
-
-    from chiptune_forge.builder import build
-
-    simple_song(tmp_path / "song.mid", bars=2)
-    write_preset(tmp_path, synth).rename(tmp_path / "good.toml")
-    write_preset(tmp_path, synth, parameters="crash = 1").rename(tmp_path / "bad.toml")
-    (tmp_path / "chiptune.toml").write_text("""
+def two_tracks(folder: Path, name: str, preset: str) -> None:
+    """A project of two tracks from song.mid: "fine" on good.toml, and `name` on `preset`."""
+    (folder / "chiptune.toml").write_text(f"""
 [project]
 output_dir = "music"
 preset = "good.toml"
@@ -543,11 +537,22 @@ midi = "song.mid"
 bars = 2
 
 [[track]]
-name = "broken"
+name = "{name}"
 midi = "song.mid"
 bars = 2
-preset = "bad.toml"
+preset = "{preset}"
 """)
+
+
+def test_a_crashing_plugin_fails_its_track_and_the_build_goes_on(synth: Path, tmp_path: Path) -> None:
+    from midi_factory import simple_song
+
+    from chiptune_forge.builder import build
+
+    simple_song(tmp_path / "song.mid", bars=2)
+    write_preset(tmp_path, synth).rename(tmp_path / "good.toml")
+    write_preset(tmp_path, synth, parameters="crash = 1").rename(tmp_path / "bad.toml")
+    two_tracks(tmp_path, "broken", "bad.toml")
     report = {t.name: t for t in build(tmp_path / "chiptune.toml").tracks}
     assert report["fine"].status == "built" and (tmp_path / "music" / "fine.wav").is_file()
     assert report["broken"].status == "failed" and not (tmp_path / "music" / "broken.wav").exists()
@@ -562,24 +567,7 @@ def test_a_missing_plugin_fails_only_the_tracks_that_use_it(synth: Path, tmp_pat
     simple_song(tmp_path / "song.mid", bars=2)
     write_preset(tmp_path, synth).rename(tmp_path / "good.toml")
     write_preset(tmp_path, tmp_path / "Gone.vst3").rename(tmp_path / "gone.toml")
-    (tmp_path / "chiptune.toml").write_text("""
-[project]
-output_dir = "music"
-preset = "good.toml"
-formats = ["wav"]
-sample_rate = 32000
-
-[[track]]
-name = "fine"
-midi = "song.mid"
-bars = 2
-
-[[track]]
-name = "lost"
-midi = "song.mid"
-bars = 2
-preset = "gone.toml"
-""")
+    two_tracks(tmp_path, "lost", "gone.toml")
     report = {t.name: t for t in build(tmp_path / "chiptune.toml").tracks}
     assert report["fine"].status == "built" and (tmp_path / "music" / "fine.wav").is_file()
     assert report["lost"].status == "failed" and "Gone.vst3: not found" in report["lost"].error
