@@ -245,9 +245,11 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
                 f"loudness_lufs: {settings.loudness_lufs:g} is out of range (use -70 up to below 0, e.g. -16)")
 
     raw_tracks = data.get("track", [])
-    if not isinstance(raw_tracks, list) or not raw_tracks:
-        problem(1, "", "no [[track]] tables: add at least one track")
+    if not isinstance(raw_tracks, list) or not all(isinstance(t, dict) for t in raw_tracks):
+        problem(lines.of("", 0, "track"), "", f"track: expected [[track]] tables, got {raw_tracks!r}")
         raw_tracks = []
+    elif not raw_tracks:
+        problem(1, "", "no [[track]] tables: add at least one track")
     tracks: list[TrackSpec] = []
     seen: dict[str, int] = {}
     for index, raw in enumerate(raw_tracks):

@@ -170,8 +170,9 @@ class Watcher:
                 self.log(f"error: {line}")
             self.log(f"watching for the next save (last good assets kept); changed: {what}")
             return None
-        except ChiptuneError as exc:
+        except ChiptuneError as exc:  # unreadable or missing manifest
             self.log(f"error: {exc}")
+            self.log(f"watching for the next save (last good assets kept); changed: {what}")
             return None
         self.output_dir = manifest.project.output_dir
         self._rewatch()  # before building, so edits made while it runs are seen

@@ -212,6 +212,11 @@ def test_init_creates_a_new_project_folder(tmp_path: Path, capsys: pytest.Captur
     assert err.count("\n") == 1 and "cannot write" in err
 
 
+def test_track_that_is_not_a_table_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, 'track = 5\n\n[project]\noutput_dir = "music"\n')
+    assert problems_of(path) == [f"{path}:1: track: expected [[track]] tables, got 5"]
+
+
 def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "chiptune.toml"
     path.write_bytes(b"\xef\xbb\xbf[[track]]\nname = \"a\"\n")

@@ -280,3 +280,14 @@ def test_a_missing_manifest_is_an_error_not_a_watch(tmp_path: Path, capsys: pyte
     assert main(["watch", str(tmp_path / "nosuch"), "--once-after", "5"]) == 2
     assert capsys.readouterr().err == (f"chiptune-forge: error: {tmp_path / 'nosuch'}: manifest not found "
                                        "(create one with 'chiptune-forge init')\n")
+
+
+def test_an_unreadable_manifest_still_says_it_keeps_watching(tmp_path: Path) -> None:
+    from chiptune_forge.watch import Watcher
+
+    manifest = tmp_path / "chiptune.toml"
+    manifest.write_bytes(b"[project]\noutput_dir = \"\xff\"\n")
+    lines: list[str] = []
+    assert Watcher(manifest, log=lines.append).build_once(None, {manifest}) is None
+    assert lines[0].startswith("error: ") and str(manifest) in lines[0]
+    assert lines[1] == "watching for the next save (last good assets kept); changed: chiptune.toml"
