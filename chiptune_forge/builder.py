@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ChiptuneError, UsageError
+from .loops import godot_import_file
 from .manifest import CACHE_DIR, Manifest, TrackSpec, load_manifest
 
 LOCK_NAME = "chiptune.lock"
@@ -109,7 +110,7 @@ def lock_only(plan: dict[str, Any]) -> bool:
 def _file_stamp(path: str) -> list:
     """[size, mtime_ns, sha256] of a written asset, so a later build can tell it was altered on disk."""
     st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, hashlib.sha256(Path(path).read_bytes()).hexdigest()]
+    return [st.st_size, st.st_mtime_ns, sha256_file(Path(path))]
 
 
 def _file_intact(path: str, stamp: list | None) -> bool:
@@ -120,7 +121,7 @@ def _file_intact(path: str, stamp: list | None) -> bool:
     st = os.stat(path)
     if st.st_size != stamp[0]:
         return False
-    return st.st_mtime_ns == stamp[1] or hashlib.sha256(Path(path).read_bytes()).hexdigest() == stamp[2]
+    return st.st_mtime_ns == stamp[1] or sha256_file(Path(path)) == stamp[2]
 
 
 def changed_inputs(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
@@ -442,7 +443,7 @@ class Builder:
         if self.check:
             self._plan(report)
             report.tracks += [TrackReport(name, "outdated", reasons=["removed from the manifest"])
-                              for name in self._removed(self._state())]
+                              for name in self._removed(self._state(), self._lock())]
         else:
             with build_lock(self.cache):
                 self._clean_partials()
@@ -827,10 +828,10 @@ class Builder:
         with its .chiptune/ keeps the original's paths in its state, and those files are not ours to touch."""
         return Path(file).parent == self.m.project.output_dir
 
-    def _removed(self, state: dict) -> list[str]:
+    def _removed(self, state: dict, lock: dict) -> list[str]:
         """Tracks the last build or the lock knows that the manifest no longer has."""
         names = {t.name for t in self.m.tracks}
-        return sorted((set(state["tracks"]) | set(self._lock()["tracks"])) - names)
+        return sorted((set(state["tracks"]) | set(lock["tracks"])) - names)
 
     def _drop_removed(self, report: BuildReport) -> None:
         """Delete the assets this tool wrote for tracks no longer in the manifest (a renamed track would
@@ -838,11 +839,10 @@ class Builder:
 
         Without build state (a fresh clone: .chiptune/ is not committed) a removed track is known from the
         lock, and its files from the sidecar JSON the export wrote beside them."""
-        state = self._state()
-        removed = self._removed(state)
+        state, lock = self._state(), self._lock()
+        removed = self._removed(state, lock)
         if not removed:
             return
-        lock = self._lock()
         for name in removed:
             entry = state["tracks"].pop(name, None)
             files = ([f for f in entry.get("files", []) if self._owns(f)] if entry is not None
@@ -868,7 +868,7 @@ class Builder:
         if data.get("name") != name or not all(isinstance(f, str) and Path(f).name == f for f in listed):
             return []
         files = [out / f for f in listed]
-        files += [f.with_name(f.name + ".import") for f in files]
+        files += [godot_import_file(f) for f in files]
         return [str(f) for f in [*files, sidecar] if f.is_file()]
 
     def _prune(self, state: dict) -> None:

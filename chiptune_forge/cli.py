@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import ChiptuneError
+from .errors import ChiptuneError, UsageError
 
 TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
@@ -275,16 +275,12 @@ def _run_build(args: argparse.Namespace) -> int:
     import json
 
     from .builder import build
-    from .errors import UsageError
-    from .manifest import ManifestError
 
     try:
         report = build(args.manifest, only=args.only, force=args.force, regenerate=args.regenerate,
                        check=args.check, show_progress=not args.json)
-    except UsageError as exc:
-        for line in exc.problems if isinstance(exc, ManifestError) else [str(exc)]:
-            print(f"chiptune-forge: error: {line}", file=sys.stderr)
-        return 2
+    except UsageError:
+        raise  # exit 2, from main
     except ChiptuneError as exc:  # e.g. another build holds the folder
         print(f"chiptune-forge: error: {exc}", file=sys.stderr)
         return 3
@@ -356,9 +352,7 @@ def _run_watch(args: argparse.Namespace) -> int:
 
     manifest = manifest_file(args.manifest)
     if not manifest.is_file():  # a typo would otherwise watch a folder forever for a file that never comes
-        print(f"chiptune-forge: error: {manifest}: manifest not found (create one with 'chiptune-forge init')",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{manifest}: manifest not found (create one with 'chiptune-forge init')")
     return Watcher(args.manifest, debounce=args.debounce, log=lambda m: print(m, flush=True)).run(args.once_after)
 
 
@@ -468,8 +462,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         unused = [flag for flag, used in (("--inject-primer-during-generation", args.inject_primer_during_generation),
                                           ("--no-condition-on-primer", not args.condition_on_primer)) if used]
         if unused:
-            print(f"chiptune-forge: warning: {' and '.join(unused)} {'does' if len(unused) == 1 else 'do'} nothing "
-                  "without a primer "
+            verb = "does" if len(unused) == 1 else "do"
+            print(f"chiptune-forge: warning: {' and '.join(unused)} {verb} nothing without a primer "
                   "(--primer-melody, --primer-pitches or --primer-midi)", file=sys.stderr)
     model = load_model(args.run_dir or args.model)
     if args.hparams is not None:
@@ -567,9 +561,10 @@ def _run_render(args: argparse.Namespace) -> int:
 
 def _side_files(main_file: Path) -> list[Path]:
     """The files a render may write beside NAME.fmt: Godot import settings and the split clips."""
-    stem, fmt = main_file.stem, main_file.suffix
-    clips = [main_file.with_name(f"{stem}_{part}{fmt}") for part in ("intro", "loop")]
-    return [p.with_name(p.name + ".import") for p in (main_file, *clips)] + clips
+    from .loops import SPLIT_PARTS, godot_import_file, split_clip
+
+    clips = [main_file.with_name(split_clip(main_file.stem, part) + main_file.suffix) for part in SPLIT_PARTS]
+    return [godot_import_file(p) for p in (main_file, *clips)] + clips
 
 
 def _add_presets(sub: argparse._SubParsersAction) -> None:
@@ -649,6 +644,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:  # a bad request rather than failed work; a manifest lists all its problems
+        for line in getattr(exc, "problems", None) or [str(exc)]:
+            print(f"chiptune-forge: error: {line}", file=sys.stderr)
+        return 2
     except ChiptuneError as exc:
         print(f"chiptune-forge: error: {exc}", file=sys.stderr)
         return 1

@@ -38,7 +38,7 @@ from mutagen.ogg import OggPage
 from mutagen.oggvorbis import OggVorbis
 
 from .errors import ChiptuneError
-from .loops import TrackAudio, check_sample_rate
+from .loops import SPLIT_PARTS, TrackAudio, check_sample_rate, godot_import_file, split_clip
 
 TARGET_LUFS = -16.0
 TRUE_PEAK_DB = -1.0
@@ -175,12 +175,12 @@ def _interrupt_after() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-_last_vorbis: dict[tuple, tuple[bytes, np.ndarray]] = {}
-_last_vorbis_peaks: dict[tuple, float] = {}
+_last_vorbis: dict[tuple, tuple[bytes, np.ndarray, dict[int | None, float]]] = {}
 
 
-def _vorbis(audio: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
-    """Encode to Ogg Vorbis and decode it back, remembering the last result.
+def _vorbis(audio: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray, dict[int | None, float]]:
+    """Encode to Ogg Vorbis and decode it back, remembering the last result (with the true peaks measured
+    on it so far, by loop start).
 
     The encoder is deterministic, so the true-peak check in `fit_ceiling`, the file `write_ogg` writes and
     the peak measured for the sidecar all share one encode of the same samples instead of three.
@@ -197,8 +197,7 @@ def _vorbis(audio: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
             data = _with_serial(buf.getvalue(), int.from_bytes(digest[:4], "little"))
             decoded = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]
         _last_vorbis.clear()
-        _last_vorbis_peaks.clear()
-        _last_vorbis[key] = (data, decoded)
+        _last_vorbis[key] = (data, decoded, {})
     return _last_vorbis[key]
 
 
@@ -226,11 +225,10 @@ def _vorbis_round_trip(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 def _vorbis_true_peak_db(audio: np.ndarray, sample_rate: int, loop_start: int | None) -> float:
     """True peak of the audio as the OGG will play it; the ceiling check and the sidecar ask for the same
     encode, so it is measured once."""
-    decoded = _vorbis_round_trip(audio, sample_rate)
-    key = (id(decoded), loop_start)  # _last_vorbis holds `decoded` as long as this entry exists
-    if key not in _last_vorbis_peaks:
-        _last_vorbis_peaks[key] = true_peak_db(decoded, sample_rate, loop_start)
-    return _last_vorbis_peaks[key]
+    _, decoded, peaks = _vorbis(audio, sample_rate)
+    if loop_start not in peaks:
+        peaks[loop_start] = true_peak_db(decoded, sample_rate, loop_start)
+    return peaks[loop_start]
 
 
 def write_ogg(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> None:
@@ -373,10 +371,10 @@ def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[
     if split and track.looping:
         s, n = track.loop_start, track.loop_length
         if s:
-            clips.append((f"{name}_intro", track.audio[:s], None))
-            split_names["intro"] = [f"{name}_intro.{fmt}" for fmt in fmts]
-        clips.append((f"{name}_loop", track.audio[s:s + n], (0, n)))
-        split_names["loop"] = [f"{name}_loop.{fmt}" for fmt in fmts]
+            clips.append((split_clip(name, "intro"), track.audio[:s], None))
+        clips.append((split_clip(name, "loop"), track.audio[s:s + n], (0, n)))
+        split_names = {part: [f"{split_clip(name, part)}.{fmt}" for fmt in fmts]
+                       for part in (SPLIT_PARTS if s else SPLIT_PARTS[1:])}
     staged: list[tuple[Path, Path]] = []
 
     def stage(final: Path, write: Callable[[Path], None]) -> Path:
@@ -402,7 +400,7 @@ def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[
                     peak = max(peak, _vorbis_true_peak_db(audio, rate, track.loop_start) if fmt == "ogg"
                                else true_peak_db(_decoded(tmp), rate, track.loop_start))
                 if godot_import:
-                    imp = final.with_name(final.name + ".import")
+                    imp = godot_import_file(final)
                     text = godot_import_text(fmt, rate, loop, _existing_uid(imp))
                     stage(imp, lambda p, t=text: p.write_text(t, encoding="utf-8"))
         files = [f"{name}.{fmt}" for fmt in fmts]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +41,9 @@ The array is the caller's: a jingle is faded out in place rather than copied."""
 
 SAMPLE_RATES = (32000, 44100, 48000)
 """The renderer's output rates: the S-DSP's own 32 kHz and the two rates every engine plays natively."""
+
+SPLIT_PARTS = ("intro", "loop")
+"""The clips a split export writes beside a looping track NAME: NAME_intro and NAME_loop."""
 
 BAR_TOLERANCE_BEATS = 1 / 16
 """A last note ending at most this far (a 64th note) past a bar line still ends the piece at that line,
@@ -455,3 +459,13 @@ def _sounding_until(audio: np.ndarray, start: int, threshold: float) -> int:
         if loud.size:
             return lo + int(loud[-1]) + 1
     return start
+
+
+def split_clip(name: str, part: str) -> str:
+    """The file stem of a split export's clip (`part` is one of SPLIT_PARTS)."""
+    return f"{name}_{part}"
+
+
+def godot_import_file(asset: Path) -> Path:
+    """Where Godot keeps an asset's import settings (export writes them with godot_import)."""
+    return asset.with_name(asset.name + ".import")

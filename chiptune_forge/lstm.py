@@ -38,13 +38,13 @@ LARGE_WEIGHT_BYTES = 1 << 20
 _PAD_EVENTS = np.full(LARGE_TILE, STEP_END, dtype=np.int64)
 
 
-def _padded(rows: int, pad: int) -> int:
-    return rows + (-rows % pad)
-
-
 def _pad_for(rows: int, pads: tuple[int, int]) -> int:
     """The row padding for a batch: the large one once it would be more than half real rows."""
     return pads[1] if 2 * rows > pads[1] else pads[0]
+
+
+def _padded(rows: int, pads: tuple[int, int]) -> int:
+    return rows + (-rows % _pad_for(rows, pads))
 
 
 @dataclass
@@ -65,7 +65,7 @@ class LstmState:
 
     def take(self, rows: np.ndarray) -> LstmState:
         """The given rows, in that order (padding rows repeat a real row, so they stay finite)."""
-        index = np.zeros(_padded(len(rows), _pad_for(len(rows), self.pads)), dtype=np.int64)
+        index = np.zeros(_padded(len(rows), self.pads), dtype=np.int64)
         index[:len(rows)] = rows
         return LstmState([h[index] for h in self.h], [c[index] for c in self.c], len(rows), self.pads)
 
@@ -172,7 +172,7 @@ class LstmModel:
 
     def initial_state(self, batch: int) -> LstmState:
         pads = (self._small_pad, self._pad)
-        rows = _padded(batch, _pad_for(batch, pads))
+        rows = _padded(batch, pads)
         return LstmState([np.zeros((rows, u), dtype=np.float32) for u in self.layer_sizes],
                          [np.zeros((rows, u), dtype=np.float32) for u in self.layer_sizes], batch, pads)
 

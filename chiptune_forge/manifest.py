@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChiptuneError, UsageError
-from .loops import SAMPLE_RATES
+from .loops import SAMPLE_RATES, SPLIT_PARTS, split_clip
 
 FORMATS = ("ogg", "wav")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -266,8 +266,8 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
     if settings.split:  # the split clips NAME_intro and NAME_loop must not be another track's asset
         clips: dict[str, TrackSpec] = {}
         for t in tracks:
-            for part in ("intro", "loop") if t.loop else ():
-                clips.setdefault(f"{t.name}_{part}".casefold(), t)
+            for part in SPLIT_PARTS if t.loop else ():
+                clips.setdefault(split_clip(t.name, part).casefold(), t)
         for track in tracks:
             owner = clips.get(track.name.casefold())
             if owner is not None:
