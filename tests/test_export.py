@@ -34,6 +34,7 @@ from chiptune_forge.export import (
     normalize,
     true_peak_db,
     write_ogg,
+    write_wav,
 )
 from chiptune_forge.loops import TrackAudio, render_track
 from chiptune_forge.midi import Note, Piece, write_midi
@@ -117,7 +118,22 @@ def test_wav_smpl_chunk(track, exported):
     with wave.open(str(exported / "theme.wav")) as w:
         assert (w.getnframes(), w.getframerate(), w.getsampwidth()) == (track.frames, RATE, 2)
     audio, _ = sf.read(str(exported / "theme.wav"), dtype="float32")
-    assert np.abs(audio - track.audio).max() <= 1 / 32767
+    assert np.abs(audio - track.audio).max() <= 0.5 / 32768
+
+
+def test_wav_keeps_16_bit_samples_and_rounds_to_nearest(tmp_path):
+    """The sampler's output is a 16-bit value / 32768: a WAV keeps it exactly. Anything else rounds to the
+    nearest step (not down, which would offset the signal by half a step), clipped to 16 bits."""
+    samples = np.random.default_rng(3).integers(-32768, 32768, size=(4000, 2)).astype(np.int16)
+    write_wav(tmp_path / "exact.wav", samples.astype(np.float32) / 32768, RATE, None)
+    assert np.array_equal(sf.read(str(tmp_path / "exact.wav"), dtype="int16")[0], samples)
+    edges = np.array([[1.5, -1.5], [1.0, -1.0], [0.6 / 32768, -0.4 / 32768], [-0.6 / 32768, 2.4 / 32768]],
+                     dtype=np.float32)
+    write_wav(tmp_path / "edges.wav", edges, RATE, (1, 2))
+    assert sf.read(str(tmp_path / "edges.wav"), dtype="int16")[0].tolist() == [
+        [32767, -32768], [32767, -32768], [1, 0], [-1, 2]]
+    _, loops = read_smpl_loops(riff_chunks((tmp_path / "edges.wav").read_bytes())["smpl"])
+    assert loops == [(0, 0, 1, 2, 0, 0)]
 
 
 # -------------------------------------------------------------------------------------- sidecar, Godot
