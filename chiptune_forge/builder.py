@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -36,7 +37,8 @@ import numpy as np
 
 from .errors import ChiptuneError, UsageError
 from .loops import godot_import_file
-from .manifest import CACHE_DIR, Manifest, TrackSpec, load_manifest
+from .manifest import CACHE_DIR, MANIFEST_NAME, Manifest, TrackSpec, load_manifest
+from .presets import Preset, load_preset
 
 LOCK_NAME = "chiptune.lock"
 LOCK_VERSION = 2
@@ -161,6 +163,10 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
+class BuildBusy(ChiptuneError):
+    """Another build holds the project (watch mode waits for it and tries again)."""
+
+
 @contextmanager
 def build_lock(cache: Path) -> Iterator[None]:
     """One build at a time per project: a second one fails fast instead of racing on the same files."""
@@ -172,8 +178,7 @@ def build_lock(cache: Path) -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            raise ChiptuneError(
-                f"{cache.parent}: another build is running ({holder}); wait for it to finish") from None
+            raise BuildBusy(f"{cache.parent}: another build is running ({holder}); wait for it to finish") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
@@ -190,6 +195,21 @@ def build_lock(cache: Path) -> Iterator[None]:
 _held_lock_fd: int | None = None
 """The build lock's descriptor while this process holds it: forked workers close their copy, or a build
 killed outright would stay 'running' until its last worker exited."""
+
+
+def lock_and_state(manifest_path: Path) -> tuple[Path, Path]:
+    """The lock and build state of a manifest. chiptune.toml has chiptune.lock and .chiptune/state.json;
+    another manifest in the same folder (NAME.toml) has its own NAME.lock and .chiptune/state-NAME.json, so
+    neither takes the other's tracks for removed ones. A lone NAME.toml whose folder has only a
+    chiptune.lock (as earlier versions wrote for any manifest) keeps using it."""
+    root, cache = manifest_path.parent, manifest_path.parent / CACHE_DIR
+    default = (root / LOCK_NAME, cache / "state.json")
+    if manifest_path.name == MANIFEST_NAME:
+        return default
+    own = (root / f"{manifest_path.stem}.lock", cache / f"state-{manifest_path.stem}.json")
+    if own[0].exists() or (root / MANIFEST_NAME).exists() or not default[0].exists():
+        return own
+    return default
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -300,8 +320,7 @@ class RenderJob:
 
     name: str
     midi_path: str
-    preset: str
-    base_dir: str
+    preset: Preset
     sample_rate: int
     loop: bool
     intro_bars: int
@@ -329,12 +348,10 @@ def render_job(job: RenderJob) -> dict[str, Any]:
     from .export import measure_loudness, true_peak_db
     from .loops import render_track
     from .midi import read_midi
-    from .presets import load_preset
     from .render import render_piece
 
-    preset = load_preset(job.preset, base_dir=Path(job.base_dir))
     piece = read_midi(job.midi_path)
-    track = render_track(piece, lambda p, sr: render_piece(p, preset, sr), job.sample_rate, loop=job.loop,
+    track = render_track(piece, lambda p, sr: render_piece(p, job.preset, sr), job.sample_rate, loop=job.loop,
                          intro_bars=job.intro_bars, bars=job.bars)
     loudness = measure_loudness(track)
     peak = true_peak_db(track.audio, track.sample_rate)
@@ -396,6 +413,35 @@ def export_job(job: ExportJob) -> dict[str, Any]:
     return {"files": [str(p) for p in paths], "gain_db": gain, "seconds": time.perf_counter() - start}
 
 
+LOCK_ENTRY_KEYS = {"candidate": int, "generation": str, "inputs_sha256": str, "model_sha256": str,
+                   "midi_sha256": str, "events": str}
+
+
+def _entry_complete(entry: Any) -> bool:
+    """Whether a lock entry has every field a build reads, each of the right type."""
+    return isinstance(entry, dict) and all(isinstance(entry.get(k), t) and not isinstance(entry.get(k), bool)
+                                           for k, t in LOCK_ENTRY_KEYS.items())
+
+
+def _zip_intact(path: Path) -> bool:
+    """Whether a cache file (.npz) reads back whole: every member there and matching its checksum."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _pick(gen_path: Path, track: TrackSpec) -> tuple[np.ndarray, int]:
+    """The track's pick from a generation cache file: its events and candidate index."""
+    with np.load(gen_path) as data:
+        offsets = data["offsets"]
+        events = data["events"]
+        order = json.loads(str(data["ranking"]))
+    index = order[0] if track.pick == "best" else int(track.pick)
+    return events[offsets[index]:offsets[index + 1]].copy(), index
+
+
 # ------------------------------------------------------------------------------------------ the builder
 
 
@@ -409,7 +455,7 @@ class Builder:
         self.m = manifest
         self.root = manifest.root
         self.cache = self.root / CACHE_DIR
-        self.lock_path = self.root / LOCK_NAME
+        self.lock_path, self.state_path = lock_and_state(manifest.path)
         self.only = set(only or [])
         unknown = self.only - {t.name for t in manifest.tracks}
         unknown |= set(regenerate or []) - {t.name for t in manifest.tracks}
@@ -427,6 +473,8 @@ class Builder:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.show_progress = show_progress
         self._model: ModelRef | None = None
+        self._claimed: set[str] = set()
+        """Names of removed tracks whose locked take a renamed track took over in this build."""
 
     @property
     def model(self) -> ModelRef:
@@ -456,7 +504,7 @@ class Builder:
 
     def _state(self) -> dict[str, Any]:
         """The cache's record of the last build; anything unreadable means an empty cache (it is rebuilt)."""
-        state = read_json(self.cache / "state.json", {})
+        state = read_json(self.state_path, {})
         if isinstance(state, dict) and state.get("version") == BUILD_VERSION and isinstance(state.get("tracks"), dict):
             return state
         return {"version": BUILD_VERSION, "tracks": {}}
@@ -474,8 +522,15 @@ class Builder:
         if not isinstance(lock, dict) or not isinstance(lock.get("tracks", {}), dict):
             raise UsageError(f"{self.lock_path}: not a chiptune-forge lock (expected an object with 'tracks'); "
                              f"restore it from version control, or delete it to generate new takes")
-        if lock.get("version") == LOCK_VERSION:
+        version = lock.get("version")
+        if version == LOCK_VERSION:
             return lock
+        if lock and (not isinstance(version, int) or isinstance(version, bool) or version > LOCK_VERSION):
+            what = ("has no lock format version" if version is None else
+                    f"is written in lock format {version!r}, which this version of chiptune-forge does not read "
+                    f"(it reads {LOCK_VERSION})")
+            raise UsageError(f"{self.lock_path}: {what}; restore it from version control, update chiptune-forge, "
+                             f"or delete it to generate new takes")
         if lock and not self._told_old_lock:
             self._told_old_lock = True
             self.log(f"{self.lock_path}: written in lock format {lock.get('version')!r}, this version reads "
@@ -496,9 +551,16 @@ class Builder:
             take_key = key_of(take_inputs(gen_key, track))
             plan["lock_key"] = key_of(lock_inputs(track))
             locked = lock["tracks"].get(track.name)
-            if locked is not None and not isinstance(locked, dict):
+            if locked is not None and not _entry_complete(locked):
                 raise ChiptuneError(f"{self.lock_path}: the entry for track {track.name!r} is damaged; run with "
                                     f"'--regenerate {track.name}' to take a new one")
+            plan["lock_name"] = track.name
+            if locked is None and track.name not in self.regenerate:
+                renamed = self._renamed_from(plan["lock_key"], lock)
+                if renamed is not None:  # a renamed track keeps its take (the name is not a setting)
+                    plan["lock_name"], locked = renamed, lock["tracks"][renamed]
+                    self.log(f"{track.name}: takes over the locked take of {renamed!r}, which the manifest no "
+                             f"longer has (same generation settings)")
             if locked and locked.get("inputs_sha256") == plan["lock_key"] and track.name not in self.regenerate:
                 plan["take"] = "lock"
                 take_key = key_of(take_inputs(locked["generation"], track))  # the take as it was made
@@ -519,7 +581,9 @@ class Builder:
             plan["take_key"] = take_key
             plan["midi_inputs"] = {"take": take_key, "tempo": track.tempo, "transpose": track.transpose}
         plan["midi_key"] = key_of(plan["midi_inputs"])
-        render_in = self._render_inputs(track, plan["midi_key"])
+        # Loaded once: the render uses these very settings, even if the file is edited during the build.
+        plan["preset"] = load_preset(self.m.preset_for(track), base_dir=self.root)
+        render_in = self._render_inputs(track, plan["midi_key"], plan["preset"])
         plan["render_inputs"], plan["render_key"] = render_in, key_of(render_in)
         export_in = self._export_inputs(track)
         plan["export_inputs"] = export_in
@@ -530,9 +594,10 @@ class Builder:
         elif needs_render:
             plan["reasons"].append("render: audio cache missing or damaged")
         plan["render"] = needs_render or self.force
-        files = old.get("files", [])
+        files = self._recorded_files(old)
+        stamps = {str(self.root / f): stamp for f, stamp in old.get("file_stamps", {}).items()}
         present = bool(files) and all(self._owns(f) and Path(f).is_file() for f in files)
-        intact = present and all(_file_intact(f, old.get("file_stamps", {}).get(f)) for f in files)
+        intact = present and all(_file_intact(f, stamps.get(f)) for f in files)
         files_ok = present and intact
         export_changed = old.get("export_inputs") != export_in
         if export_changed and not plan["render"]:
@@ -546,10 +611,18 @@ class Builder:
             plan["reasons"].append("--force")
         return plan
 
-    def _render_inputs(self, track: TrackSpec, midi_key: str) -> dict[str, Any]:
-        from .presets import load_preset
+    def _renamed_from(self, lock_key: str, lock: dict) -> str | None:
+        """A lock entry with these generation settings whose track the manifest no longer has, not already
+        taken over by another track of this build."""
+        names = {t.name for t in self.m.tracks}
+        for name, entry in sorted(lock["tracks"].items()):
+            if (name not in names and name not in self._claimed and _entry_complete(entry)
+                    and entry["inputs_sha256"] == lock_key):
+                self._claimed.add(name)
+                return name
+        return None
 
-        preset = load_preset(self.m.preset_for(track), base_dir=self.root)
+    def _render_inputs(self, track: TrackSpec, midi_key: str, preset: Preset) -> dict[str, Any]:
         return {"midi": midi_key, "preset": preset.fingerprint(), "sample_rate": self.m.project.sample_rate,
                 "loop": track.loop, "intro_bars": track.intro_bars, "bars": track.bars, "version": BUILD_VERSION}
 
@@ -561,6 +634,7 @@ class Builder:
 
     def _plan(self, report: BuildReport) -> dict[str, dict[str, Any]]:
         state, lock = self._state(), self._lock()
+        self._claimed = set()
         plans = {}
         for track in self.selected():
             try:
@@ -572,7 +646,7 @@ class Builder:
             todo = plan["generate"] or plan["render"] or plan["export"] or lock_only(plan)
             status = ("outdated" if self.check else "pending") if todo else "skipped"
             report.tracks.append(TrackReport(track.name, status, reasons=list(plan["reasons"]),
-                                             files=list(state["tracks"].get(track.name, {}).get("files", []))))
+                                             files=self._recorded_files(state["tracks"].get(track.name, {}))))
         if self.m.project.same_gain and any(p["render"] or p["export"] for p in plans.values()):
             # One shared gain: new audio or another track's formats (its codec headroom) can change it.
             for t in report.tracks:
@@ -580,6 +654,12 @@ class Builder:
                     t.status = "outdated" if self.check else "pending"
                     t.reasons.append("same_gain: shared gain may change")
                     plans[t.name]["export"] = True
+        for name, plan in plans.items():
+            if plan["export"] and not plan["render"] and not _zip_intact(self.cache / "audio" /
+                                                                         f"{plan['render_key']}.npz"):
+                plan["render"] = True
+                next(t for t in report.tracks if t.name == name).reasons.append(
+                    "render: audio cache missing or damaged")
         return plans
 
     # ---- building
@@ -611,7 +691,7 @@ class Builder:
         # Stage 2 (workers): render what changed.
         ok = [t for t in pending if by_name[t.name].status == "pending"]
         to_render = [t for t in ok if plans[t.name]["render"]]
-        jobs = {t.name: RenderJob(t.name, str(midi_paths[t.name]), self.m.preset_for(t), str(self.root),
+        jobs = {t.name: RenderJob(t.name, str(midi_paths[t.name]), plans[t.name]["preset"],
                                   self.m.project.sample_rate, t.loop, t.intro_bars, t.bars,
                                   str(self.cache / "audio" / f"{plans[t.name]['render_key']}.npz"))
                 for t in to_render}
@@ -636,6 +716,9 @@ class Builder:
             export_jobs[t.name] = ExportJob(t.name, str(self.cache / "audio" / f"{plan['render_key']}.npz"),
                                             str(p.output_dir), self.m.formats_for(t), p.loudness_lufs,
                                             p.true_peak_db, shared_gain, p.godot_import, p.split, sidecar)
+        # Without build state (a fresh clone), what an earlier export wrote is known from its sidecar.
+        earlier = {name: self._recorded_files(state["tracks"][name]) if name in state["tracks"]
+                   else self._sidecar_files(name) for name in export_jobs}
         results = self._run_stage(export_job, export_jobs, "export", by_name)
 
         # Record what now exists (per track, so a failure elsewhere never loses finished work).
@@ -644,22 +727,23 @@ class Builder:
             if rep.status != "pending":
                 continue
             plan = plans[t.name]
-            old_files = set(state["tracks"].get(t.name, {}).get("files", []))
             if t.name not in export_jobs:
-                rep.status, rep.files = "built", sorted(old_files)
+                rep.status, rep.files = "built", self._recorded_files(state["tracks"].get(t.name, {}))
                 continue
             files = results[t.name]["files"]
-            for stale in old_files - set(files):
+            for stale in set(earlier[t.name]) - set(files):
                 if self._owns(stale):
                     Path(stale).unlink(missing_ok=True)
+            # Paths relative to the project: a moved or copied project finds its own files.
             state["tracks"][t.name] = {
                 "gen_inputs": plan.get("gen_inputs"), "render_key": plan["render_key"],
                 "render_inputs": plan["render_inputs"], "export_inputs": plan["export_inputs"],
-                "audio_meta": metas[t.name], "gain_db": results[t.name]["gain_db"], "files": files,
-                "file_stamps": {f: _file_stamp(f) for f in files}}
+                "audio_meta": metas[t.name], "gain_db": results[t.name]["gain_db"],
+                "files": [os.path.relpath(f, self.root) for f in files],
+                "file_stamps": {os.path.relpath(f, self.root): _file_stamp(f) for f in files}}
             rep.status, rep.files = "built", files
         self._prune(state)
-        write_json(self.cache / "state.json", state)
+        write_json(self.state_path, state)
 
     def _run_stage(self, fn: Callable, jobs: dict[str, Any], stage: str,
                    reports: dict[str, TrackReport]) -> dict[str, dict[str, Any]]:
@@ -678,6 +762,8 @@ class Builder:
         midi_path = self.cache / "midi" / f"{track.name}-{plan['midi_key'][:16]}.mid"
         if track.midi is not None:
             data = midi_from_file(track)
+            if sha256_file(track.midi) != plan["midi_inputs"]["midi_file"]:
+                raise ChiptuneError(f"{track.midi}: changed while the build was running; build again")
         else:
             events, index = self._take(track, plan, lock, rep)
             data = midi_from_events(events, track)
@@ -685,7 +771,7 @@ class Builder:
             if lock_only(plan):
                 rep.stages.append("lock")
             if plan["take"] == "lock":  # the take and where it came from stay as locked
-                lock["tracks"][track.name] |= played
+                lock["tracks"][track.name] = lock["tracks"].pop(plan["lock_name"]) | played
             else:
                 lock["tracks"][track.name] = {
                     "candidate": index, "generation": plan["gen_key"], "inputs_sha256": plan["lock_key"],
@@ -701,7 +787,7 @@ class Builder:
     def _take(self, track: TrackSpec, plan: dict[str, Any], lock: dict, rep: TrackReport) -> tuple[np.ndarray, int]:
         """The chosen candidate's events: from the lock, the generation cache, or a new generation."""
         if plan["take"] == "lock":
-            entry = lock["tracks"][track.name]
+            entry = lock["tracks"][plan["lock_name"]]
             try:
                 events = np.frombuffer(base64.b64decode(entry["events"], validate=True), dtype="<i2")
                 return events.astype(np.int16), int(entry["candidate"])
@@ -709,15 +795,15 @@ class Builder:
                 raise ChiptuneError(f"{self.lock_path}: the take locked for track {track.name!r} is damaged "
                                     f"({exc}); run with '--regenerate {track.name}' to take a new one") from None
         gen_path = self.cache / "gen" / f"{plan['gen_key']}.npz"
-        if plan["take"] == "generate":
-            self._generate(track, gen_path)
-            rep.stages.append("generate")
-        with np.load(gen_path) as data:
-            offsets = data["offsets"]
-            events = data["events"]
-            order = json.loads(str(data["ranking"]))
-        index = order[0] if track.pick == "best" else int(track.pick)
-        return events[offsets[index]:offsets[index + 1]].copy(), index
+        if plan["take"] == "cache":
+            try:
+                return _pick(gen_path, track)
+            except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile):
+                # The cache is only a copy of what the model makes again from the same inputs.
+                self.log(f"{track.name}: the generation cache {gen_path.name} is damaged; generating again")
+        self._generate(track, gen_path)
+        rep.stages.append("generate")
+        return _pick(gen_path, track)
 
     def _generate(self, track: TrackSpec, gen_path: Path) -> None:
         from .generate import GenerationRequest, generate, rank
@@ -808,13 +894,15 @@ class Builder:
             if own:
                 stop_workers(executor)
                 own = False
+                self._clean_partials()  # what the stopped workers were writing
             raise
         finally:
             if own:
                 executor.shutdown(wait=True, cancel_futures=True)
 
     def _clean_partials(self) -> None:
-        """Remove temporary files left by a build that was killed mid-write."""
+        """Remove temporary files left by a build that was stopped or killed mid-write (only while this
+        build holds the project's build lock, so none of them is being written)."""
         for folder in (self.m.project.output_dir, self.cache, self.cache / "audio", self.cache / "gen",
                        self.cache / "midi"):
             if folder.is_dir():
@@ -822,16 +910,24 @@ class Builder:
                     f.unlink(missing_ok=True)
                 for f in folder.glob(".*.partial"):
                     f.unlink(missing_ok=True)
+        for f in self.root.glob(f".{glob.escape(self.lock_path.name)}.*.partial"):  # the lock's, beside the manifest
+            f.unlink(missing_ok=True)
+
+    def _recorded_files(self, entry: dict) -> list[str]:
+        """A state entry's asset files as absolute paths (recorded relative to the project folder; older
+        builds recorded absolute ones)."""
+        return [str(self.root / f) for f in entry.get("files", [])]
 
     def _owns(self, file: str) -> bool:
-        """Whether a file recorded in the state is in this project's output folder. A project folder copied
-        with its .chiptune/ keeps the original's paths in its state, and those files are not ours to touch."""
+        """Whether an asset file is in this project's output folder: only those are ever deleted (a state
+        from before paths were recorded relative to the project may name another copy's files)."""
         return Path(file).parent == self.m.project.output_dir
 
     def _removed(self, state: dict, lock: dict) -> list[str]:
-        """Tracks the last build or the lock knows that the manifest no longer has."""
+        """Tracks the last build or the lock knows that the manifest no longer has (with those whose take a
+        renamed track took over)."""
         names = {t.name for t in self.m.tracks}
-        return sorted((set(state["tracks"]) | set(lock["tracks"])) - names)
+        return sorted((set(state["tracks"]) | set(lock["tracks"]) | self._claimed) - names)
 
     def _drop_removed(self, report: BuildReport) -> None:
         """Delete the assets this tool wrote for tracks no longer in the manifest (a renamed track would
@@ -845,14 +941,14 @@ class Builder:
             return
         for name in removed:
             entry = state["tracks"].pop(name, None)
-            files = ([f for f in entry.get("files", []) if self._owns(f)] if entry is not None
+            files = ([f for f in self._recorded_files(entry) if self._owns(f)] if entry is not None
                      else self._sidecar_files(name))
             for f in files:
                 Path(f).unlink(missing_ok=True)
             lock["tracks"].pop(name, None)
             report.tracks.append(TrackReport(name, "removed", reasons=["removed from the manifest"], files=files))
         self._prune(state)
-        write_json(self.cache / "state.json", state)
+        write_json(self.state_path, state)
         write_json(self.lock_path, lock)
 
     def _sidecar_files(self, name: str) -> list[str]:
@@ -872,8 +968,13 @@ class Builder:
         return [str(f) for f in [*files, sidecar] if f.is_file()]
 
     def _prune(self, state: dict) -> None:
-        """Keep only the audio cache entries that the current state points to."""
+        """Keep only the audio cache entries that this state or another manifest's in the folder points to."""
         live = {s.get("render_key") for s in state["tracks"].values()}
+        for other in self.cache.glob("state*.json"):
+            data = read_json(other, {}) if other != self.state_path else {}
+            tracks = data.get("tracks") if isinstance(data, dict) else None
+            if isinstance(tracks, dict):
+                live |= {t.get("render_key") for t in tracks.values() if isinstance(t, dict)}
         for f in (self.cache / "audio").glob("*.npz"):
             if f.stem not in live:
                 f.unlink(missing_ok=True)

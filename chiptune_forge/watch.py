@@ -13,19 +13,20 @@ import signal
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .builder import CACHE_DIR, Builder, BuildReport, new_executor, stop_workers
+from .builder import CACHE_DIR, BuildBusy, Builder, BuildReport, new_executor, stop_workers
 from .errors import ChiptuneError
 from .manifest import ManifestError, load_manifest, manifest_file
 
 RELEVANT_SUFFIXES = {".toml", ".mid", ".midi", ".npz", ".json", ".vstpreset", ".bin", ".vst3"}
 ASSET_SUFFIXES = {".ogg", ".wav", ".json", ".import"}
+BUSY_RETRY_SECONDS = 0.5
 
 
 class _Stop(BaseException):
@@ -47,19 +48,26 @@ class _Changes(FileSystemEventHandler):
             return
         if event.is_directory and event.event_type not in ("created", "deleted", "moved"):
             return
-        for raw in (event.src_path, getattr(event, "dest_path", "")):
+        moved = event.event_type == "moved"
+        for raw, kind in ((event.src_path, "deleted" if moved else event.event_type),
+                          (getattr(event, "dest_path", ""), "created")):
             if not raw:
                 continue
             path = Path(raw if isinstance(raw, str) else raw.decode())
             # A folder that appears may hold the files the manifest names (it gets watched after the next
-            # build); one that goes may have held assets; an asset that goes must be written again.
+            # build); one that goes may have held assets; an asset that goes (deleted, or renamed away) must
+            # be written again.
             relevant = (event.is_directory or path.suffix.lower() in RELEVANT_SUFFIXES
-                        or (event.event_type == "deleted" and path.suffix.lower() in ASSET_SUFFIXES))
-            if relevant and not self.ignored(path, event.event_type):
-                with self.lock:
-                    self.paths.add(path)
-                    self.last = time.monotonic()
-                self.wake.set()
+                        or (kind == "deleted" and path.suffix.lower() in ASSET_SUFFIXES))
+            if relevant and not self.ignored(path, kind):
+                self.put([path])
+
+    def put(self, paths: Iterable[Path]) -> None:
+        """Count paths as changed now (from watchdog's thread, or a build to try again)."""
+        with self.lock:
+            self.paths.update(paths)
+            self.last = time.monotonic()
+        self.wake.set()
 
     def take(self) -> set[Path]:
         with self.lock:
@@ -140,6 +148,8 @@ class Watcher:
         self.observer = Observer()
         self.watches: dict[Path, object] = {}
         self.building = False
+        self.busy = False
+        """Set while another build (a `chiptune-forge build`) holds the project: the changes wait for it."""
         self.executor: ProcessPoolExecutor | None = None
 
     def _ignored(self, path: Path, event_type: str) -> bool:
@@ -180,6 +190,11 @@ class Watcher:
         try:
             builder = Builder(manifest, executor=executor, show_progress=False, log=self.log)
             report = builder.run()
+        except BuildBusy as exc:
+            if not self.busy:
+                self.log(f"{exc.args[0].removesuffix('; wait for it to finish')}: building once it has finished")
+            self.busy = True
+            return None
         except ChiptuneError as exc:
             self.log(f"error: {exc}")
             return None
@@ -190,6 +205,7 @@ class Watcher:
             return None
         finally:
             self.building = False
+        self.busy = False
         if builder.workers_lost:
             self.log("a build worker process died; starting new workers (the next save retries the failed tracks)")
             self._replace_executor()
@@ -234,6 +250,8 @@ class Watcher:
         self._rewatch()
         self.observer.start()
         self.build_once(self.executor, set())
+        if self.busy:
+            self.changes.put([self.path])
         self.log(f"watching {self.path} (Ctrl-C to stop)")
         while not self.stop.is_set():
             timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
@@ -249,6 +267,9 @@ class Watcher:
                 break
             changed = self.changes.take()
             self.build_once(self.executor, changed)
+            if self.busy:  # try again in a moment, with the same changes
+                self.changes.put(changed)
+                self.stop.wait(BUSY_RETRY_SECONDS)
             self._rewatch()
 
     def _on_signal(self, signum: int, frame: object) -> None:

@@ -276,28 +276,59 @@ def test_damaged_lock_state_and_cache(tmp_path: Path, capsys: pytest.CaptureFixt
         err = capsys.readouterr().err
         assert err.startswith(f"chiptune-forge: error: {lock_path}: ") and "Traceback" not in err
         assert lock_path.read_text() == text, "the damaged lock is left for the user to restore"
+    # So does one without its format version, or from a newer chiptune-forge.
+    for version in (None, 99):
+        lock = json.loads(good_lock)
+        lock.pop("version") if version is None else lock.update(version=version)
+        lock_path.write_text(json.dumps(lock))
+        assert main(["build", str(manifest)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"chiptune-forge: error: {lock_path}: ") and "Traceback" not in err
 
-    # A damaged take fails its track only; the others build.
-    damaged = json.loads(good_lock)
-    damaged["tracks"]["theme"]["events"] = "AAA"
-    lock_path.write_text(json.dumps(damaged))
-    (root / CACHE_DIR / "state.json").unlink()
-    report = build(manifest, force=True)
-    by_name = {t.name: t for t in report.tracks}
-    assert by_name["theme"].status == "failed" and "--regenerate theme" in by_name["theme"].error
-    assert by_name["given"].status == "built"
+    # A damaged take or entry fails its track only; the others build.
+    for damage in ({"events": "AAA"}, {"generation": None}, {"inputs_sha256": 5}):
+        damaged = json.loads(good_lock)
+        damaged["tracks"]["theme"].update(damage)
+        damaged["tracks"]["theme"] = {k: v for k, v in damaged["tracks"]["theme"].items() if v is not None}
+        lock_path.write_text(json.dumps(damaged))
+        (root / CACHE_DIR / "state.json").unlink(missing_ok=True)
+        report = build(manifest, force=True)
+        by_name = {t.name: t for t in report.tracks}
+        assert by_name["theme"].status == "failed" and "--regenerate theme" in by_name["theme"].error, damage
+        assert by_name["given"].status == "built"
 
     # A damaged state.json is only a cache: the build starts over.
     lock_path.write_text(good_lock)
     (root / CACHE_DIR / "state.json").write_text("[]")
     assert all(t.status == "built" for t in build(manifest).tracks)
 
-    # A damaged audio cache is rendered again.
+    # A damaged audio cache is rendered again: cut short, or with bytes changed inside (when an export
+    # needs it: here the asset is gone).
     for npz in (root / CACHE_DIR / "audio").glob("*.npz"):
         npz.write_bytes(npz.read_bytes()[:100])
     report = build(manifest)
     assert statuses(report)["theme"] == ("built", ("render", "export"))
     assert "render: audio cache missing or damaged" in {t.name: t for t in report.tracks}["theme"].reasons
+    asset = root / "music" / "theme.ogg"
+    good_asset = asset.read_bytes()
+    for npz in (root / CACHE_DIR / "audio").glob("*.npz"):
+        data = bytearray(npz.read_bytes())
+        data[2000:2100] = bytes(100)
+        npz.write_bytes(bytes(data))
+    asset.unlink()
+    report = build(manifest)
+    assert not report.failed, [t.error for t in report.failed]
+    assert statuses(report)["theme"] == ("built", ("render", "export")) and asset.read_bytes() == good_asset
+
+    # A damaged generation cache is made again by the model (the same take).
+    for npz in (root / CACHE_DIR / "gen").glob("*.npz"):
+        data = bytearray(npz.read_bytes())
+        data[200:260] = bytes(60)
+        npz.write_bytes(bytes(data))
+    lock_path.unlink()
+    report = build(manifest)
+    assert statuses(report)["theme"] == ("built", ("generate", "lock"))
+    assert json.loads(lock_path.read_text())["tracks"]["theme"] == json.loads(good_lock)["tracks"]["theme"]
 
     # A deleted lock is written again from the cached takes, without generating.
     lock_path.unlink()
@@ -412,32 +443,69 @@ def test_a_copied_project_never_touches_the_original_assets(tmp_path: Path) -> N
     shutil.copytree(manifest.parent, copy)  # .chiptune/ included: its state names the original's files
     text = (copy / "chiptune.toml").read_text().replace('name = "given"', 'name = "song"')
     (copy / "chiptune.toml").write_text(text.replace('formats = ["ogg"]', 'formats = ["wav"]'))
+    old_style = copy.with_name("old-style")
+    shutil.copytree(copy, old_style)
     report = build(copy / "chiptune.toml")
     assert not report.failed, [t.error for t in report.failed]
     assert {p.name: p.read_bytes() for p in (manifest.parent / "music").iterdir()} == original
-    # The copy gets its own assets; the files copied along stay, as nothing proves this build wrote them.
-    assert sorted(p.name for p in (copy / "music").iterdir()) == ["given.json", "given.ogg", "song.json", "song.wav",
-                                                                  "theme.json", "theme.ogg", "theme.wav"]
+    # The state records paths inside the project, so the copy cleans up its own copies of the old assets.
+    assert sorted(p.name for p in (copy / "music").iterdir()) == ["song.json", "song.wav", "theme.json", "theme.wav"]
+    # A state written before that named absolute paths, here the original's: those files are never touched.
+    state_file = old_style / ".chiptune" / "state.json"
+    state = json.loads(state_file.read_text())
+    for entry in state["tracks"].values():
+        entry["files"] = [str(manifest.parent / f) for f in entry["files"]]
+    state_file.write_text(json.dumps(state))
+    assert not build(old_style / "chiptune.toml").failed
+    assert {p.name: p.read_bytes() for p in (manifest.parent / "music").iterdir()} == original
 
 
-def _sleep(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
+def test_a_moved_project_finds_its_assets(tmp_path: Path) -> None:
+    """Build state records asset paths relative to the project: after a move, a removed track's assets and
+    a format's old files are still cleaned up."""
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    moved = tmp_path / "moved"
+    manifest.parent.rename(moved)
+    text = (moved / "chiptune.toml").read_text().replace('formats = ["ogg"]', 'formats = ["wav"]')
+    (moved / "chiptune.toml").write_text(text.replace('name = "given"', 'name = "song"'))
+    report = build(moved / "chiptune.toml")
+    assert not report.failed, [t.error for t in report.failed]
+    assert [t.files for t in report.tracks if t.status == "removed"] == [
+        [str(moved / "music" / "given.ogg"), str(moved / "music" / "given.json")]]
+    assert sorted(p.name for p in (moved / "music").iterdir()) == ["song.json", "song.wav", "theme.json", "theme.wav"]
 
 
-def test_an_interrupted_parallel_stage_stops_its_workers_at_once() -> None:
-    """Ctrl-C while workers run: they are stopped, not waited for (waiting could hang on the pool's lock)."""
-    from chiptune_forge.builder import Builder
+def _write_then_sleep(path: str) -> None:
+    Path(path).write_bytes(b"half an asset")
+    time.sleep(30)
 
-    builder = Builder.__new__(Builder)  # only what _map uses
-    builder.executor, builder.workers, builder.show_progress, builder.workers_lost = None, 2, False, False
+
+def test_an_interrupted_parallel_stage_stops_its_workers_and_removes_what_they_wrote(tmp_path: Path) -> None:
+    """Ctrl-C while workers run: they are stopped, not waited for (waiting could hang on the pool's lock),
+    and the temporary files they were writing do not stay in the game's music folder."""
     import threading
 
+    from chiptune_forge.builder import Builder
+    from chiptune_forge.manifest import load_manifest
+
+    builder = Builder(load_manifest(project(tmp_path)), show_progress=False)
+    music = builder.m.project.output_dir
+    music.mkdir()
+    jobs = {name: str(music / f".{name}.ogg.partial") for name in ("a", "b")}
+
+    def interrupt_once_both_write() -> None:
+        wait_until = time.monotonic() + 20
+        while not all(Path(f).exists() for f in jobs.values()) and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
     started = time.monotonic()
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    threading.Thread(target=interrupt_once_both_write, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        list(builder._map(_sleep, {"a": 30.0, "b": 30.0}, "render"))
-    assert time.monotonic() - started < 10
+        list(builder._map(_write_then_sleep, jobs, "export"))
+    assert time.monotonic() - started < 15
+    assert not list(music.iterdir())
 
 
 def test_an_asset_damaged_on_disk_is_rebuilt_and_a_touched_one_is_not(tmp_path: Path) -> None:
@@ -463,6 +531,7 @@ def test_a_renamed_track_takes_its_assets_along_without_build_state(tmp_path: Pa
     build(manifest)
     music = manifest.parent / "music"
     (music / "mine.ogg").write_bytes(b"the user's own file")
+    locked = json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]
     shutil.rmtree(manifest.parent / CACHE_DIR)
     manifest.write_text(manifest.read_text().replace('name = "theme"', 'name = "opening"'))
     assert statuses(build(manifest, check=True))["theme"][0] == "outdated"
@@ -470,7 +539,11 @@ def test_a_renamed_track_takes_its_assets_along_without_build_state(tmp_path: Pa
     assert statuses(report)["theme"][0] == "removed"
     assert sorted(p.name for p in music.iterdir()) == ["given.json", "given.ogg", "mine.ogg", "opening.json",
                                                        "opening.ogg"]
-    assert "theme" not in json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]
+    lock = json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]
+    assert "theme" not in lock
+    # The name is not a generation setting: the renamed track keeps the locked take, without the model.
+    assert "generate" not in statuses(report)["opening"][1]
+    assert lock["opening"]["events"] == locked["theme"]["events"]
 
 
 def test_the_reason_names_only_what_changed() -> None:
@@ -478,3 +551,71 @@ def test_the_reason_names_only_what_changed() -> None:
 
     recorded = json.loads(json.dumps({"primer_melody": (60, -2, 64), "seed": 1}))  # as the state file keeps it
     assert changed_inputs(recorded, {"primer_melody": (60, -2, 64), "seed": 2}) == ["seed"]
+
+
+def test_a_preset_edited_during_a_build_is_not_mixed_up(tmp_path: Path) -> None:
+    """A build renders the preset it planned with; an edit saved meanwhile is the next build's change,
+    not audio filed under the earlier settings."""
+    from chiptune_forge.builder import Builder
+    from chiptune_forge.manifest import load_manifest
+
+    preset_text = (REPO / "presets" / "snes.toml").read_text()
+
+    def with_echo(ms: int) -> str:
+        assert "delay_ms = 80" in preset_text
+        return preset_text.replace("delay_ms = 80", f"delay_ms = {ms}")
+
+    manifest = project(tmp_path, preset="mine.toml")
+    root = manifest.parent
+    (root / "mine.toml").write_text(with_echo(128))
+
+    class EditedMeanwhile(Builder):
+        def _take_and_midi(self, *args):  # after planning, before rendering
+            (root / "mine.toml").write_text(with_echo(240))
+            return super()._take_and_midi(*args)
+
+    assert not EditedMeanwhile(load_manifest(manifest), show_progress=False).run().failed
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    clean_manifest = project(clean, preset="mine.toml")
+    (clean_manifest.parent / "mine.toml").write_text(with_echo(128))
+    assert not build(clean_manifest).failed
+    for name in ("given.ogg", "theme.ogg"):
+        assert (root / "music" / name).read_bytes() == (clean_manifest.parent / "music" / name).read_bytes()
+    assert statuses(build(manifest))["given"] == ("built", ("render", "export")), "the 240 ms edit renders next"
+
+
+def test_a_second_manifest_in_the_folder_keeps_to_its_own_tracks(tmp_path: Path) -> None:
+    """experiment.toml beside chiptune.toml has its own lock and build state: the tracks it lacks are not
+    'removed from the manifest', and sharing the output folder deletes nothing of the other's."""
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    music_before = {p.name: p.read_bytes() for p in (root / "music").iterdir()}
+    lock_before = (root / LOCK_NAME).read_text()
+    text = manifest.read_text()
+    experiment = root / "experiment.toml"
+    experiment.write_text(text[:text.index('[[track]]\nname = "given"')])  # the theme alone
+    report = build(experiment)
+    assert not report.failed and [t.name for t in report.tracks] == ["theme"]
+    assert (root / LOCK_NAME).read_text() == lock_before
+    assert set(json.loads((root / "experiment.lock").read_text())["tracks"]) == {"theme"}
+    assert {p.name: p.read_bytes() for p in (root / "music").iterdir()} == music_before
+    assert {t.status for t in build(manifest).tracks} == {"skipped"}
+
+
+def test_a_format_switch_without_build_state_replaces_the_old_files(tmp_path: Path) -> None:
+    """In a fresh clone (no .chiptune/) the sidecar tells which files the earlier export wrote; a lock
+    write that was killed leaves a temporary file beside the manifest, which the next build removes."""
+    import shutil
+
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    shutil.rmtree(root / CACHE_DIR)
+    (root / f".{LOCK_NAME}.12345.partial").write_text("{")
+    manifest.write_text(manifest.read_text().replace('formats = ["ogg"]', 'formats = ["wav"]'))
+    assert not build(manifest).failed
+    assert sorted(p.name for p in (root / "music").iterdir()) == ["given.json", "given.wav", "theme.json",
+                                                                  "theme.wav"]
+    assert not list(root.glob("*.partial")) and not list(root.glob(".*.partial"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import shutil
@@ -189,10 +190,33 @@ def test_presets_in_new_or_output_folders_and_deleted_assets(project: tuple[Path
         watch.expect("theme:")
         wait_for_change(music / "theme.ogg", before)
 
-        # An asset deleted while watching is written again.
+        # An asset deleted while watching is written again; so is one renamed away.
         (music / "theme.ogg").unlink()
         watch.expect("theme:")
         wait_until(lambda: (music / "theme.ogg").is_file(), WAIT, "theme.ogg written again")
+        (music / "theme.ogg").rename(music / "theme_old.ogg")
+        watch.expect("theme:")
+        wait_until(lambda: (music / "theme.ogg").is_file(), WAIT, "theme.ogg written again after a rename")
+    finally:
+        watch.stop()
+
+
+def test_a_change_made_while_another_build_runs_is_built_after_it(project: tuple[Path, Path]) -> None:
+    """`chiptune-forge build` holding the project: watch waits for it, then builds the change."""
+    manifest, preset = project
+    music = manifest.parent / "music"
+    watch = WatchProcess(manifest, "--once-after", "240")
+    try:
+        watch.expect("watching")
+        before = (music / "theme.ogg").read_bytes()
+        with open(manifest.parent / ".chiptune" / "build.lock", "a+") as held:  # as a running build holds it
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            preset.write_text(preset.read_text().replace("volume = 0.9", "volume = 0.5"))
+            watch.expect("building once it has finished")
+            time.sleep(1.0)
+            assert (music / "theme.ogg").read_bytes() == before
+        watch.expect("theme:")
+        wait_for_change(music / "theme.ogg", before)
     finally:
         watch.stop()
 
