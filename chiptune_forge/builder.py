@@ -919,9 +919,12 @@ class Builder:
         return [str(self.root / f) for f in entry.get("files", [])]
 
     def _owns(self, file: str) -> bool:
-        """Whether an asset file is in this project's output folder: only those are ever deleted (a state
-        from before paths were recorded relative to the project may name another copy's files)."""
-        return Path(file).parent == self.m.project.output_dir
+        """Whether a recorded asset file is this project's to delete: one in its folder (the output folder,
+        or an earlier output folder), never one elsewhere (a state from before paths were recorded relative
+        to the project may name another copy's files)."""
+        path = Path(file)
+        return path.parent == self.m.project.output_dir or (path.is_relative_to(self.root)
+                                                            and CACHE_DIR not in path.relative_to(self.root).parts)
 
     def _removed(self, state: dict, lock: dict) -> list[str]:
         """Tracks the last build or the lock knows that the manifest no longer has (with those whose take a

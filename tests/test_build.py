@@ -619,3 +619,15 @@ def test_a_format_switch_without_build_state_replaces_the_old_files(tmp_path: Pa
     assert sorted(p.name for p in (root / "music").iterdir()) == ["given.json", "given.wav", "theme.json",
                                                                   "theme.wav"]
     assert not list(root.glob("*.partial")) and not list(root.glob(".*.partial"))
+
+
+def test_a_new_output_folder_takes_the_assets_along(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    (root / "music" / "notes.txt").write_text("the user's own file")
+    manifest.write_text(manifest.read_text().replace('output_dir = "music"', 'output_dir = "assets/audio"'))
+    assert not build(manifest).failed
+    assert sorted(p.name for p in (root / "assets" / "audio").iterdir()) == ["given.json", "given.ogg",
+                                                                             "theme.json", "theme.ogg"]
+    assert sorted(p.name for p in (root / "music").iterdir()) == ["notes.txt"]
