@@ -21,12 +21,11 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +38,7 @@ from .errors import ChiptuneError, UsageError
 from .loops import godot_import_file
 from .manifest import CACHE_DIR, MANIFEST_NAME, Manifest, TrackSpec, load_manifest
 from .presets import Preset, load_preset
+from .workers import held_fds, new_executor, stop_workers
 
 LOCK_NAME = "chiptune.lock"
 LOCK_VERSION = 2
@@ -183,18 +183,14 @@ def build_lock(cache: Path) -> Iterator[None]:
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
-        global _held_lock_fd
-        _held_lock_fd = fh.fileno()
+        # Forked workers close their copy, or a build killed outright would stay 'running' until its last
+        # worker exited.
+        held_fds.add(fh.fileno())
         try:
             yield
         finally:
-            _held_lock_fd = None
+            held_fds.discard(fh.fileno())
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-_held_lock_fd: int | None = None
-"""The build lock's descriptor while this process holds it: forked workers close their copy, or a build
-killed outright would stay 'running' until its last worker exited."""
 
 
 def lock_and_state(manifest_path: Path) -> tuple[Path, Path]:
@@ -574,7 +570,7 @@ class Builder:
             else:
                 plan["take"] = "generate"
                 plan["generate"] = True
-                why = changed_inputs(old.get("gen_inputs"), gen_in)
+                why = changed_inputs(old.get("gen_inputs"), gen_in) or ["no take locked or cached"]
                 if track.name in self.regenerate:
                     why = ["--regenerate"]
                 plan["reasons"].append("generation: " + ", ".join(why))
@@ -981,47 +977,6 @@ class Builder:
         for f in (self.cache / "audio").glob("*.npz"):
             if f.stem not in live:
                 f.unlink(missing_ok=True)
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def worker_init(parent: int) -> None:
-    """Workers leave Ctrl-C and SIGTERM to the parent, which stops them and cleans up; on Linux they also
-    get SIGTERM when the parent dies without cleaning up (killed with SIGKILL), so none is left behind."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if _held_lock_fd is not None:
-        os.close(_held_lock_fd)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the request took effect
-            os._exit(1)
-
-
-def new_executor(workers: int) -> ProcessPoolExecutor:
-    """Workers forked from this process where the platform forks (Linux): they start at once with what is
-    imported here, and worker_init's parent check holds (Python 3.14 would otherwise use a fork server)."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker_init,
-                               initargs=(os.getpid(),))
-
-
-def stop_workers(executor: ProcessPoolExecutor) -> None:
-    """Terminate a pool's workers at once. Waiting for them on Ctrl-C could hang: an interrupt that lands
-    while the parent holds the pool's queue lock leaves a worker blocked on it forever. What they leave
-    half-written is a .partial file, which the next build removes. The executor has no public way to reach
-    its processes, hence `_processes`."""
-    workers = list((getattr(executor, "_processes", None) or {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for process in workers:
-        process.terminate()
-    for process in workers:
-        process.join(timeout=5)
 
 
 def _call(fn: Callable, job: Any) -> tuple[Any, str | None]:

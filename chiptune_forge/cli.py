@@ -276,10 +276,17 @@ def _run_build(args: argparse.Namespace) -> int:
 
     from .builder import build
 
+    if args.only and args.regenerate and set(args.regenerate) - set(args.only):
+        raise UsageError(f"--regenerate {' '.join(sorted(set(args.regenerate) - set(args.only)))}: not among the "
+                         f"--only tracks, so nothing would be regenerated; add it to --only")
     try:
         report = build(args.manifest, only=args.only, force=args.force, regenerate=args.regenerate,
                        check=args.check, show_progress=not args.json)
-    except UsageError:
+    except UsageError as exc:
+        stray = [n for n in (args.only or []) + (args.regenerate or []) if Path(n).exists()]
+        if stray and args.manifest == "chiptune.toml" and not Path(args.manifest).exists():
+            raise UsageError(f"{exc}; '{stray[0]}' was read as a track name: --only and --regenerate take every "
+                             f"name after them, so give the manifest first (build {stray[0]} --only ...)") from None
         raise  # exit 2, from main
     except ChiptuneError as exc:  # e.g. another build holds the folder
         print(f"chiptune-forge: error: {exc}", file=sys.stderr)
@@ -325,6 +332,9 @@ def _run_init(args: argparse.Namespace) -> int:
         path = path / MANIFEST_NAME
     if path.exists():
         raise ChiptuneError(f"{path}: already exists; not overwriting it")
+    blocking = next((f for f in [path.parent, *path.parent.parents] if f.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ChiptuneError(f"{blocking}: is a file, not a folder; give a new or existing folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(STARTER, encoding="utf-8")

@@ -15,7 +15,6 @@ import re
 import sys
 import zipfile
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .encoding import ENCODING_VERSION, NUM_CLASSES, encode
 from .errors import ChiptuneError, MidiError
 from .midi import STEPS_PER_QUARTER, QuantizedPiece, read_midi, split_and_quantize
 from .progress import progress
+from .workers import new_executor, stop_workers
 
 MIDI_SUFFIXES = {".mid", ".midi", ".smf", ".kar"}
 SHARD_SEQUENCES = 4096
@@ -168,8 +168,14 @@ def _results(jobs: list[tuple[Path, str, int, int, float]], workers: int) -> Ite
     if workers <= 1 or len(jobs) < 8:
         yield from map(_process, jobs)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = new_executor(workers)
+    try:
         yield from pool.map(_process, jobs, chunksize=4)
+    except BaseException:  # Ctrl-C: stop the workers now (waiting for them can hang)
+        stop_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ShardWriter:

@@ -193,7 +193,7 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
         problem(1, "", "[project] must be a table")
         raw_project = {}
     project_values = _check_table(raw_project, PROJECT_KEYS, lambda k: lines.of("project", 0, k), "[project] ",
-                                  problem)
+                                  problem, (TRACK_KEYS, "per-track ([[track]])"))
     root = path.parent
     output_dir = (root / project_values.get("output_dir", "music")).resolve()
     if not _inside(output_dir, root):
@@ -284,7 +284,8 @@ def _validate_track(raw: dict[str, Any], index: int, root: Path, lines: _Lines, 
     line = lines.of("track", index)
     name = raw.get("name") if isinstance(raw.get("name"), str) else None
     label = f"track {name!r}: " if name else f"track #{index + 1}: "
-    values = _check_table(raw, TRACK_KEYS, lambda k: lines.of("track", index, k), label, problem)
+    values = _check_table(raw, TRACK_KEYS, lambda k: lines.of("track", index, k), label, problem,
+                          (PROJECT_KEYS, "[project]"))
 
     def at(key: str) -> int:
         return lines.of("track", index, key)
@@ -348,12 +349,16 @@ def _validate_track(raw: dict[str, Any], index: int, root: Path, lines: _Lines, 
 
 
 def _check_table(raw: dict[str, Any], schema: dict[str, tuple[Any, str]], line_of, label: str,
-                 problem) -> dict[str, Any]:
-    """Unknown keys (with a did-you-mean) and wrong types; returns the well-typed values only."""
+                 problem, elsewhere: tuple[dict[str, Any], str] | None = None) -> dict[str, Any]:
+    """Unknown keys (with a did-you-mean, or the table they belong in: `elsewhere` is another table's
+    schema and name) and wrong types; returns the well-typed values only."""
     good: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in schema:
-            problem(line_of(key), label, f"unknown key {key!r}{_did_you_mean(key, list(schema))}")
+            if elsewhere is not None and key in elsewhere[0]:
+                problem(line_of(key), label, f"{key} is a {elsewhere[1]} setting; move it there")
+            else:
+                problem(line_of(key), label, f"unknown key {key!r}{_did_you_mean(key, list(schema))}")
             continue
         types, description = schema[key]
         types = types if isinstance(types, tuple) else (types,)

@@ -336,6 +336,13 @@ def test_damaged_lock_state_and_cache(tmp_path: Path, capsys: pytest.CaptureFixt
     assert json.loads(lock_path.read_text())["tracks"]["theme"] == json.loads(good_lock)["tracks"]["theme"]
     assert statuses(build(manifest))["theme"] == ("skipped", ())
 
+    # With neither the lock nor the generation cache, the reason says so (no setting changed).
+    lock_path.unlink()
+    for npz in (root / CACHE_DIR / "gen").glob("*.npz"):
+        npz.unlink()
+    report = build(manifest)
+    assert {t.name: t for t in report.tracks}["theme"].reasons == ["generation: no take locked or cached"]
+
 
 def _build_killed_when(manifest: Path, moment) -> bool:
     """Run a build in a subprocess and SIGKILL its whole process group as soon as `moment()` is true;
@@ -631,3 +638,15 @@ def test_a_new_output_folder_takes_the_assets_along(tmp_path: Path) -> None:
     assert sorted(p.name for p in (root / "assets" / "audio").iterdir()) == ["given.json", "given.ogg",
                                                                              "theme.json", "theme.ogg"]
     assert sorted(p.name for p in (root / "music").iterdir()) == ["notes.txt"]
+
+
+def test_build_options_that_would_do_nothing_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = project(tmp_path)
+    assert main(["build", str(manifest), "--only", "given", "--regenerate", "theme"]) == 2
+    err = capsys.readouterr().err
+    assert "--regenerate theme: not among the --only tracks" in err and err.count("\n") == 1
+    monkeypatch.chdir(tmp_path)  # no chiptune.toml here; the folder given after --only is read as a track
+    assert main(["build", "--only", "theme", "game"]) == 2
+    err = capsys.readouterr().err
+    assert "'game' was read as a track name" in err and "build game --only" in err

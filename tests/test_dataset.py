@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import mido
@@ -237,3 +239,21 @@ def test_a_damaged_dataset_names_the_file(tmp_path: Path) -> None:
     (out / "summary.json").write_text("{")
     with pytest.raises(ChiptuneError, match=f"^{out / 'summary.json'}: damaged dataset summary"):
         load_split(out, "train")
+
+
+def _stuck(job: object) -> None:
+    time.sleep(30)
+
+
+def test_ctrl_c_stops_the_workers_at_once(monkeypatch) -> None:
+    """Waiting for the pool after an interrupt could hang; the workers are stopped instead."""
+    import threading
+
+    import chiptune_forge.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "_process", _stuck)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        list(dataset_module._results([(Path("x.mid"), "x.mid", 80, 512, 0.0)] * 8, 2))
+    assert time.monotonic() - started < 10

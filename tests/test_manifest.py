@@ -52,6 +52,7 @@ candidates = 2
 
 [[track]]
 bars = 4
+sample_rate = 48000
 """)
     problems = problems_of(path)
     text = "\n".join(problems)
@@ -62,7 +63,8 @@ bars = 4
     assert f"{path}:14: track 'title': pick: index 7 is outside 0..1 (candidates = 2)" in problems
     assert f"{path}:11: track 'title': name: duplicate of the track at line 6" in problems
     assert f"{path}:17: track #3: name: missing" in text
-    assert len(problems) == 7
+    assert f"{path}:19: track #3: sample_rate is a [project] setting; move it there" in problems
+    assert len(problems) == 8
 
 
 def test_syntax_error_names_line(tmp_path: Path) -> None:
@@ -207,9 +209,11 @@ def test_init_creates_a_new_project_folder(tmp_path: Path, capsys: pytest.Captur
     assert main(["init", "-"]) == 1
     assert "not '-'" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
-    assert main(["init", str(tmp_path / "file" / "sub")]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot write" in err
+    for target in ("file", "file/sub"):
+        assert main(["init", str(tmp_path / target)]) == 1
+        err = capsys.readouterr().err
+        assert err == f"chiptune-forge: error: {tmp_path / 'file'}: is a file, not a folder; give a new or existing " \
+                      "folder\n"
 
 
 def test_track_that_is_not_a_table_is_named(tmp_path: Path) -> None:
