@@ -559,6 +559,10 @@ class Builder:
                              f"longer has (same generation settings)")
             if locked and locked.get("inputs_sha256") == plan["lock_key"] and track.name not in self.regenerate:
                 plan["take"] = "lock"
+                built = old.get("take_sha256")
+                if built is not None and built != sha256_bytes(locked["events"].encode()):
+                    plan["take_changed"] = True  # edited in the lock (by hand, or a merge): the lock wins
+                    plan["reasons"].append("the locked take changed")
                 take_key = key_of(take_inputs(locked["generation"], track))  # the take as it was made
                 if locked.get("model_sha256") != self.model.fingerprint:
                     self.log(f"{track.name}: the locked take came from another model; "
@@ -589,7 +593,7 @@ class Builder:
             plan["reasons"].append("render: " + ", ".join(changed_inputs(old.get("render_inputs"), render_in)))
         elif needs_render:
             plan["reasons"].append("render: audio cache missing or damaged")
-        plan["render"] = needs_render or self.force
+        plan["render"] = needs_render or self.force or plan.get("take_changed", False)
         files = self._recorded_files(old)
         stamps = {str(self.root / f): stamp for f, stamp in old.get("file_stamps", {}).items()}
         present = bool(files) and all(self._owns(f) and Path(f).is_file() for f in files)
@@ -736,7 +740,8 @@ class Builder:
                 "render_inputs": plan["render_inputs"], "export_inputs": plan["export_inputs"],
                 "audio_meta": metas[t.name], "gain_db": results[t.name]["gain_db"],
                 "files": [os.path.relpath(f, self.root) for f in files],
-                "file_stamps": {os.path.relpath(f, self.root): _file_stamp(f) for f in files}}
+                "file_stamps": {os.path.relpath(f, self.root): _file_stamp(f) for f in files},
+                "take_sha256": sha256_bytes(lock["tracks"][t.name]["events"].encode()) if t.midi is None else None}
             rep.status, rep.files = "built", files
         self._prune(state)
         write_json(self.state_path, state)
@@ -767,7 +772,12 @@ class Builder:
             if lock_only(plan):
                 rep.stages.append("lock")
             if plan["take"] == "lock":  # the take and where it came from stay as locked
-                lock["tracks"][track.name] = lock["tracks"].pop(plan["lock_name"]) | played
+                entry = lock["tracks"].pop(plan["lock_name"])
+                if (entry.get("tempo"), entry.get("transpose")) == (track.tempo, track.transpose) and \
+                        entry["midi_sha256"] != played["midi_sha256"]:
+                    self.log(f"{track.name}: warning: the take locked for it does not match the MIDI hash "
+                             f"recorded with it (edited by hand, or merged?); building the take as locked")
+                lock["tracks"][track.name] = entry | played
             else:
                 lock["tracks"][track.name] = {
                     "candidate": index, "generation": plan["gen_key"], "inputs_sha256": plan["lock_key"],

@@ -650,3 +650,30 @@ def test_build_options_that_would_do_nothing_say_so(tmp_path: Path, capsys: pyte
     assert main(["build", "--only", "theme", "game"]) == 2
     err = capsys.readouterr().err
     assert "'game' was read as a track name" in err and "build game --only" in err
+
+
+def test_a_take_edited_in_the_lock_is_built_as_locked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A lock changed by hand or by a merge: the build notices, says so, and builds what the lock holds."""
+    import base64
+    import shutil
+
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    lock_path = root / LOCK_NAME
+    lock = json.loads(lock_path.read_text())
+    events = np.frombuffer(base64.b64decode(lock["tracks"]["theme"]["events"]), dtype="<i2")
+    lock["tracks"]["theme"]["events"] = base64.b64encode(np.roll(events, 7).astype("<i2").tobytes()).decode()
+    lock_path.write_text(json.dumps(lock))
+    before = (root / "music" / "theme.ogg").read_bytes()
+    capsys.readouterr()
+    assert main(["build", str(manifest)]) == 0
+    captured = capsys.readouterr()
+    assert "theme: built [render, export]" in captured.out and "the locked take changed" in captured.out
+    assert "theme: warning: the take locked for it does not match the MIDI hash" in captured.err
+    edited = (root / "music" / "theme.ogg").read_bytes()
+    assert edited != before
+    assert statuses(build(manifest))["theme"] == ("skipped", ())
+    shutil.rmtree(root / CACHE_DIR)
+    assert not build(manifest).failed
+    assert (root / "music" / "theme.ogg").read_bytes() == edited
