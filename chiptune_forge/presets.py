@@ -85,6 +85,7 @@ class PresetError(ChiptuneError):
 
     def __init__(self, path: object, key: str, reason: str) -> None:
         super().__init__(f"{path}: {key}: {reason}" if key else f"{path}: {reason}")
+        self.path, self.key, self.reason = path, key, reason
 
 
 @dataclass(frozen=True)
@@ -229,12 +230,44 @@ def load_preset(name_or_path: str | Path, base_dir: Path | None = None) -> Prese
 
 
 def parse_preset(data: bytes, name: str, path: Path | None) -> Preset:
-    """Validate and resolve preset TOML (`path` is only used in messages and kept on the result)."""
+    """Validate and resolve preset TOML (`path` is only used in messages and kept on the result); a
+    problem is reported as FILE:LINE: key: reason."""
     where = path if path is not None else f"preset {name!r}"
     try:
-        doc = tomllib.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        doc = tomllib.loads(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise PresetError(where, "", f"not valid TOML ({exc})") from None
+    try:
+        return _parse(doc, name, path, where)
+    except PresetError as exc:
+        if not exc.key or exc.path is not where:
+            raise
+        raise PresetError(f"{where}:{_line_of(text, exc.key)}", exc.key, exc.reason) from None
+
+
+def _line_of(text: str, key: str) -> int:
+    """The line of a dotted key as the validator names it (`roles.lead.volume`, `effects[1].type`): the
+    key's own line, else its table's header."""
+    from .manifest import _Lines
+
+    parts = key.split(".")
+    indexed = [i for i, part in enumerate(parts) if part.endswith("]") and "[" in part]
+    if indexed:
+        k = indexed[-1]
+        table, _, index = parts[k][:-1].partition("[")
+        table, index, rest = ".".join([*parts[:k], table]), int(index), parts[k + 1:]
+    else:
+        table, index, rest = ".".join(parts[:-1]), 0, parts[-1:]
+    lines = _Lines(text)
+    if rest and (table, index, rest[0]) in lines.keys:
+        return lines.keys[(table, index, rest[0])]
+    if (key, 0) in lines.tables:  # the key names a table
+        return lines.tables[(key, 0)]
+    return lines.of(table, index)
+
+
+def _parse(doc: dict, name: str, path: Path | None, where: object) -> Preset:
     v = _Validator(where, path.parent if path is not None else None)
     v.keys(doc, TOP_KEYS, "")
     description = v.string(doc, "description", "", "")

@@ -127,3 +127,16 @@ def test_effect_enums_are_given_by_name(tmp_path: Path) -> None:
     path = tmp_path / "crunch.toml"
     path.write_text('[[effects]]\ntype = "Resample"\ntarget_sample_rate = 16000.0\nquality = "ZeroOrderHold"\n')
     assert load_preset(path).effects[0].params == (("target_sample_rate", 16000.0), ("quality", "ZeroOrderHold"))
+
+
+@pytest.mark.parametrize(("text", "line", "key"), [
+    ('description = "x"\n\n[roles.lead]\ninstrument = "builtin:pulse50"\nvolume = 7\n', 5, "roles.lead.volume"),
+    ("[roles.leed]\nvolume = 0.5\n", 1, "roles.leed"),
+    ("[echo]\nvolume = 0.2\n\ndelay_ms = 70\n", 4, "echo.delay_ms"),
+    ('[[effects]]\ntype = "Reverb"\n\n[[effects]]\ntype = "Reverbb"\n', 5, "effects[1].type"),
+    ('[[effects]]\ntype = "Reverb"\n\n[[effects]]\ngain_db = 3\n', 4, "effects[1].type"),
+    ('[roles.lead]\nvolume = 0.5\n\n[[roles.lead.effects]]\ntype = "Gain"\n', 4, "roles.lead.effects"),
+])
+def test_a_preset_problem_names_its_line(tmp_path: Path, text: str, line: int, key: str) -> None:
+    message = error_for(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'broken.toml'}:{line}: {key}: "), message

@@ -142,7 +142,7 @@ def test_render_command_errors_leave_nothing_behind(tmp_path: Path, capsys: pyte
     broken.write_text("[roles.lead]\nvolume = 7\n")
     assert main(["render", str(midi), "-o", str(out), "--preset", str(broken)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "broken.toml: roles.lead.volume: 7 is out of range" in err
+    assert err.count("\n") == 0 and "broken.toml:2: roles.lead.volume: 7 is out of range" in err
     assert main(["render", str(midi), "-o", str(tmp_path / "out.mp3")]) == 1
     assert "use .wav or .ogg" in capsys.readouterr().err
     assert main(["render", str(midi), "-o", str(out), "--sample-rate", "8000"]) == 1
