@@ -196,16 +196,22 @@ def build_lock(cache: Path) -> Iterator[None]:
 def lock_and_state(manifest_path: Path) -> tuple[Path, Path]:
     """The lock and build state of a manifest. chiptune.toml has chiptune.lock and .chiptune/state.json;
     another manifest in the same folder (NAME.toml) has its own NAME.lock and .chiptune/state-NAME.json, so
-    neither takes the other's tracks for removed ones. A lone NAME.toml whose folder has only a
-    chiptune.lock (as earlier versions wrote for any manifest) keeps using it."""
+    neither takes the other's tracks for removed ones."""
     root, cache = manifest_path.parent, manifest_path.parent / CACHE_DIR
-    default = (root / LOCK_NAME, cache / "state.json")
     if manifest_path.name == MANIFEST_NAME:
-        return default
-    own = (root / f"{manifest_path.stem}.lock", cache / f"state-{manifest_path.stem}.json")
-    if own[0].exists() or (root / MANIFEST_NAME).exists() or not default[0].exists():
-        return own
-    return default
+        return root / LOCK_NAME, cache / "state.json"
+    return root / f"{manifest_path.stem}.lock", cache / f"state-{manifest_path.stem}.json"
+
+
+def legacy_lock_and_state(manifest_path: Path) -> tuple[Path, Path] | None:
+    """chiptune.lock and state.json, when earlier versions wrote them for this NAME.toml (it has no lock of
+    its own, and there is no chiptune.toml beside it that they could belong to)."""
+    root = manifest_path.parent
+    lock, _ = lock_and_state(manifest_path)
+    if manifest_path.name == MANIFEST_NAME or lock.exists() or (root / MANIFEST_NAME).exists():
+        return None
+    legacy = lock_and_state(root / MANIFEST_NAME)
+    return legacy if legacy[0].exists() else None
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -452,6 +458,9 @@ class Builder:
         self.root = manifest.root
         self.cache = self.root / CACHE_DIR
         self.lock_path, self.state_path = lock_and_state(manifest.path)
+        self._legacy = legacy_lock_and_state(manifest.path)
+        if self._legacy is not None:  # read from there; a build moves them to this manifest's own names
+            self.lock_path, self.state_path = self._legacy
         self.only = set(only or [])
         unknown = self.only - {t.name for t in manifest.tracks}
         unknown |= set(regenerate or []) - {t.name for t in manifest.tracks}
@@ -490,11 +499,25 @@ class Builder:
                               for name in self._removed(self._state(), self._lock())]
         else:
             with build_lock(self.cache):
+                self._adopt_legacy_lock()
                 self._clean_partials()
                 self._build(report)
                 self._drop_removed(report)
         report.seconds = time.perf_counter() - start
         return report
+
+    def _adopt_legacy_lock(self) -> None:
+        """Give this manifest's takes and state their own names (NAME.lock), so that a chiptune.toml added
+        beside it later never shares them."""
+        if self._legacy is None:
+            return
+        own_lock, own_state = lock_and_state(self.m.path)
+        if self._legacy[1].exists():
+            os.replace(self._legacy[1], own_state)
+        os.replace(self._legacy[0], own_lock)
+        self.log(f"{self.m.path.name}: its lock is now {own_lock.name} (was {self._legacy[0].name}, which every "
+                 f"manifest in the folder shared); commit the rename")
+        self.lock_path, self.state_path, self._legacy = own_lock, own_state, None
 
     # ---- planning: the cheap pass that decides what must be done
 
@@ -547,7 +570,7 @@ class Builder:
             take_key = key_of(take_inputs(gen_key, track))
             plan["lock_key"] = key_of(lock_inputs(track))
             locked = lock["tracks"].get(track.name)
-            if locked is not None and not _entry_complete(locked):
+            if locked is not None and not _entry_complete(locked) and track.name not in self.regenerate:
                 raise ChiptuneError(f"{self.lock_path}: the entry for track {track.name!r} is damaged; run with "
                                     f"'--regenerate {track.name}' to take a new one")
             plan["lock_name"] = track.name
@@ -717,7 +740,7 @@ class Builder:
                                             str(p.output_dir), self.m.formats_for(t), p.loudness_lufs,
                                             p.true_peak_db, shared_gain, p.godot_import, p.split, sidecar)
         # Without build state (a fresh clone), what an earlier export wrote is known from its sidecar.
-        earlier = {name: self._recorded_files(state["tracks"][name]) if name in state["tracks"]
+        earlier = {name: self._deletable(state["tracks"][name]) if name in state["tracks"]
                    else self._sidecar_files(name) for name in export_jobs}
         results = self._run_stage(export_job, export_jobs, "export", by_name)
 
@@ -732,8 +755,7 @@ class Builder:
                 continue
             files = results[t.name]["files"]
             for stale in set(earlier[t.name]) - set(files):
-                if self._owns(stale):
-                    Path(stale).unlink(missing_ok=True)
+                Path(stale).unlink(missing_ok=True)
             # Paths relative to the project: a moved or copied project finds its own files.
             state["tracks"][t.name] = {
                 "gen_inputs": plan.get("gen_inputs"), "render_key": plan["render_key"],
@@ -925,12 +947,24 @@ class Builder:
         return [str(self.root / f) for f in entry.get("files", [])]
 
     def _owns(self, file: str) -> bool:
-        """Whether a recorded asset file is this project's to delete: one in its folder (the output folder,
-        or an earlier output folder), never one elsewhere (a state from before paths were recorded relative
-        to the project may name another copy's files)."""
-        path = Path(file)
-        return path.parent == self.m.project.output_dir or (path.is_relative_to(self.root)
-                                                            and CACHE_DIR not in path.relative_to(self.root).parts)
+        """Whether an asset file is in this project's output folder."""
+        return Path(file).parent == self.m.project.output_dir
+
+    def _deletable(self, entry: dict) -> list[str]:
+        """The files a state entry records that this build may delete: those recorded relative to the project
+        (this manifest's state wrote them, in the output folder of the time), and those of older states,
+        recorded as absolute paths, only in the output folder (such a state may have been shared with
+        another manifest, or copied from another project)."""
+        files = []
+        for recorded in entry.get("files", []):
+            path = self.root / recorded
+            if Path(recorded).is_absolute():
+                mine = path.parent == self.m.project.output_dir
+            else:
+                mine = path.is_relative_to(self.root) and CACHE_DIR not in path.relative_to(self.root).parts
+            if mine:
+                files.append(str(path))
+        return files
 
     def _removed(self, state: dict, lock: dict) -> list[str]:
         """Tracks the last build or the lock knows that the manifest no longer has (with those whose take a
@@ -948,13 +982,17 @@ class Builder:
         removed = self._removed(state, lock)
         if not removed:
             return
+        # A take that a renamed track can still take over (it was not built this time) stays in the lock.
+        wanted = {key_of(lock_inputs(t)) for t in self.m.tracks
+                  if t.midi is None and not _entry_complete(lock["tracks"].get(t.name))}
         for name in removed:
             entry = state["tracks"].pop(name, None)
-            files = ([f for f in self._recorded_files(entry) if self._owns(f)] if entry is not None
-                     else self._sidecar_files(name))
+            files = self._deletable(entry) if entry is not None else self._sidecar_files(name)
             for f in files:
                 Path(f).unlink(missing_ok=True)
-            lock["tracks"].pop(name, None)
+            locked = lock["tracks"].get(name)
+            if not (_entry_complete(locked) and locked["inputs_sha256"] in wanted):
+                lock["tracks"].pop(name, None)
             report.tracks.append(TrackReport(name, "removed", reasons=["removed from the manifest"], files=files))
         self._prune(state)
         write_json(self.state_path, state)
@@ -980,7 +1018,9 @@ class Builder:
         """Keep only the audio cache entries that this state or another manifest's in the folder points to."""
         live = {s.get("render_key") for s in state["tracks"].values()}
         for other in self.cache.glob("state*.json"):
-            data = read_json(other, {}) if other != self.state_path else {}
+            manifest = self.root / (MANIFEST_NAME if other.name == "state.json"
+                                    else other.name.removeprefix("state-").removesuffix(".json") + ".toml")
+            data = read_json(other, {}) if other != self.state_path and manifest.is_file() else {}
             tracks = data.get("tracks") if isinstance(data, dict) else None
             if isinstance(tracks, dict):
                 live |= {t.get("render_key") for t in tracks.values() if isinstance(t, dict)}

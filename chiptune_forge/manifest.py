@@ -355,7 +355,7 @@ def _check_table(raw: dict[str, Any], schema: dict[str, tuple[Any, str]], line_o
     good: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in schema:
-            if elsewhere is not None and key in elsewhere[0]:
+            if elsewhere is not None and key in elsewhere[0] and key != "name":
                 problem(line_of(key), label, f"{key} is a {elsewhere[1]} setting; move it there")
             else:
                 problem(line_of(key), label, f"unknown key {key!r}{_did_you_mean(key, list(schema))}")

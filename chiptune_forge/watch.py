@@ -174,6 +174,7 @@ class Watcher:
         """One incremental build; prints a status line per rebuilt track, or the manifest's errors."""
         what = ", ".join(sorted(p.name for p in changed)) if changed else "start"
         start = time.perf_counter()
+        was_busy, self.busy = self.busy, False  # set again only if another build still holds the project
         try:
             manifest = load_manifest(self.path)
         except ManifestError as exc:
@@ -192,7 +193,7 @@ class Watcher:
             builder = Builder(manifest, executor=executor, show_progress=False, log=self.log)
             report = builder.run()
         except BuildBusy as exc:
-            if not self.busy:
+            if not was_busy:
                 self.log(f"{exc.args[0].removesuffix('; wait for it to finish')}: building once it has finished")
             self.busy = True
             return None
@@ -206,7 +207,6 @@ class Watcher:
             return None
         finally:
             self.building = False
-        self.busy = False
         if builder.workers_lost:
             self.log("a build worker process died; starting new workers (the next save retries the failed tracks)")
             self._replace_executor()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -677,3 +678,71 @@ def test_a_take_edited_in_the_lock_is_built_as_locked(tmp_path: Path, capsys: py
     shutil.rmtree(root / CACHE_DIR)
     assert not build(manifest).failed
     assert (root / "music" / "theme.ogg").read_bytes() == edited
+
+
+def test_an_older_shared_state_never_deletes_another_manifests_files(tmp_path: Path) -> None:
+    """Before each manifest had its own state, .chiptune/state.json was shared and recorded absolute paths:
+    a track of another manifest found there is dropped without touching its files in their own folder."""
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    (root / "sfx").mkdir()
+    jingle = root / "sfx" / "jingle.ogg"
+    jingle.write_bytes(b"another manifest's asset")
+    state_file = root / CACHE_DIR / "state.json"
+    state = json.loads(state_file.read_text())
+    state["tracks"]["jingle"] = {"files": [str(jingle)], "render_key": "0" * 32}
+    state_file.write_text(json.dumps(state))
+    report = build(manifest)
+    assert [t.name for t in report.tracks if t.status == "removed"] == ["jingle"]
+    assert jingle.read_bytes() == b"another manifest's asset"
+
+
+def test_a_manifest_with_its_own_name_takes_the_lock_it_had(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """game.toml built by an earlier version kept its takes in chiptune.lock: the next build renames it to
+    game.lock, keeping the takes, so a chiptune.toml added later starts its own."""
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    locked = json.loads((root / LOCK_NAME).read_text())
+    game = manifest.rename(root / "game.toml")
+    shutil.rmtree(root / CACHE_DIR / "gen")  # only the lock holds the take now
+    report = build(game)
+    assert not report.failed and "generate" not in statuses(report)["theme"][1]
+    assert not (root / LOCK_NAME).exists() and json.loads((root / "game.lock").read_text()) == locked
+    assert "its lock is now game.lock (was chiptune.lock" in capsys.readouterr().err
+    music = {p.name: p.read_bytes() for p in (root / "music").iterdir()}
+    (root / "chiptune.toml").write_text('[project]\noutput_dir = "other"\nmodel = "model"\n\n'
+                                        '[[track]]\nname = "menu"\nbars = 1\ncandidates = 1\n')
+    assert not build(root / "chiptune.toml").failed
+    assert json.loads((root / "game.lock").read_text()) == locked
+    assert {p.name: p.read_bytes() for p in (root / "music").iterdir()} == music
+    assert {t.status for t in build(game).tracks} == {"skipped"}
+
+
+def test_a_renamed_track_not_built_yet_keeps_the_take_waiting(tmp_path: Path) -> None:
+    """Renamed, then a build of other tracks only (or one where it fails): its take stays in the lock for it."""
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    locked = json.loads((root / LOCK_NAME).read_text())["tracks"]["theme"]
+    shutil.rmtree(root / CACHE_DIR / "gen")
+    manifest.write_text(manifest.read_text().replace('name = "theme"', 'name = "opening"'))
+    assert not build(manifest, only=["given"]).failed
+    assert json.loads((root / LOCK_NAME).read_text())["tracks"]["theme"] == locked
+    report = build(manifest)
+    assert not report.failed and "generate" not in statuses(report)["opening"][1]
+    assert json.loads((root / LOCK_NAME).read_text())["tracks"]["opening"]["events"] == locked["events"]
+
+
+def test_regenerate_replaces_an_incomplete_lock_entry(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    lock_path = manifest.parent / LOCK_NAME
+    lock = json.loads(lock_path.read_text())
+    del lock["tracks"]["theme"]["model_sha256"]
+    lock_path.write_text(json.dumps(lock))
+    assert build(manifest).failed
+    report = build(manifest, regenerate=["theme"])
+    assert not report.failed and "model_sha256" in json.loads(lock_path.read_text())["tracks"]["theme"]

@@ -221,6 +221,28 @@ def test_a_change_made_while_another_build_runs_is_built_after_it(project: tuple
         watch.stop()
 
 
+def test_a_bad_save_while_another_build_runs_is_reported_once(project: tuple[Path, Path]) -> None:
+    manifest, preset = project
+    watch = WatchProcess(manifest, "--once-after", "240")
+    try:
+        watch.expect("watching")
+        with open(manifest.parent / ".chiptune" / "build.lock", "a+") as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            preset.write_text(preset.read_text().replace("volume = 0.9", "volume = 0.5"))
+            watch.expect("building once it has finished")
+            good = manifest.read_text()
+            manifest.write_text(good.replace("bars = 2", 'bars = "two"'))
+            watch.expect("watching for the next save")
+        time.sleep(3.0)  # the lock is free: nothing to retry until the manifest is fixed
+        while not watch.lines.empty():
+            watch.seen.append(watch.lines.get())
+        assert sum("watching for the next save" in line for line in watch.seen) == 1, watch.seen
+        manifest.write_text(good)
+        watch.expect("theme:")
+    finally:
+        watch.stop()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signals_end_cleanly(project: tuple[Path, Path], sig: signal.Signals) -> None:
     manifest, preset = project
