@@ -88,6 +88,14 @@ def statuses(report) -> dict[str, tuple[str, tuple[str, ...]]]:
     return {t.name: (t.status, tuple(t.stages)) for t in report.tracks}
 
 
+def zero_bytes(folder: Path, start: int, stop: int) -> None:
+    """Damage every cache file in a folder inside, keeping its length and zip structure's ends."""
+    for npz in folder.glob("*.npz"):
+        data = bytearray(npz.read_bytes())
+        data[start:stop] = bytes(stop - start)
+        npz.write_bytes(bytes(data))
+
+
 def decoded(path: Path) -> np.ndarray:
     data, _ = sf.read(str(path), dtype="float32")
     return data
@@ -312,20 +320,14 @@ def test_damaged_lock_state_and_cache(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "render: audio cache missing or damaged" in {t.name: t for t in report.tracks}["theme"].reasons
     asset = root / "music" / "theme.ogg"
     good_asset = asset.read_bytes()
-    for npz in (root / CACHE_DIR / "audio").glob("*.npz"):
-        data = bytearray(npz.read_bytes())
-        data[2000:2100] = bytes(100)
-        npz.write_bytes(bytes(data))
+    zero_bytes(root / CACHE_DIR / "audio", 2000, 2100)
     asset.unlink()
     report = build(manifest)
     assert not report.failed, [t.error for t in report.failed]
     assert statuses(report)["theme"] == ("built", ("render", "export")) and asset.read_bytes() == good_asset
 
     # A damaged generation cache is made again by the model (the same take).
-    for npz in (root / CACHE_DIR / "gen").glob("*.npz"):
-        data = bytearray(npz.read_bytes())
-        data[200:260] = bytes(60)
-        npz.write_bytes(bytes(data))
+    zero_bytes(root / CACHE_DIR / "gen", 200, 260)
     lock_path.unlink()
     report = build(manifest)
     assert statuses(report)["theme"] == ("built", ("generate", "lock"))

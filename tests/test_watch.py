@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,17 @@ class WatchProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+@contextmanager
+def watching(manifest: Path) -> Iterator[WatchProcess]:
+    """A watch process past its first build, stopped at the end of the block."""
+    watch = WatchProcess(manifest, "--once-after", "240")
+    try:
+        watch.expect("watching")
+        yield watch
+    finally:
+        watch.stop()
 
 
 def children(pid: int) -> list[int]:
@@ -147,9 +160,7 @@ def test_watch_rebuilds_on_edits_and_survives_errors(project: tuple[Path, Path])
 
 def test_new_preset_file_appearing_later(project: tuple[Path, Path]) -> None:
     manifest, preset = project
-    watch = WatchProcess(manifest, "--once-after", "240")
-    try:
-        watch.expect("watching")
+    with watching(manifest) as watch:
         newer = preset.with_name("later.toml")
         manifest.write_text(manifest.read_text().replace("mine.toml", "later.toml"))
         line = watch.expect("error:")
@@ -157,16 +168,12 @@ def test_new_preset_file_appearing_later(project: tuple[Path, Path]) -> None:
         shutil.copy(shipped_presets_dir() / "snes_battle.toml", newer)
         line = watch.expect("theme:")
         assert "preset" in line
-    finally:
-        watch.stop()
 
 
 def test_presets_in_new_or_output_folders_and_deleted_assets(project: tuple[Path, Path]) -> None:
     manifest, _ = project
     music = manifest.parent / "music"
-    watch = WatchProcess(manifest, "--once-after", "240")
-    try:
-        watch.expect("watching")
+    with watching(manifest) as watch:
         # A preset in a folder that does not exist yet: the error, then the folder and the file appear.
         manifest.write_text(manifest.read_text().replace("../sounds/mine.toml", "later/dark.toml"))
         watch.expect("error:")
@@ -197,17 +204,13 @@ def test_presets_in_new_or_output_folders_and_deleted_assets(project: tuple[Path
         (music / "theme.ogg").rename(music / "theme_old.ogg")
         watch.expect("theme:")
         wait_until(lambda: (music / "theme.ogg").is_file(), WAIT, "theme.ogg written again after a rename")
-    finally:
-        watch.stop()
 
 
 def test_a_change_made_while_another_build_runs_is_built_after_it(project: tuple[Path, Path]) -> None:
     """`chiptune-forge build` holding the project: watch waits for it, then builds the change."""
     manifest, preset = project
     music = manifest.parent / "music"
-    watch = WatchProcess(manifest, "--once-after", "240")
-    try:
-        watch.expect("watching")
+    with watching(manifest) as watch:
         before = (music / "theme.ogg").read_bytes()
         with open(manifest.parent / ".chiptune" / "build.lock", "a+") as held:  # as a running build holds it
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -217,15 +220,11 @@ def test_a_change_made_while_another_build_runs_is_built_after_it(project: tuple
             assert (music / "theme.ogg").read_bytes() == before
         watch.expect("theme:")
         wait_for_change(music / "theme.ogg", before)
-    finally:
-        watch.stop()
 
 
 def test_a_bad_save_while_another_build_runs_is_reported_once(project: tuple[Path, Path]) -> None:
     manifest, preset = project
-    watch = WatchProcess(manifest, "--once-after", "240")
-    try:
-        watch.expect("watching")
+    with watching(manifest) as watch:
         with open(manifest.parent / ".chiptune" / "build.lock", "a+") as held:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
             preset.write_text(preset.read_text().replace("volume = 0.9", "volume = 0.5"))
@@ -239,8 +238,6 @@ def test_a_bad_save_while_another_build_runs_is_reported_once(project: tuple[Pat
         assert sum("watching for the next save" in line for line in watch.seen) == 1, watch.seen
         manifest.write_text(good)
         watch.expect("theme:")
-    finally:
-        watch.stop()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
