@@ -1001,14 +1001,12 @@ class Builder:
     def _sidecar_files(self, name: str) -> list[str]:
         """The files NAME.json (written by our export) lists for the track, with itself and any Godot
         .import files beside them; nothing if there is no such sidecar of ours."""
+        from .export import sidecar_listed
+
         out = self.m.project.output_dir
         sidecar = out / f"{name}.json"
-        try:
-            data = json.loads(sidecar.read_text(encoding="utf-8"))
-            listed = [*data["files"], *(f for clips in (data.get("split") or {}).values() for f in clips)]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return []
-        if data.get("name") != name or not all(isinstance(f, str) and Path(f).name == f for f in listed):
+        listed = sidecar_listed(out, name)
+        if not listed:
             return []
         files = [out / f for f in listed]
         files += [godot_import_file(f) for f in files]

@@ -521,7 +521,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 def _run_render(args: argparse.Namespace) -> int:
     import math
 
-    from .export import export_track, file_sha256, measure_loudness, normalize
+    from .export import export_track, file_sha256, measure_loudness, normalize, sidecar_listed
     from .loops import render_track
     from .manifest import LOUDNESS_RANGE, TRUE_PEAK_RANGE
     from .midi import read_midi
@@ -547,6 +547,7 @@ def _run_render(args: argparse.Namespace) -> int:
     except ChiptuneError as exc:
         raise ChiptuneError(f"{args.input}: {exc}") from None
     fmt = output.suffix[1:].lower()
+    described = sidecar_listed(output.parent, output.stem)  # before this render's NAME.json replaces it
     loudness = measure_loudness(track)
     track, gain = normalize(track, args.loudness, args.true_peak, formats=(fmt,), loudness_lufs=loudness)
     info = {"source_midi": Path(args.input).name, "midi_sha256": file_sha256(args.input), "preset": preset.name,
@@ -566,6 +567,12 @@ def _run_render(args: argparse.Namespace) -> int:
     if stale:
         print(f"chiptune-forge: warning: {', '.join(stale)} from an earlier render no longer match and were left as "
               "they were (rewrite them with --godot-import / --split, or delete them)", file=sys.stderr)
+    undescribed = [f for f in described if output.parent / f not in paths and (output.parent / f).exists()
+                   and f not in stale]
+    if undescribed:
+        print(f"chiptune-forge: warning: {output.stem}.json now describes this render only; {', '.join(undescribed)} "
+              f"from an earlier render {'is' if len(undescribed) == 1 else 'are'} no longer listed in it",
+              file=sys.stderr)
     return 0
 
 

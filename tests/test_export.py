@@ -437,6 +437,17 @@ def test_render_points_out_side_files_of_an_earlier_render(midi_file, tmp_path, 
     assert "warning" not in capsys.readouterr().err
 
 
+def test_render_in_another_format_says_the_earlier_file_is_no_longer_described(midi_file, tmp_path, capsys):
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg"), "--loop"]) == 0
+    capsys.readouterr()
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.wav"), "--loop"]) == 0
+    assert "warning: theme.json now describes this render only; theme.ogg from an earlier render is no longer " \
+           "listed in it" in capsys.readouterr().err
+    assert json.loads((tmp_path / "theme.json").read_text())["files"] == ["theme.wav"]
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.wav"), "--loop"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_render_cli_refuses_a_folder_as_output(midi_file, tmp_path, capsys):
     folder = tmp_path / "theme.ogg"
     folder.mkdir()
