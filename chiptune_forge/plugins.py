@@ -298,6 +298,9 @@ def plugin_spec(
         raise ChiptuneError(_where(origin, path, f"preset_file {preset_file!r} is not a .vstpreset file"))
     preset_data = _read_side_file(preset_file, base_dir, origin, path, "preset_file") if preset_file else None
     state = _read_side_file(state_file, base_dir, origin, path, "state_file") if state_file else None
+    if state is not None and not _is_host_state(state):
+        raise ChiptuneError(_where(origin, path, f"state_file {_side_path(state_file, base_dir)} is not a plugin "
+                                                 f"state (write one with 'chiptune-forge plugins state')"))
     params = tuple((str(k), v) for k, v in (parameters or {}).items())
     return PluginSpec(path, origin, params, state, preset_data, max_tail)
 
@@ -356,6 +359,16 @@ def role_folders(table: Mapping[str, Any], base_dir: Path) -> set[Path]:
             binaries = bundle / "Contents" / _platform_folder()[0]
             folders.add(binaries if binaries.is_dir() else bundle.parent)
     return folders
+
+
+STATE_MAGIC = b"VC2!"
+"""How the plugin host (JUCE, inside pedalboard) starts a saved state: this tag, a 32-bit little-endian
+length, then that many bytes. A plugin given anything else ignores it silently and keeps its defaults."""
+
+
+def _is_host_state(data: bytes) -> bool:
+    return (data.startswith(STATE_MAGIC) and len(data) >= 8
+            and int.from_bytes(data[4:8], "little") <= len(data) - 8)
 
 
 def _read_side_file(name: str, base_dir: Path | None, origin: str, plugin: Path, key: str) -> bytes:

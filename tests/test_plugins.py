@@ -292,14 +292,20 @@ def test_preset_and_state_files_are_checked_before_any_loading(synth: Path, tmp_
     (tmp_path / "x.fxp").write_bytes(b"CcnK")
     with pytest.raises(ChiptuneError, match=r"preset_file 'x.fxp' is not a .vstpreset file"):
         plugin_spec(str(synth), base_dir=tmp_path, origin="song.toml: role lead", preset_file="x.fxp")
+    for junk in (b"garbage\n", b"VC2!" + (99).to_bytes(4, "little") + b"short"):
+        (tmp_path / "junk.bin").write_bytes(junk)
+        with pytest.raises(ChiptuneError, match=r"role lead: plugin .*: state_file .*junk.bin is not a plugin state "
+                                                r"\(write one with 'chiptune-forge plugins state'\)$"):
+            plugin_spec(str(synth), base_dir=tmp_path, origin="song.toml: role lead", state_file="junk.bin")
 
 
 def test_preset_role_tables_are_checked_key_by_key(synth: Path, tmp_path: Path) -> None:
     origin = "song.toml: roles.lead"
-    (tmp_path / "lead.bin").write_bytes(b"state")
+    state = b"VC2!" + (5).to_bytes(4, "little") + b"state"
+    (tmp_path / "lead.bin").write_bytes(state)
     good = plugins.preset_plugin({"plugin": str(synth), "parameters": {"duty": 0.3, "waveform": "saw"},
                                   "state_file": "lead.bin"}, origin, tmp_path)
-    assert good.parameters == (("duty", 0.3), ("waveform", "saw")) and good.state == b"state"
+    assert good.parameters == (("duty", 0.3), ("waveform", "saw")) and good.state == state
     assert good.origin == origin and good.path.is_absolute()
     for table, message in [
         ({"plugin": 3}, r"^song.toml: roles.lead.plugin: expected a .vst3 path or bundle name, got 3$"),
