@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import tomllib
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
@@ -41,6 +42,8 @@ from .presets import Preset, load_preset
 from .workers import held_fds, new_executor, stop_workers
 
 LOCK_NAME = "chiptune.lock"
+ASSET_SUFFIXES = frozenset({".ogg", ".wav", ".json", ".import"})
+"""What an export writes: the only kinds of file a build ever deletes."""
 LOCK_VERSION = 2
 """2: entries are valid for their track's generation settings alone (not the model or the tool's version)."""
 BUILD_VERSION = 4
@@ -203,15 +206,36 @@ def lock_and_state(manifest_path: Path) -> tuple[Path, Path]:
     return root / f"{manifest_path.stem}.lock", cache / f"state-{manifest_path.stem}.json"
 
 
-def legacy_lock_and_state(manifest_path: Path) -> tuple[Path, Path] | None:
-    """chiptune.lock and state.json, when earlier versions wrote them for this NAME.toml (it has no lock of
-    its own, and there is no chiptune.toml beside it that they could belong to)."""
+def manifest_track_names(path: Path) -> set[str]:
+    """The track names a manifest file declares, read leniently (any .toml: a preset declares none)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return set()
+    tracks = data.get("track")
+    return {t["name"] for t in tracks if isinstance(t, dict) and isinstance(t.get("name"), str)} \
+        if isinstance(tracks, list) else set()
+
+
+def legacy_entries(manifest_path: Path, tracks: set[str]) -> set[str]:
+    """The entries of the shared chiptune.lock that are this NAME.toml's, while it has no NAME.lock: earlier
+    versions kept every manifest's takes there. Its own tracks' entries (unless chiptune.toml, beside it,
+    has a track of that name), and, with no chiptune.toml, the entries of tracks no manifest has."""
     root = manifest_path.parent
-    lock, _ = lock_and_state(manifest_path)
-    if manifest_path.name == MANIFEST_NAME or lock.exists() or (root / MANIFEST_NAME).exists():
-        return None
-    legacy = lock_and_state(root / MANIFEST_NAME)
-    return legacy if legacy[0].exists() else None
+    shared_lock = root / LOCK_NAME
+    if manifest_path.name == MANIFEST_NAME or lock_and_state(manifest_path)[0].exists() or not shared_lock.is_file():
+        return set()
+    try:
+        entries = json.loads(shared_lock.read_text(encoding="utf-8")).get("tracks")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(entries, dict):
+        return set()
+    default = root / MANIFEST_NAME
+    if default.exists():
+        return set(entries) & (tracks - manifest_track_names(default))
+    others = set().union(*(manifest_track_names(m) for m in root.glob("*.toml") if m != manifest_path))
+    return {name for name in entries if name in tracks or name not in others}
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -425,6 +449,17 @@ def _entry_complete(entry: Any) -> bool:
                                            for k, t in LOCK_ENTRY_KEYS.items())
 
 
+def _state_entry_sound(entry: Any) -> bool:
+    """Whether a build-state entry has the shapes a build reads (anything else is forgotten and rebuilt)."""
+    if not isinstance(entry, dict):
+        return False
+    files, stamps = entry.get("files", []), entry.get("file_stamps", {})
+    return (isinstance(files, list) and all(isinstance(f, str) and f for f in files)
+            and isinstance(stamps, dict) and all(isinstance(v, list) and len(v) == 3 for v in stamps.values())
+            and all(isinstance(entry.get(k, {}), dict | None) for k in ("gen_inputs", "render_inputs",
+                                                                          "export_inputs", "audio_meta")))
+
+
 def _zip_intact(path: Path) -> bool:
     """Whether a cache file (.npz) reads back whole: every member there and matching its checksum."""
     try:
@@ -458,9 +493,7 @@ class Builder:
         self.root = manifest.root
         self.cache = self.root / CACHE_DIR
         self.lock_path, self.state_path = lock_and_state(manifest.path)
-        self._legacy = legacy_lock_and_state(manifest.path)
-        if self._legacy is not None:  # read from there; a build moves them to this manifest's own names
-            self.lock_path, self.state_path = self._legacy
+        self._legacy = legacy_entries(manifest.path, {t.name for t in manifest.tracks})
         self.only = set(only or [])
         unknown = self.only - {t.name for t in manifest.tracks}
         unknown |= set(regenerate or []) - {t.name for t in manifest.tracks}
@@ -480,6 +513,7 @@ class Builder:
         self._model: ModelRef | None = None
         self._claimed: set[str] = set()
         """Names of removed tracks whose locked take a renamed track took over in this build."""
+        self._neighbour_tracks: dict[Path, set[str]] | None = None
 
     @property
     def model(self) -> ModelRef:
@@ -507,38 +541,74 @@ class Builder:
         return report
 
     def _adopt_legacy_lock(self) -> None:
-        """Give this manifest's takes and state their own names (NAME.lock), so that a chiptune.toml added
-        beside it later never shares them."""
-        if self._legacy is None:
+        """Move this manifest's takes (and build state) out of the shared chiptune.lock and state.json that
+        earlier versions wrote for every manifest in the folder, into its own NAME.lock and state; the other
+        manifests' entries stay there for them."""
+        if not self._legacy:
             return
-        own_lock, own_state = lock_and_state(self.m.path)
-        if self._legacy[1].exists():
-            os.replace(self._legacy[1], own_state)
-        os.replace(self._legacy[0], own_lock)
-        self.log(f"{self.m.path.name}: its lock is now {own_lock.name} (was {self._legacy[0].name}, which every "
-                 f"manifest in the folder shared); commit the rename")
-        self.lock_path, self.state_path, self._legacy = own_lock, own_state, None
+        try:
+            self._move_legacy_entries()
+        except OSError as exc:
+            raise ChiptuneError(f"{self.root}: cannot move this manifest's takes out of {LOCK_NAME} into "
+                                f"{self.lock_path.name} ({exc.strerror or exc})") from None
+
+    def _legacy_state_names(self) -> set[str]:
+        """The shared state.json's entries that go along with the takes: the same tracks, and this manifest's
+        tracks that have no take (MIDI tracks)."""
+        default = self.root / MANIFEST_NAME
+        return self._legacy | ({t.name for t in self.m.tracks}
+                               - (manifest_track_names(default) if default.exists() else set()))
+
+    def _move_legacy_entries(self) -> None:
+        shared_lock, shared_state = lock_and_state(self.root / MANIFEST_NAME)
+        lock = json.loads(shared_lock.read_text(encoding="utf-8"))
+        state = read_json(shared_state, {})
+        state = state if isinstance(state, dict) and isinstance(state.get("tracks"), dict) else None
+        mine = {"version": lock.get("version"), "tracks": {n: lock["tracks"][n] for n in sorted(self._legacy)}}
+        write_json(self.lock_path, mine)  # the new lock first: until it exists, the shared one still holds all
+        rest = {n: e for n, e in lock["tracks"].items() if n not in self._legacy}
+        keep = rest or (self.root / MANIFEST_NAME).exists()
+        ours = self._legacy_state_names()
+        if state is not None:
+            write_json(self.state_path, state | {"tracks": {n: e for n, e in state["tracks"].items() if n in ours}})
+        if keep:
+            write_json(shared_lock, lock | {"tracks": rest})
+            if state is not None:
+                write_json(shared_state, state | {"tracks": {n: e for n, e in state["tracks"].items()
+                                                                   if n not in ours}})
+        else:
+            shared_lock.unlink()
+            shared_state.unlink(missing_ok=True)
+        self.log(f"{self.m.path.name}: its takes moved from {shared_lock.name}, which earlier versions shared "
+                 f"between the manifests in the folder, to {self.lock_path.name}; commit both")
+        self._legacy = set()
 
     # ---- planning: the cheap pass that decides what must be done
 
     def _state(self) -> dict[str, Any]:
         """The cache's record of the last build; anything unreadable means an empty cache (it is rebuilt)."""
-        state = read_json(self.state_path, {})
+        state = read_json(self.state_path if not self._legacy else lock_and_state(self.root / MANIFEST_NAME)[1], {})
         if isinstance(state, dict) and state.get("version") == BUILD_VERSION and isinstance(state.get("tracks"), dict):
+            ours = self._legacy_state_names() if self._legacy else None
+            state["tracks"] = {name: entry for name, entry in state["tracks"].items()
+                               if _state_entry_sound(entry) and (ours is None or name in ours)}
             return state
         return {"version": BUILD_VERSION, "tracks": {}}
 
     def _lock(self) -> dict[str, Any]:
         """The lock's takes. A damaged lock is an error, not an empty one: silently generating new takes
         would break the promise that a committed lock reproduces the same music."""
+        path = self.lock_path if not self._legacy else self.root / LOCK_NAME  # not yet moved (--check)
         try:
-            lock = json.loads(self.lock_path.read_text(encoding="utf-8"))
+            lock = json.loads(path.read_text(encoding="utf-8"))
+            if self._legacy:
+                lock["tracks"] = {n: e for n, e in lock["tracks"].items() if n in self._legacy}
         except FileNotFoundError:
             lock = {}
         except (OSError, ValueError) as exc:
             raise UsageError(f"{self.lock_path}: cannot read the lock ({getattr(exc, 'strerror', None) or exc}); "
                              f"restore it from version control, or delete it to generate new takes") from None
-        if not isinstance(lock, dict) or not isinstance(lock.get("tracks", {}), dict):
+        if not isinstance(lock, dict) or not isinstance(lock.get("tracks", {} if not lock else None), dict):
             raise UsageError(f"{self.lock_path}: not a chiptune-forge lock (expected an object with 'tracks'); "
                              f"restore it from version control, or delete it to generate new takes")
         version = lock.get("version")
@@ -574,12 +644,13 @@ class Builder:
                 raise ChiptuneError(f"{self.lock_path}: the entry for track {track.name!r} is damaged; run with "
                                     f"'--regenerate {track.name}' to take a new one")
             plan["lock_name"] = track.name
-            if locked is None and track.name not in self.regenerate:
-                renamed = self._renamed_from(plan["lock_key"], lock)
+            unmatched = locked is None or locked.get("inputs_sha256") != plan["lock_key"]
+            if unmatched and track.name not in self.regenerate:
+                renamed = self._renamed_from(track.name, plan["lock_key"], lock)
                 if renamed is not None:  # a renamed track keeps its take (the name is not a setting)
                     plan["lock_name"], locked = renamed, lock["tracks"][renamed]
-                    self.log(f"{track.name}: takes over the locked take of {renamed!r}, which the manifest no "
-                             f"longer has (same generation settings)")
+                    self.log(f"{track.name}: takes over the take locked for {renamed!r}, whose track has other "
+                             f"settings now or is gone (same generation settings)")
             if locked and locked.get("inputs_sha256") == plan["lock_key"] and track.name not in self.regenerate:
                 plan["take"] = "lock"
                 built = old.get("take_sha256")
@@ -634,15 +705,15 @@ class Builder:
             plan["reasons"].append("--force")
         return plan
 
-    def _renamed_from(self, lock_key: str, lock: dict) -> str | None:
-        """A lock entry with these generation settings whose track the manifest no longer has, not already
-        taken over by another track of this build."""
-        names = {t.name for t in self.m.tracks}
-        for name, entry in sorted(lock["tracks"].items()):
-            if (name not in names and name not in self._claimed and _entry_complete(entry)
-                    and entry["inputs_sha256"] == lock_key):
-                self._claimed.add(name)
-                return name
+    def _renamed_from(self, name: str, lock_key: str, lock: dict) -> str | None:
+        """Another name's lock entry with these generation settings, whose own track is gone or no longer
+        has them (a renamed track, or two swapped names), not already taken over in this build."""
+        current = {t.name: key_of(lock_inputs(t)) if t.midi is None else None for t in self.m.tracks}
+        for other, entry in sorted(lock["tracks"].items()):
+            if (other != name and other not in self._claimed and _entry_complete(entry)
+                    and entry["inputs_sha256"] == lock_key and current.get(other) != lock_key):
+                self._claimed.add(other)
+                return other
         return None
 
     def _render_inputs(self, track: TrackSpec, midi_key: str, preset: Preset) -> dict[str, Any]:
@@ -653,7 +724,7 @@ class Builder:
         p = self.m.project
         return {"formats": list(self.m.formats_for(track)), "loudness_lufs": p.loudness_lufs,
                 "true_peak_db": p.true_peak_db, "same_gain": p.same_gain, "godot_import": p.godot_import,
-                "split": p.split, "output_dir": str(p.output_dir), "name": track.name}
+                "split": p.split, "output_dir": os.path.relpath(p.output_dir, self.root), "name": track.name}
 
     def _plan(self, report: BuildReport) -> dict[str, dict[str, Any]]:
         state, lock = self._state(), self._lock()
@@ -698,7 +769,9 @@ class Builder:
         self.m.project.output_dir.mkdir(parents=True, exist_ok=True)
         state, lock = self._state(), self._lock()
 
-        # Stage 1 (main process): takes and MIDI. Generation is a batch per track.
+        # Stage 1 (main process): takes and MIDI. Generation is a batch per track. Takes come from the lock
+        # as it was: a track may take over an entry that another (renamed, swapped) track replaces here.
+        self._locked_before = dict(lock["tracks"])
         midi_paths: dict[str, Path] = {}
         for track in pending:
             rep = by_name[track.name]
@@ -733,15 +806,18 @@ class Builder:
             plan = plans[t.name]
             if lock_only(plan):
                 continue
-            sidecar = {"midi_sha256": sha256_file(midi_paths[t.name]), "tempo": t.tempo if t.midi is None else None,
+            sidecar = {"manifest": self.m.path.name,
+                       "midi_sha256": sha256_file(midi_paths[t.name]), "tempo": t.tempo if t.midi is None else None,
                        "preset": self.m.preset_for(t), "source": str(t.midi.relative_to(self.root))
                        if t.midi and t.midi.is_relative_to(self.root) else (str(t.midi) if t.midi else "generated")}
             export_jobs[t.name] = ExportJob(t.name, str(self.cache / "audio" / f"{plan['render_key']}.npz"),
                                             str(p.output_dir), self.m.formats_for(t), p.loudness_lufs,
                                             p.true_peak_db, shared_gain, p.godot_import, p.split, sidecar)
         # Without build state (a fresh clone), what an earlier export wrote is known from its sidecar.
-        earlier = {name: self._deletable(state["tracks"][name]) if name in state["tracks"]
-                   else self._sidecar_files(name) for name in export_jobs}
+        others = self._others_files() if export_jobs else set()
+        earlier = {name: [f for f in (self._deletable(state["tracks"][name]) if name in state["tracks"]
+                                      else self._sidecar_files(name)) if f not in others]
+                   for name in export_jobs}
         results = self._run_stage(export_job, export_jobs, "export", by_name)
 
         # Record what now exists (per track, so a failure elsewhere never loses finished work).
@@ -789,12 +865,18 @@ class Builder:
                 raise ChiptuneError(f"{track.midi}: changed while the build was running; build again")
         else:
             events, index = self._take(track, plan, lock, rep)
-            data = midi_from_events(events, track)
+            try:
+                data = midi_from_events(events, track)
+            except ValueError as exc:  # a take edited by hand into events that are not music
+                raise ChiptuneError(f"{self.lock_path}: the take locked for track {track.name!r} is damaged ({exc}); "
+                                    f"run with '--regenerate {track.name}' to take a new one") from None
             played = {"midi_sha256": sha256_bytes(data), "tempo": track.tempo, "transpose": track.transpose}
             if lock_only(plan):
                 rep.stages.append("lock")
             if plan["take"] == "lock":  # the take and where it came from stay as locked
-                entry = lock["tracks"].pop(plan["lock_name"])
+                entry = self._locked_before[plan["lock_name"]]
+                if plan["lock_name"] not in {t.name for t in self.m.tracks}:
+                    lock["tracks"].pop(plan["lock_name"], None)
                 if (entry.get("tempo"), entry.get("transpose")) == (track.tempo, track.transpose) and \
                         entry["midi_sha256"] != played["midi_sha256"]:
                     self.log(f"{track.name}: warning: the take locked for it does not match the MIDI hash "
@@ -815,7 +897,7 @@ class Builder:
     def _take(self, track: TrackSpec, plan: dict[str, Any], lock: dict, rep: TrackReport) -> tuple[np.ndarray, int]:
         """The chosen candidate's events: from the lock, the generation cache, or a new generation."""
         if plan["take"] == "lock":
-            entry = lock["tracks"][plan["lock_name"]]
+            entry = self._locked_before[plan["lock_name"]]
             try:
                 events = np.frombuffer(base64.b64decode(entry["events"], validate=True), dtype="<i2")
                 return events.astype(np.int16), int(entry["candidate"])
@@ -957,20 +1039,56 @@ class Builder:
         another manifest, or copied from another project)."""
         files = []
         for recorded in entry.get("files", []):
-            path = self.root / recorded
+            path = Path(os.path.normpath(self.root / recorded))
             if Path(recorded).is_absolute():
                 mine = path.parent == self.m.project.output_dir
             else:
                 mine = path.is_relative_to(self.root) and CACHE_DIR not in path.relative_to(self.root).parts
-            if mine:
+            if mine and path.suffix.lower() in ASSET_SUFFIXES and path != self.lock_path:
                 files.append(str(path))
         return files
 
     def _removed(self, state: dict, lock: dict) -> list[str]:
         """Tracks the last build or the lock knows that the manifest no longer has (with those whose take a
-        renamed track took over)."""
+        renamed track took over). Not those of another manifest in the folder whose takes are still in the
+        chiptune.lock that earlier versions shared (its next build moves them to its own lock)."""
         names = {t.name for t in self.m.tracks}
-        return sorted((set(state["tracks"]) | set(lock["tracks"]) | self._claimed) - names)
+        waiting = {n for n, e in lock["tracks"].items() if n not in state["tracks"] and self._claimable(e, lock)}
+        return sorted((set(state["tracks"]) | set(lock["tracks"]) | self._claimed)
+                      - names - self._pending_neighbours() - waiting)
+
+    def _claimable(self, entry: Any, lock: dict) -> bool:
+        """Whether a lock entry has the generation settings of a track that has no take of its own yet (a
+        renamed track not built yet): it stays for that track."""
+        return _entry_complete(entry) and any(
+            t.midi is None and not _entry_complete(lock["tracks"].get(t.name))
+            and key_of(lock_inputs(t)) == entry["inputs_sha256"] for t in self.m.tracks)
+
+    def _neighbours(self) -> dict[Path, set[str]]:
+        """The other manifests in the project folder and their track names."""
+        if self._neighbour_tracks is None:
+            self._neighbour_tracks = {m: names for m in sorted(self.root.glob("*.toml")) if m != self.m.path
+                                      and (names := manifest_track_names(m))}
+        return self._neighbour_tracks
+
+    def _pending_neighbours(self) -> set[str]:
+        """Tracks of other manifests in the folder without a lock of their own yet, when this build reads the
+        shared chiptune.lock."""
+        if self.lock_path != self.root / LOCK_NAME:
+            return set()
+        return set().union(*(names for m, names in self._neighbours().items()
+                             if not lock_and_state(m)[0].exists()))
+
+    def _others_files(self) -> set[str]:
+        """Asset files that another manifest's build state in the folder records: never this build's to delete."""
+        files: set[str] = set()
+        for manifest in self._neighbours():
+            data = read_json(lock_and_state(manifest)[1], {})
+            tracks = data.get("tracks") if isinstance(data, dict) else None
+            for entry in (tracks or {}).values():
+                if _state_entry_sound(entry):
+                    files |= {os.path.normpath(self.root / f) for f in entry.get("files", [])}
+        return files
 
     def _drop_removed(self, report: BuildReport) -> None:
         """Delete the assets this tool wrote for tracks no longer in the manifest (a renamed track would
@@ -982,16 +1100,14 @@ class Builder:
         removed = self._removed(state, lock)
         if not removed:
             return
-        # A take that a renamed track can still take over (it was not built this time) stays in the lock.
-        wanted = {key_of(lock_inputs(t)) for t in self.m.tracks
-                  if t.midi is None and not _entry_complete(lock["tracks"].get(t.name))}
+        others = self._others_files()
         for name in removed:
             entry = state["tracks"].pop(name, None)
             files = self._deletable(entry) if entry is not None else self._sidecar_files(name)
+            files = [f for f in files if f not in others]
             for f in files:
                 Path(f).unlink(missing_ok=True)
-            locked = lock["tracks"].get(name)
-            if not (_entry_complete(locked) and locked["inputs_sha256"] in wanted):
+            if not self._claimable(lock["tracks"].get(name), lock):  # else it waits for a renamed track
                 lock["tracks"].pop(name, None)
             report.tracks.append(TrackReport(name, "removed", reasons=["removed from the manifest"], files=files))
         self._prune(state)
@@ -1005,7 +1121,7 @@ class Builder:
 
         out = self.m.project.output_dir
         sidecar = out / f"{name}.json"
-        listed = sidecar_listed(out, name)
+        listed = sidecar_listed(out, name, self.m.path.name)
         if not listed:
             return []
         files = [out / f for f in listed]

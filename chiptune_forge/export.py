@@ -351,15 +351,18 @@ def _sidecar(track: TrackAudio, name: str, files: list[str], loudness: float, pe
     return data
 
 
-def sidecar_listed(out_dir: Path, name: str) -> list[str]:
+def sidecar_listed(out_dir: Path, name: str, manifest: str | None = None) -> list[str]:
     """The asset file names (main files and split clips) that an earlier export's NAME.json lists; nothing
-    when there is no such sidecar, or it is not ours for that name."""
+    when there is no such sidecar, it is not ours for that name, or a build of another manifest (by file
+    name) wrote it."""
     try:
         data = json.loads((Path(out_dir) / f"{name}.json").read_text(encoding="utf-8"))
         listed = [*data["files"], *(f for clips in (data.get("split") or {}).values() for f in clips)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
     if data.get("name") != name or not all(isinstance(f, str) and Path(f).name == f for f in listed):
+        return []
+    if manifest is not None and data.get("manifest", manifest) != manifest:
         return []
     return listed
 

@@ -20,13 +20,12 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .builder import CACHE_DIR, BuildBusy, Builder, BuildReport
+from .builder import ASSET_SUFFIXES, CACHE_DIR, BuildBusy, Builder, BuildReport
 from .errors import ChiptuneError
 from .manifest import ManifestError, load_manifest, manifest_file
 from .workers import new_executor, stop_workers
 
 RELEVANT_SUFFIXES = {".toml", ".mid", ".midi", ".npz", ".json", ".vstpreset", ".bin", ".vst3"}
-ASSET_SUFFIXES = {".ogg", ".wav", ".json", ".import"}
 BUSY_RETRY_SECONDS = 0.5
 
 

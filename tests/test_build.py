@@ -544,7 +544,8 @@ def test_a_renamed_track_takes_its_assets_along_without_build_state(tmp_path: Pa
     locked = json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]
     shutil.rmtree(manifest.parent / CACHE_DIR)
     manifest.write_text(manifest.read_text().replace('name = "theme"', 'name = "opening"'))
-    assert statuses(build(manifest, check=True))["theme"][0] == "outdated"
+    checked = statuses(build(manifest, check=True))
+    assert checked["opening"][0] == "outdated" and "theme" not in checked  # its take waits for opening
     report = build(manifest)
     assert statuses(report)["theme"][0] == "removed"
     assert sorted(p.name for p in music.iterdir()) == ["given.json", "given.ogg", "mine.ogg", "opening.json",
@@ -605,13 +606,25 @@ def test_a_second_manifest_in_the_folder_keeps_to_its_own_tracks(tmp_path: Path)
     lock_before = (root / LOCK_NAME).read_text()
     text = manifest.read_text()
     experiment = root / "experiment.toml"
-    experiment.write_text(text[:text.index('[[track]]\nname = "given"')])  # the theme alone
+    experiment.write_text(text[:text.index('[[track]]\nname = "given"')].replace('"music"', '"trial"'))
     report = build(experiment)
     assert not report.failed and [t.name for t in report.tracks] == ["theme"]
     assert (root / LOCK_NAME).read_text() == lock_before
     assert set(json.loads((root / "experiment.lock").read_text())["tracks"]) == {"theme"}
     assert {p.name: p.read_bytes() for p in (root / "music").iterdir()} == music_before
     assert {t.status for t in build(manifest).tracks} == {"skipped"}
+
+    # A track moved into the other manifest, both writing to music/: its new files are the other's now.
+    given = text[text.index('[[track]]\nname = "given"'):]
+    manifest.write_text(text.replace(given, ""))
+    moved = root / "moved.toml"
+    moved.write_text(text[:text.index("[[track]]")] + given)
+    assert not build(moved).failed
+    written = {p.name: p.read_bytes() for p in (root / "music").iterdir() if p.stem == "given"}
+    report = build(manifest)
+    assert [t.name for t in report.tracks if t.status == "removed"] == ["given"]
+    assert {p.name: p.read_bytes() for p in (root / "music").iterdir() if p.stem == "given"} == written
+    assert {t.status for t in build(moved).tracks} == {"skipped"}
 
 
 def test_a_format_switch_without_build_state_replaces_the_old_files(tmp_path: Path) -> None:
@@ -713,7 +726,7 @@ def test_a_manifest_with_its_own_name_takes_the_lock_it_had(tmp_path: Path,
     report = build(game)
     assert not report.failed and "generate" not in statuses(report)["theme"][1]
     assert not (root / LOCK_NAME).exists() and json.loads((root / "game.lock").read_text()) == locked
-    assert "its lock is now game.lock (was chiptune.lock" in capsys.readouterr().err
+    assert "game.toml: its takes moved from chiptune.lock" in capsys.readouterr().err
     music = {p.name: p.read_bytes() for p in (root / "music").iterdir()}
     (root / "chiptune.toml").write_text('[project]\noutput_dir = "other"\nmodel = "model"\n\n'
                                         '[[track]]\nname = "menu"\nbars = 1\ncandidates = 1\n')
@@ -748,3 +761,80 @@ def test_regenerate_replaces_an_incomplete_lock_entry(tmp_path: Path) -> None:
     assert build(manifest).failed
     report = build(manifest, regenerate=["theme"])
     assert not report.failed and "model_sha256" in json.loads(lock_path.read_text())["tracks"]["theme"]
+
+
+def test_two_swapped_track_names_keep_their_takes(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    text = manifest.read_text()
+    boss = text[text.index('[[track]]\nname = "theme"'):text.index('[[track]]\nname = "given"')]
+    manifest.write_text(text + "\n" + boss.replace('"theme"', '"boss"').replace("seed = 1", "seed = 5"))
+    assert not build(manifest).failed
+    root = manifest.parent
+    before = json.loads((root / LOCK_NAME).read_text())["tracks"]
+    assert before["theme"]["events"] != before["boss"]["events"]
+    shutil.rmtree(root / CACHE_DIR / "gen")  # only the lock holds the takes
+    swapped = manifest.read_text().replace('name = "theme"', 'name = "@"').replace('name = "boss"', 'name = "theme"')
+    manifest.write_text(swapped.replace('name = "@"', 'name = "boss"'))
+    report = build(manifest)
+    assert not report.failed and not any("generate" in t.stages for t in report.tracks)
+    after = json.loads((root / LOCK_NAME).read_text())["tracks"]
+    assert (after["theme"]["events"], after["boss"]["events"]) == (before["boss"]["events"],
+                                                                 before["theme"]["events"])
+    assert not [t for t in report.tracks if t.status == "removed"]
+
+
+def test_odd_state_and_lock_contents_are_errors_or_rebuilt_never_tracebacks(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    lock_path, state_path = root / LOCK_NAME, root / CACHE_DIR / "state.json"
+    good_lock, good_state = lock_path.read_text(), json.loads(state_path.read_text())
+    (root / "victim.txt").write_text("mine")
+    # State is a cache: odd entries are forgotten (and rebuilt); recorded paths never reach past the assets.
+    for odd in (5, {"files": "song"}, {"files": [5]}, {"file_stamps": [1]},
+                {"files": ["../victim.txt", "chiptune.lock", "music/../song.mid", "chiptune.toml"]}):
+        state = json.loads(json.dumps(good_state))
+        state["tracks"]["gone"] = odd
+        state["tracks"]["theme"] = odd
+        state_path.write_text(json.dumps(state))
+        report = build(manifest)
+        assert not report.failed, (odd, [t.error for t in report.failed])
+        assert all((root / f).is_file() for f in ("victim.txt", "chiptune.lock", "song.mid", "chiptune.toml"))
+    assert (tmp_path / "victim.txt").exists() is False and (root / "victim.txt").read_text() == "mine"
+    # A lock without its tracks is not a lock; a take edited into events that are not music fails its track.
+    lock_path.write_text('{"version": 2}')
+    assert main(["build", str(manifest)]) == 2
+    assert "not a chiptune-forge lock" in capsys.readouterr().err
+    lock = json.loads(good_lock)
+    lock["tracks"]["theme"]["events"] = base64.b64encode(np.array([9999], "<i2").tobytes()).decode()
+    lock_path.write_text(json.dumps(lock))
+    report = build(manifest, force=True)
+    theme = next(t for t in report.tracks if t.name == "theme")
+    assert theme.status == "failed" and "--regenerate theme" in theme.error
+
+
+def test_takes_kept_for_another_manifest_in_the_shared_lock_move_to_it(tmp_path: Path) -> None:
+    """Earlier versions kept every manifest's takes in chiptune.lock. A chiptune.toml added beside other.toml
+    leaves other's takes and assets alone, and other's next build moves its takes to other.lock."""
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    locked = json.loads((root / LOCK_NAME).read_text())
+    other = manifest.rename(root / "other.toml")
+    music = {p.name: p.read_bytes() for p in (root / "music").iterdir()}
+    (root / "chiptune.toml").write_text('[project]\noutput_dir = "music"\nmodel = "model"\n\n'
+                                        '[[track]]\nname = "menu"\nbars = 1\ncandidates = 1\n')
+    report = build(root / "chiptune.toml")
+    assert not report.failed and [t.name for t in report.tracks] == ["menu"]
+    assert {p.name: p.read_bytes() for p in (root / "music").iterdir() if p.stem != "menu"} == music
+    assert json.loads((root / LOCK_NAME).read_text())["tracks"]["theme"] == locked["tracks"]["theme"]
+    shutil.rmtree(root / CACHE_DIR / "gen")
+    report = build(other)
+    assert not report.failed and "generate" not in statuses(report)["theme"][1]
+    assert json.loads((root / "other.lock").read_text())["tracks"] == locked["tracks"]
+    assert set(json.loads((root / LOCK_NAME).read_text())["tracks"]) == {"menu"}
+    last = build(root / "chiptune.toml")
+    assert {t.name: t.status for t in last.tracks} == {"menu": "skipped"}, [(t.name, t.files) for t in last.tracks]
