@@ -217,25 +217,17 @@ def manifest_track_names(path: Path) -> set[str]:
         if isinstance(tracks, list) else set()
 
 
-def legacy_entries(manifest_path: Path, tracks: set[str]) -> set[str]:
-    """The entries of the shared chiptune.lock that are this NAME.toml's, while it has no NAME.lock: earlier
-    versions kept every manifest's takes there. Its own tracks' entries (unless chiptune.toml, beside it,
-    has a track of that name), and, with no chiptune.toml, the entries of tracks no manifest has."""
+def legacy_lock_and_state(manifest_path: Path) -> tuple[Path, Path] | None:
+    """chiptune.lock and state.json when an earlier version wrote them for this NAME.toml: it has no lock of
+    its own, and no other manifest in the folder (chiptune.toml or another with tracks) could own them."""
     root = manifest_path.parent
-    shared_lock = root / LOCK_NAME
-    if manifest_path.name == MANIFEST_NAME or lock_and_state(manifest_path)[0].exists() or not shared_lock.is_file():
-        return set()
-    try:
-        entries = json.loads(shared_lock.read_text(encoding="utf-8")).get("tracks")
-    except (OSError, ValueError, AttributeError):
-        return set()
-    if not isinstance(entries, dict):
-        return set()
-    default = root / MANIFEST_NAME
-    if default.exists():
-        return set(entries) & (tracks - manifest_track_names(default))
-    others = set().union(*(manifest_track_names(m) for m in root.glob("*.toml") if m != manifest_path))
-    return {name for name in entries if name in tracks or name not in others}
+    shared = lock_and_state(root / MANIFEST_NAME)
+    if (manifest_path.name == MANIFEST_NAME or lock_and_state(manifest_path)[0].exists()
+            or not shared[0].is_file() or (root / MANIFEST_NAME).exists()):
+        return None
+    if any(m != manifest_path and manifest_track_names(m) for m in root.glob("*.toml")):
+        return None
+    return shared
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -453,11 +445,15 @@ def _state_entry_sound(entry: Any) -> bool:
     """Whether a build-state entry has the shapes a build reads (anything else is forgotten and rebuilt)."""
     if not isinstance(entry, dict):
         return False
-    files, stamps = entry.get("files", []), entry.get("file_stamps", {})
+    files, stamps, meta = entry.get("files", []), entry.get("file_stamps", {}), entry.get("audio_meta") or {}
+    headroom = meta.get("headroom_db", {}) if isinstance(meta, dict) else None
     return (isinstance(files, list) and all(isinstance(f, str) and f for f in files)
             and isinstance(stamps, dict) and all(isinstance(v, list) and len(v) == 3 for v in stamps.values())
+            and isinstance(entry.get("render_key"), str | None)
             and all(isinstance(entry.get(k, {}), dict | None) for k in ("gen_inputs", "render_inputs",
-                                                                          "export_inputs", "audio_meta")))
+                                                                          "export_inputs", "audio_meta"))
+            and (not meta or isinstance(meta.get("loudness_lufs"), int | float))
+            and isinstance(headroom, dict) and all(isinstance(v, int | float) for v in headroom.values()))
 
 
 def _zip_intact(path: Path) -> bool:
@@ -493,7 +489,9 @@ class Builder:
         self.root = manifest.root
         self.cache = self.root / CACHE_DIR
         self.lock_path, self.state_path = lock_and_state(manifest.path)
-        self._legacy = legacy_entries(manifest.path, {t.name for t in manifest.tracks})
+        self._legacy = legacy_lock_and_state(manifest.path)
+        if self._legacy is not None:  # read from there; a build renames them to this manifest's own names
+            self.lock_path, self.state_path = self._legacy
         self.only = set(only or [])
         unknown = self.only - {t.name for t in manifest.tracks}
         unknown |= set(regenerate or []) - {t.name for t in manifest.tracks}
@@ -511,8 +509,9 @@ class Builder:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.show_progress = show_progress
         self._model: ModelRef | None = None
-        self._claimed: set[str] = set()
-        """Names of removed tracks whose locked take a renamed track took over in this build."""
+        self._renamed_away: dict[str, str] = {}
+        """Track name -> the other name whose locked take it keeps (renamed or swapped tracks)."""
+        self._told_renames: set[str] = set()
         self._neighbour_tracks: dict[Path, set[str]] | None = None
 
     @property
@@ -541,68 +540,37 @@ class Builder:
         return report
 
     def _adopt_legacy_lock(self) -> None:
-        """Move this manifest's takes (and build state) out of the shared chiptune.lock and state.json that
-        earlier versions wrote for every manifest in the folder, into its own NAME.lock and state; the other
-        manifests' entries stay there for them."""
-        if not self._legacy:
+        """Give this manifest's takes and state their own names (NAME.lock), so that a manifest added beside
+        it later never shares them."""
+        if self._legacy is None:
             return
+        own_lock, own_state = lock_and_state(self.m.path)
         try:
-            self._move_legacy_entries()
+            os.replace(self._legacy[0], own_lock)
+            if self._legacy[1].exists():
+                os.replace(self._legacy[1], own_state)
         except OSError as exc:
-            raise ChiptuneError(f"{self.root}: cannot move this manifest's takes out of {LOCK_NAME} into "
-                                f"{self.lock_path.name} ({exc.strerror or exc})") from None
-
-    def _legacy_state_names(self) -> set[str]:
-        """The shared state.json's entries that go along with the takes: the same tracks, and this manifest's
-        tracks that have no take (MIDI tracks)."""
-        default = self.root / MANIFEST_NAME
-        return self._legacy | ({t.name for t in self.m.tracks}
-                               - (manifest_track_names(default) if default.exists() else set()))
-
-    def _move_legacy_entries(self) -> None:
-        shared_lock, shared_state = lock_and_state(self.root / MANIFEST_NAME)
-        lock = json.loads(shared_lock.read_text(encoding="utf-8"))
-        state = read_json(shared_state, {})
-        state = state if isinstance(state, dict) and isinstance(state.get("tracks"), dict) else None
-        mine = {"version": lock.get("version"), "tracks": {n: lock["tracks"][n] for n in sorted(self._legacy)}}
-        write_json(self.lock_path, mine)  # the new lock first: until it exists, the shared one still holds all
-        rest = {n: e for n, e in lock["tracks"].items() if n not in self._legacy}
-        keep = rest or (self.root / MANIFEST_NAME).exists()
-        ours = self._legacy_state_names()
-        if state is not None:
-            write_json(self.state_path, state | {"tracks": {n: e for n, e in state["tracks"].items() if n in ours}})
-        if keep:
-            write_json(shared_lock, lock | {"tracks": rest})
-            if state is not None:
-                write_json(shared_state, state | {"tracks": {n: e for n, e in state["tracks"].items()
-                                                                   if n not in ours}})
-        else:
-            shared_lock.unlink()
-            shared_state.unlink(missing_ok=True)
-        self.log(f"{self.m.path.name}: its takes moved from {shared_lock.name}, which earlier versions shared "
-                 f"between the manifests in the folder, to {self.lock_path.name}; commit both")
-        self._legacy = set()
+            raise ChiptuneError(f"{self._legacy[0]}: cannot rename it to {own_lock.name} "
+                                f"({exc.strerror or exc})") from None
+        self.log(f"{self.m.path.name}: its lock is now {own_lock.name} (earlier versions called it "
+                 f"{self._legacy[0].name}); commit the rename")
+        self.lock_path, self.state_path, self._legacy = own_lock, own_state, None
 
     # ---- planning: the cheap pass that decides what must be done
 
     def _state(self) -> dict[str, Any]:
         """The cache's record of the last build; anything unreadable means an empty cache (it is rebuilt)."""
-        state = read_json(self.state_path if not self._legacy else lock_and_state(self.root / MANIFEST_NAME)[1], {})
+        state = read_json(self.state_path, {})
         if isinstance(state, dict) and state.get("version") == BUILD_VERSION and isinstance(state.get("tracks"), dict):
-            ours = self._legacy_state_names() if self._legacy else None
-            state["tracks"] = {name: entry for name, entry in state["tracks"].items()
-                               if _state_entry_sound(entry) and (ours is None or name in ours)}
+            state["tracks"] = {name: entry for name, entry in state["tracks"].items() if _state_entry_sound(entry)}
             return state
         return {"version": BUILD_VERSION, "tracks": {}}
 
     def _lock(self) -> dict[str, Any]:
         """The lock's takes. A damaged lock is an error, not an empty one: silently generating new takes
         would break the promise that a committed lock reproduces the same music."""
-        path = self.lock_path if not self._legacy else self.root / LOCK_NAME  # not yet moved (--check)
         try:
-            lock = json.loads(path.read_text(encoding="utf-8"))
-            if self._legacy:
-                lock["tracks"] = {n: e for n, e in lock["tracks"].items() if n in self._legacy}
+            lock = json.loads(self.lock_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             lock = {}
         except (OSError, ValueError) as exc:
@@ -613,7 +581,7 @@ class Builder:
                              f"restore it from version control, or delete it to generate new takes")
         version = lock.get("version")
         if version == LOCK_VERSION:
-            return lock
+            return self._follow_renames(lock)
         if lock and (not isinstance(version, int) or isinstance(version, bool) or version > LOCK_VERSION):
             what = ("has no lock format version" if version is None else
                     f"is written in lock format {version!r}, which this version of chiptune-forge does not read "
@@ -643,14 +611,6 @@ class Builder:
             if locked is not None and not _entry_complete(locked) and track.name not in self.regenerate:
                 raise ChiptuneError(f"{self.lock_path}: the entry for track {track.name!r} is damaged; run with "
                                     f"'--regenerate {track.name}' to take a new one")
-            plan["lock_name"] = track.name
-            unmatched = locked is None or locked.get("inputs_sha256") != plan["lock_key"]
-            if unmatched and track.name not in self.regenerate:
-                renamed = self._renamed_from(track.name, plan["lock_key"], lock)
-                if renamed is not None:  # a renamed track keeps its take (the name is not a setting)
-                    plan["lock_name"], locked = renamed, lock["tracks"][renamed]
-                    self.log(f"{track.name}: takes over the take locked for {renamed!r}, whose track has other "
-                             f"settings now or is gone (same generation settings)")
             if locked and locked.get("inputs_sha256") == plan["lock_key"] and track.name not in self.regenerate:
                 plan["take"] = "lock"
                 built = old.get("take_sha256")
@@ -705,16 +665,33 @@ class Builder:
             plan["reasons"].append("--force")
         return plan
 
-    def _renamed_from(self, name: str, lock_key: str, lock: dict) -> str | None:
-        """Another name's lock entry with these generation settings, whose own track is gone or no longer
-        has them (a renamed track, or two swapped names), not already taken over in this build."""
-        current = {t.name: key_of(lock_inputs(t)) if t.midi is None else None for t in self.m.tracks}
-        for other, entry in sorted(lock["tracks"].items()):
-            if (other != name and other not in self._claimed and _entry_complete(entry)
-                    and entry["inputs_sha256"] == lock_key and current.get(other) != lock_key):
-                self._claimed.add(other)
-                return other
-        return None
+    def _follow_renames(self, lock: dict) -> dict:
+        """The lock with each take under its track's current name. A track with no take of its own (new
+        name, or its settings changed) takes over another name's entry with exactly its settings whose own
+        track is gone or has other settings now: a renamed track, or two swapped names, keep their takes
+        (the name is not a generation setting). Decided from the lock as read, whatever this build selects."""
+        entries = lock["tracks"]
+        current = {t.name: key_of(lock_inputs(t)) for t in self.m.tracks if t.midi is None}
+        moved: dict[str, Any] = {}
+        taken: dict[str, str] = {}
+        for name, key in current.items():
+            own = entries.get(name)
+            if name in self.regenerate or (_entry_complete(own) and own["inputs_sha256"] == key):
+                continue
+            for other, entry in sorted(entries.items()):
+                if (other != name and other not in taken.values() and _entry_complete(entry)
+                        and entry["inputs_sha256"] == key and current.get(other) != key):
+                    moved[name], taken[name] = entry, other
+                    break
+        if not moved:
+            return lock
+        self._renamed_away |= taken
+        tracks = {n: e for n, e in entries.items() if n not in taken.values()} | moved
+        for name, other in sorted(taken.items()):
+            if name not in self._told_renames:
+                self._told_renames.add(name)
+                self.log(f"{name}: keeps the take locked for {other!r} (same generation settings)")
+        return lock | {"tracks": tracks}
 
     def _render_inputs(self, track: TrackSpec, midi_key: str, preset: Preset) -> dict[str, Any]:
         return {"midi": midi_key, "preset": preset.fingerprint(), "sample_rate": self.m.project.sample_rate,
@@ -728,7 +705,6 @@ class Builder:
 
     def _plan(self, report: BuildReport) -> dict[str, dict[str, Any]]:
         state, lock = self._state(), self._lock()
-        self._claimed = set()
         plans = {}
         for track in self.selected():
             try:
@@ -769,9 +745,7 @@ class Builder:
         self.m.project.output_dir.mkdir(parents=True, exist_ok=True)
         state, lock = self._state(), self._lock()
 
-        # Stage 1 (main process): takes and MIDI. Generation is a batch per track. Takes come from the lock
-        # as it was: a track may take over an entry that another (renamed, swapped) track replaces here.
-        self._locked_before = dict(lock["tracks"])
+        # Stage 1 (main process): takes and MIDI. Generation is a batch per track.
         midi_paths: dict[str, Path] = {}
         for track in pending:
             rep = by_name[track.name]
@@ -874,9 +848,7 @@ class Builder:
             if lock_only(plan):
                 rep.stages.append("lock")
             if plan["take"] == "lock":  # the take and where it came from stay as locked
-                entry = self._locked_before[plan["lock_name"]]
-                if plan["lock_name"] not in {t.name for t in self.m.tracks}:
-                    lock["tracks"].pop(plan["lock_name"], None)
+                entry = lock["tracks"][track.name]
                 if (entry.get("tempo"), entry.get("transpose")) == (track.tempo, track.transpose) and \
                         entry["midi_sha256"] != played["midi_sha256"]:
                     self.log(f"{track.name}: warning: the take locked for it does not match the MIDI hash "
@@ -897,7 +869,7 @@ class Builder:
     def _take(self, track: TrackSpec, plan: dict[str, Any], lock: dict, rep: TrackReport) -> tuple[np.ndarray, int]:
         """The chosen candidate's events: from the lock, the generation cache, or a new generation."""
         if plan["take"] == "lock":
-            entry = self._locked_before[plan["lock_name"]]
+            entry = lock["tracks"][track.name]
             try:
                 events = np.frombuffer(base64.b64decode(entry["events"], validate=True), dtype="<i2")
                 return events.astype(np.int16), int(entry["candidate"])
@@ -1033,36 +1005,27 @@ class Builder:
         return Path(file).parent == self.m.project.output_dir
 
     def _deletable(self, entry: dict) -> list[str]:
-        """The files a state entry records that this build may delete: those recorded relative to the project
-        (this manifest's state wrote them, in the output folder of the time), and those of older states,
-        recorded as absolute paths, only in the output folder (such a state may have been shared with
-        another manifest, or copied from another project)."""
+        """The files a state entry records that this build may delete: asset files (by suffix) in the output
+        folder, or in the one the entry's export used; an older state's absolute paths only in the output
+        folder (such a state may have been shared with another manifest, or copied from another project)."""
+        folders = {self.m.project.output_dir}
+        recorded_dir = (entry.get("export_inputs") or {}).get("output_dir")
+        if isinstance(recorded_dir, str) and not Path(recorded_dir).is_absolute():
+            folders.add(Path(os.path.normpath(self.root / recorded_dir)))  # where it exported then
         files = []
         for recorded in entry.get("files", []):
             path = Path(os.path.normpath(self.root / recorded))
-            if Path(recorded).is_absolute():
-                mine = path.parent == self.m.project.output_dir
-            else:
-                mine = path.is_relative_to(self.root) and CACHE_DIR not in path.relative_to(self.root).parts
-            if mine and path.suffix.lower() in ASSET_SUFFIXES and path != self.lock_path:
+            allowed = {self.m.project.output_dir} if Path(recorded).is_absolute() else folders
+            if (path.parent in allowed and path.is_relative_to(self.root)
+                    and CACHE_DIR not in path.relative_to(self.root).parts and path.suffix.lower() in ASSET_SUFFIXES):
                 files.append(str(path))
         return files
 
     def _removed(self, state: dict, lock: dict) -> list[str]:
-        """Tracks the last build or the lock knows that the manifest no longer has (with those whose take a
-        renamed track took over). Not those of another manifest in the folder whose takes are still in the
-        chiptune.lock that earlier versions shared (its next build moves them to its own lock)."""
+        """Tracks the last build or the lock knows that the manifest no longer has (with the old names of
+        renamed tracks, whose takes moved to their new names)."""
         names = {t.name for t in self.m.tracks}
-        waiting = {n for n, e in lock["tracks"].items() if n not in state["tracks"] and self._claimable(e, lock)}
-        return sorted((set(state["tracks"]) | set(lock["tracks"]) | self._claimed)
-                      - names - self._pending_neighbours() - waiting)
-
-    def _claimable(self, entry: Any, lock: dict) -> bool:
-        """Whether a lock entry has the generation settings of a track that has no take of its own yet (a
-        renamed track not built yet): it stays for that track."""
-        return _entry_complete(entry) and any(
-            t.midi is None and not _entry_complete(lock["tracks"].get(t.name))
-            and key_of(lock_inputs(t)) == entry["inputs_sha256"] for t in self.m.tracks)
+        return sorted((set(state["tracks"]) | set(lock["tracks"]) | set(self._renamed_away.values())) - names)
 
     def _neighbours(self) -> dict[Path, set[str]]:
         """The other manifests in the project folder and their track names."""
@@ -1070,14 +1033,6 @@ class Builder:
             self._neighbour_tracks = {m: names for m in sorted(self.root.glob("*.toml")) if m != self.m.path
                                       and (names := manifest_track_names(m))}
         return self._neighbour_tracks
-
-    def _pending_neighbours(self) -> set[str]:
-        """Tracks of other manifests in the folder without a lock of their own yet, when this build reads the
-        shared chiptune.lock."""
-        if self.lock_path != self.root / LOCK_NAME:
-            return set()
-        return set().union(*(names for m, names in self._neighbours().items()
-                             if not lock_and_state(m)[0].exists()))
 
     def _others_files(self) -> set[str]:
         """Asset files that another manifest's build state in the folder records: never this build's to delete."""
@@ -1101,14 +1056,16 @@ class Builder:
         if not removed:
             return
         others = self._others_files()
+        elsewhere = set().union(*self._neighbours().values())
         for name in removed:
             entry = state["tracks"].pop(name, None)
             files = self._deletable(entry) if entry is not None else self._sidecar_files(name)
-            files = [f for f in files if f not in others]
+            # A track of that name in another manifest of the folder (moved there, or built by that manifest
+            # when earlier versions shared one state) keeps its files.
+            files = [] if name in elsewhere else [f for f in files if f not in others]
             for f in files:
                 Path(f).unlink(missing_ok=True)
-            if not self._claimable(lock["tracks"].get(name), lock):  # else it waits for a renamed track
-                lock["tracks"].pop(name, None)
+            lock["tracks"].pop(name, None)
             report.tracks.append(TrackReport(name, "removed", reasons=["removed from the manifest"], files=files))
         self._prune(state)
         write_json(self.state_path, state)
@@ -1121,10 +1078,10 @@ class Builder:
 
         out = self.m.project.output_dir
         sidecar = out / f"{name}.json"
-        listed = sidecar_listed(out, name, self.m.path.name)
+        listed = sidecar_listed(out, name, {m.name for m in self._neighbours()})
         if not listed:
             return []
-        files = [out / f for f in listed]
+        files = [out / f for f in listed if Path(f).suffix.lower() in ASSET_SUFFIXES]
         files += [godot_import_file(f) for f in files]
         return [str(f) for f in [*files, sidecar] if f.is_file()]
 

@@ -26,7 +26,7 @@ import re
 import signal
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -351,10 +351,10 @@ def _sidecar(track: TrackAudio, name: str, files: list[str], loudness: float, pe
     return data
 
 
-def sidecar_listed(out_dir: Path, name: str, manifest: str | None = None) -> list[str]:
+def sidecar_listed(out_dir: Path, name: str, others: Collection[str] = ()) -> list[str]:
     """The asset file names (main files and split clips) that an earlier export's NAME.json lists; nothing
-    when there is no such sidecar, it is not ours for that name, or a build of another manifest (by file
-    name) wrote it."""
+    when there is no such sidecar, it is not ours for that name, or a build of one of the `others`
+    (manifest file names beside this one) wrote it."""
     try:
         data = json.loads((Path(out_dir) / f"{name}.json").read_text(encoding="utf-8"))
         listed = [*data["files"], *(f for clips in (data.get("split") or {}).values() for f in clips)]
@@ -362,9 +362,7 @@ def sidecar_listed(out_dir: Path, name: str, manifest: str | None = None) -> lis
         return []
     if data.get("name") != name or not all(isinstance(f, str) and Path(f).name == f for f in listed):
         return []
-    if manifest is not None and data.get("manifest", manifest) != manifest:
-        return []
-    return listed
+    return [] if data.get("manifest") in others else listed
 
 
 def _check_request(track: TrackAudio, name: str, formats: Sequence[str]) -> list[str]:

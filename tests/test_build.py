@@ -545,7 +545,7 @@ def test_a_renamed_track_takes_its_assets_along_without_build_state(tmp_path: Pa
     shutil.rmtree(manifest.parent / CACHE_DIR)
     manifest.write_text(manifest.read_text().replace('name = "theme"', 'name = "opening"'))
     checked = statuses(build(manifest, check=True))
-    assert checked["opening"][0] == "outdated" and "theme" not in checked  # its take waits for opening
+    assert checked["opening"][0] == "outdated" and checked["theme"][0] == "outdated"
     report = build(manifest)
     assert statuses(report)["theme"][0] == "removed"
     assert sorted(p.name for p in music.iterdir()) == ["given.json", "given.ogg", "mine.ogg", "opening.json",
@@ -726,7 +726,8 @@ def test_a_manifest_with_its_own_name_takes_the_lock_it_had(tmp_path: Path,
     report = build(game)
     assert not report.failed and "generate" not in statuses(report)["theme"][1]
     assert not (root / LOCK_NAME).exists() and json.loads((root / "game.lock").read_text()) == locked
-    assert "game.toml: its takes moved from chiptune.lock" in capsys.readouterr().err
+    assert "game.toml: its lock is now game.lock (earlier versions called it chiptune.lock)" in \
+        capsys.readouterr().err
     music = {p.name: p.read_bytes() for p in (root / "music").iterdir()}
     (root / "chiptune.toml").write_text('[project]\noutput_dir = "other"\nmodel = "model"\n\n'
                                         '[[track]]\nname = "menu"\nbars = 1\ncandidates = 1\n')
@@ -736,8 +737,8 @@ def test_a_manifest_with_its_own_name_takes_the_lock_it_had(tmp_path: Path,
     assert {t.status for t in build(game).tracks} == {"skipped"}
 
 
-def test_a_renamed_track_not_built_yet_keeps_the_take_waiting(tmp_path: Path) -> None:
-    """Renamed, then a build of other tracks only (or one where it fails): its take stays in the lock for it."""
+def test_a_renamed_track_not_built_yet_keeps_its_take(tmp_path: Path) -> None:
+    """Renamed, then a build of other tracks only: its take moves to its new name in the lock all the same."""
     manifest = project(tmp_path)
     assert not build(manifest).failed
     root = manifest.parent
@@ -745,7 +746,7 @@ def test_a_renamed_track_not_built_yet_keeps_the_take_waiting(tmp_path: Path) ->
     shutil.rmtree(root / CACHE_DIR / "gen")
     manifest.write_text(manifest.read_text().replace('name = "theme"', 'name = "opening"'))
     assert not build(manifest, only=["given"]).failed
-    assert json.loads((root / LOCK_NAME).read_text())["tracks"]["theme"] == locked
+    assert json.loads((root / LOCK_NAME).read_text())["tracks"] == {"opening": locked}
     report = build(manifest)
     assert not report.failed and "generate" not in statuses(report)["opening"][1]
     assert json.loads((root / LOCK_NAME).read_text())["tracks"]["opening"]["events"] == locked["events"]
@@ -794,15 +795,21 @@ def test_odd_state_and_lock_contents_are_errors_or_rebuilt_never_tracebacks(tmp_
     good_lock, good_state = lock_path.read_text(), json.loads(state_path.read_text())
     (root / "victim.txt").write_text("mine")
     # State is a cache: odd entries are forgotten (and rebuilt); recorded paths never reach past the assets.
-    for odd in (5, {"files": "song"}, {"files": [5]}, {"file_stamps": [1]},
-                {"files": ["../victim.txt", "chiptune.lock", "music/../song.mid", "chiptune.toml"]}):
+    (root / "data").mkdir()
+    (root / "data" / "levels.json").write_text("{}")
+    (root / "music" / "credits.txt").write_text("mine")
+    for odd in (5, {"files": "song"}, {"files": [5]}, {"file_stamps": [1]}, {"render_key": [1]},
+                {"audio_meta": {"x": 1}}, {"audio_meta": {"loudness_lufs": -20, "headroom_db": [1]}},
+                {"files": ["../victim.txt", "chiptune.lock", "music/../song.mid", "chiptune.toml", "data/levels.json",
+                           "music/credits.txt"]}):
         state = json.loads(json.dumps(good_state))
         state["tracks"]["gone"] = odd
         state["tracks"]["theme"] = odd
         state_path.write_text(json.dumps(state))
         report = build(manifest)
         assert not report.failed, (odd, [t.error for t in report.failed])
-        assert all((root / f).is_file() for f in ("victim.txt", "chiptune.lock", "song.mid", "chiptune.toml"))
+        assert all((root / f).is_file() for f in ("victim.txt", "chiptune.lock", "song.mid", "chiptune.toml",
+                                                  "data/levels.json", "music/credits.txt"))
     assert (tmp_path / "victim.txt").exists() is False and (root / "victim.txt").read_text() == "mine"
     # A lock without its tracks is not a lock; a take edited into events that are not music fails its track.
     lock_path.write_text('{"version": 2}')
@@ -816,25 +823,49 @@ def test_odd_state_and_lock_contents_are_errors_or_rebuilt_never_tracebacks(tmp_
     assert theme.status == "failed" and "--regenerate theme" in theme.error
 
 
-def test_takes_kept_for_another_manifest_in_the_shared_lock_move_to_it(tmp_path: Path) -> None:
-    """Earlier versions kept every manifest's takes in chiptune.lock. A chiptune.toml added beside other.toml
-    leaves other's takes and assets alone, and other's next build moves its takes to other.lock."""
+def test_a_track_that_another_manifest_in_the_folder_has_keeps_its_files(tmp_path: Path) -> None:
+    """A chiptune.toml added beside a manifest that an earlier version built (its takes and state in the
+    shared chiptune.lock and state.json): the other's tracks are not this manifest's, and their assets stay."""
     manifest = project(tmp_path)
     assert not build(manifest).failed
     root = manifest.parent
-    locked = json.loads((root / LOCK_NAME).read_text())
-    other = manifest.rename(root / "other.toml")
+    manifest.rename(root / "other.toml")
     music = {p.name: p.read_bytes() for p in (root / "music").iterdir()}
     (root / "chiptune.toml").write_text('[project]\noutput_dir = "music"\nmodel = "model"\n\n'
                                         '[[track]]\nname = "menu"\nbars = 1\ncandidates = 1\n')
     report = build(root / "chiptune.toml")
-    assert not report.failed and [t.name for t in report.tracks] == ["menu"]
+    assert not report.failed
     assert {p.name: p.read_bytes() for p in (root / "music").iterdir() if p.stem != "menu"} == music
-    assert json.loads((root / LOCK_NAME).read_text())["tracks"]["theme"] == locked["tracks"]["theme"]
+    assert {t.status for t in build(root / "chiptune.toml").tracks} == {"skipped"}
+
+def test_swapped_names_built_one_at_a_time_keep_both_takes(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    text = manifest.read_text()
+    boss = text[text.index('[[track]]\nname = "theme"'):text.index('[[track]]\nname = "given"')]
+    manifest.write_text(text + "\n" + boss.replace('"theme"', '"boss"').replace("seed = 1", "seed = 5"))
+    assert not build(manifest).failed
+    root = manifest.parent
+    before = json.loads((root / LOCK_NAME).read_text())["tracks"]
     shutil.rmtree(root / CACHE_DIR / "gen")
-    report = build(other)
-    assert not report.failed and "generate" not in statuses(report)["theme"][1]
-    assert json.loads((root / "other.lock").read_text())["tracks"] == locked["tracks"]
-    assert set(json.loads((root / LOCK_NAME).read_text())["tracks"]) == {"menu"}
-    last = build(root / "chiptune.toml")
-    assert {t.name: t.status for t in last.tracks} == {"menu": "skipped"}, [(t.name, t.files) for t in last.tracks]
+    swapped = manifest.read_text().replace('name = "theme"', 'name = "@"').replace('name = "boss"', 'name = "theme"')
+    manifest.write_text(swapped.replace('name = "@"', 'name = "boss"'))
+    for only in (["theme"], ["boss"]):
+        report = build(manifest, only=only)
+        assert not report.failed and not any("generate" in t.stages for t in report.tracks)
+    after = json.loads((root / LOCK_NAME).read_text())["tracks"]
+    assert (after["theme"]["events"], after["boss"]["events"]) == (before["boss"]["events"],
+                                                                 before["theme"]["events"])
+
+
+def test_a_renamed_manifest_in_a_fresh_clone_still_knows_its_files(tmp_path: Path) -> None:
+    """Sidecars name the manifest that wrote them; one naming a manifest that is gone (renamed) is ours."""
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    game = manifest.rename(root / "game.toml")
+    assert not build(game).failed
+    shutil.rmtree(root / CACHE_DIR)
+    game.write_text(game.read_text().replace('formats = ["ogg"]', 'formats = ["wav"]'))
+    assert not build(game).failed
+    assert sorted(p.name for p in (root / "music").iterdir()) == ["given.json", "given.wav", "theme.json",
+                                                                  "theme.wav"]
