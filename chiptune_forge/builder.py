@@ -678,7 +678,7 @@ class Builder:
             own = entries.get(name)
             if name in self.regenerate or (_entry_complete(own) and own["inputs_sha256"] == key):
                 continue
-            for other, entry in sorted(entries.items()):
+            for other, entry in sorted(entries.items(), key=lambda item: (item[0] in current, item[0])):
                 if (other != name and other not in taken.values() and _entry_complete(entry)
                         and entry["inputs_sha256"] == key and current.get(other) != key):
                     moved[name], taken[name] = entry, other
@@ -1056,13 +1056,13 @@ class Builder:
         if not removed:
             return
         others = self._others_files()
-        elsewhere = set().union(*self._neighbours().values())
+        # A manifest beside this one with no build state of its own may have been built by an earlier
+        # version, which kept every manifest's state in one file: its tracks' files are left to it.
+        legacy = set().union(*(names for m, names in self._neighbours().items() if not lock_and_state(m)[1].exists()))
         for name in removed:
             entry = state["tracks"].pop(name, None)
             files = self._deletable(entry) if entry is not None else self._sidecar_files(name)
-            # A track of that name in another manifest of the folder (moved there, or built by that manifest
-            # when earlier versions shared one state) keeps its files.
-            files = [] if name in elsewhere else [f for f in files if f not in others]
+            files = [] if name in legacy else [f for f in files if f not in others]
             for f in files:
                 Path(f).unlink(missing_ok=True)
             lock["tracks"].pop(name, None)

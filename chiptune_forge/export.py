@@ -362,7 +362,8 @@ def sidecar_listed(out_dir: Path, name: str, others: Collection[str] = ()) -> li
         return []
     if data.get("name") != name or not all(isinstance(f, str) and Path(f).name == f for f in listed):
         return []
-    return [] if data.get("manifest") in others else listed
+    writer = data.get("manifest")
+    return [] if isinstance(writer, str) and writer in others else listed
 
 
 def _check_request(track: TrackAudio, name: str, formats: Sequence[str]) -> list[str]:

@@ -869,3 +869,40 @@ def test_a_renamed_manifest_in_a_fresh_clone_still_knows_its_files(tmp_path: Pat
     assert not build(game).failed
     assert sorted(p.name for p in (root / "music").iterdir()) == ["given.json", "given.wav", "theme.json",
                                                                   "theme.wav"]
+
+
+def test_removal_next_to_another_manifest_and_odd_sidecars(tmp_path: Path) -> None:
+    """A removed track's files go even when another manifest (with its own state, other folder) has a track
+    of that name; a sidecar with an odd 'manifest' field is no crash."""
+    manifest = project(tmp_path)
+    root = manifest.parent
+    (root / "other.toml").write_text('[project]\noutput_dir = "sfx"\nmodel = "model"\n\n'
+                                     '[[track]]\nname = "given"\nmidi = "song.mid"\nbars = 2\n')
+    assert not build(manifest).failed and not build(root / "other.toml").failed
+    sfx = {p.name: p.read_bytes() for p in (root / "sfx").iterdir()}
+    sidecar = root / "music" / "theme.json"
+    sidecar.write_text(sidecar.read_text().replace('"manifest": "chiptune.toml"', '"manifest": ["x"]'))
+    text = manifest.read_text()
+    manifest.write_text(text[:text.index('[[track]]\nname = "given"')])
+    report = build(manifest)
+    assert not report.failed and [t.name for t in report.tracks if t.status == "removed"] == ["given"]
+    assert sorted(p.name for p in (root / "music").iterdir()) == ["theme.json", "theme.ogg"]
+    assert {p.name: p.read_bytes() for p in (root / "sfx").iterdir()} == sfx
+
+
+def test_a_rename_prefers_the_take_of_a_track_that_is_gone(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    root = manifest.parent
+    text = manifest.read_text()
+    theme = text[text.index('[[track]]\nname = "theme"'):text.index('[[track]]\nname = "given"')]
+    assert not build(manifest).failed
+    tiny_model(root / "model", seed=1)  # a new model: a new track with the same settings gets another take
+    manifest.write_text(text + "\n" + theme.replace('"theme"', '"zulu"'))
+    assert not build(manifest).failed
+    locked = json.loads((root / LOCK_NAME).read_text())["tracks"]
+    assert locked["theme"]["events"] != locked["zulu"]["events"]
+    renamed = manifest.read_text().replace('name = "zulu"', 'name = "finale"')
+    manifest.write_text(renamed.replace("seed = 1\ncandidates = 2\npick", "seed = 5\ncandidates = 2\npick", 1))
+    assert not build(manifest).failed
+    after = json.loads((root / LOCK_NAME).read_text())["tracks"]
+    assert after["finale"]["events"] == locked["zulu"]["events"]
