@@ -764,26 +764,6 @@ def test_regenerate_replaces_an_incomplete_lock_entry(tmp_path: Path) -> None:
     assert not report.failed and "model_sha256" in json.loads(lock_path.read_text())["tracks"]["theme"]
 
 
-def test_two_swapped_track_names_keep_their_takes(tmp_path: Path) -> None:
-    manifest = project(tmp_path)
-    text = manifest.read_text()
-    boss = text[text.index('[[track]]\nname = "theme"'):text.index('[[track]]\nname = "given"')]
-    manifest.write_text(text + "\n" + boss.replace('"theme"', '"boss"').replace("seed = 1", "seed = 5"))
-    assert not build(manifest).failed
-    root = manifest.parent
-    before = json.loads((root / LOCK_NAME).read_text())["tracks"]
-    assert before["theme"]["events"] != before["boss"]["events"]
-    shutil.rmtree(root / CACHE_DIR / "gen")  # only the lock holds the takes
-    swapped = manifest.read_text().replace('name = "theme"', 'name = "@"').replace('name = "boss"', 'name = "theme"')
-    manifest.write_text(swapped.replace('name = "@"', 'name = "boss"'))
-    report = build(manifest)
-    assert not report.failed and not any("generate" in t.stages for t in report.tracks)
-    after = json.loads((root / LOCK_NAME).read_text())["tracks"]
-    assert (after["theme"]["events"], after["boss"]["events"]) == (before["boss"]["events"],
-                                                                 before["theme"]["events"])
-    assert not [t for t in report.tracks if t.status == "removed"]
-
-
 def test_odd_state_and_lock_contents_are_errors_or_rebuilt_never_tracebacks(tmp_path: Path,
                                                                             capsys: pytest.CaptureFixture[str]) -> None:
     import base64
@@ -838,7 +818,9 @@ def test_a_track_that_another_manifest_in_the_folder_has_keeps_its_files(tmp_pat
     assert {p.name: p.read_bytes() for p in (root / "music").iterdir() if p.stem != "menu"} == music
     assert {t.status for t in build(root / "chiptune.toml").tracks} == {"skipped"}
 
-def test_swapped_names_built_one_at_a_time_keep_both_takes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("selections", [[None], [["theme"], ["boss"]]])
+def test_two_swapped_track_names_keep_their_takes(tmp_path: Path, selections: list) -> None:
+    """Built together, or one with --only and then the other."""
     manifest = project(tmp_path)
     text = manifest.read_text()
     boss = text[text.index('[[track]]\nname = "theme"'):text.index('[[track]]\nname = "given"')]
@@ -846,12 +828,14 @@ def test_swapped_names_built_one_at_a_time_keep_both_takes(tmp_path: Path) -> No
     assert not build(manifest).failed
     root = manifest.parent
     before = json.loads((root / LOCK_NAME).read_text())["tracks"]
-    shutil.rmtree(root / CACHE_DIR / "gen")
+    assert before["theme"]["events"] != before["boss"]["events"]
+    shutil.rmtree(root / CACHE_DIR / "gen")  # only the lock holds the takes
     swapped = manifest.read_text().replace('name = "theme"', 'name = "@"').replace('name = "boss"', 'name = "theme"')
     manifest.write_text(swapped.replace('name = "@"', 'name = "boss"'))
-    for only in (["theme"], ["boss"]):
+    for only in selections:
         report = build(manifest, only=only)
         assert not report.failed and not any("generate" in t.stages for t in report.tracks)
+        assert not [t for t in report.tracks if t.status == "removed"]
     after = json.loads((root / LOCK_NAME).read_text())["tracks"]
     assert (after["theme"]["events"], after["boss"]["events"]) == (before["boss"]["events"],
                                                                  before["theme"]["events"])
