@@ -818,6 +818,7 @@ def test_a_track_that_another_manifest_in_the_folder_has_keeps_its_files(tmp_pat
     assert {p.name: p.read_bytes() for p in (root / "music").iterdir() if p.stem != "menu"} == music
     assert {t.status for t in build(root / "chiptune.toml").tracks} == {"skipped"}
 
+
 @pytest.mark.parametrize("selections", [[None], [["theme"], ["boss"]]])
 def test_two_swapped_track_names_keep_their_takes(tmp_path: Path, selections: list) -> None:
     """Built together, or one with --only and then the other."""
