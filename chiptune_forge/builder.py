@@ -10,6 +10,10 @@ Each track goes through three stages, each keyed by a hash of exactly what it de
 
 `.chiptune/state.json` records each stage's key and inputs per track, so a no-op build only hashes inputs
 and compares; nothing heavy is imported then (TensorFlow never is; the model only when generating).
+Another manifest in the folder (NAME.toml) has its own NAME.lock and `.chiptune/state-NAME.json`.
+
+Takes are the lock's by generation settings, not by name: a renamed track keeps its take. Only files an
+export wrote (recorded in the state, or listed by the sidecar it wrote) are ever deleted.
 """
 
 from __future__ import annotations
