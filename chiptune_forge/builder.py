@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ChiptuneError, UsageError
-from .loops import godot_import_file
+from .loops import SPLIT_PARTS, godot_import_file, split_clip
 from .manifest import CACHE_DIR, MANIFEST_NAME, Manifest, TrackSpec, load_manifest
 from .presets import Preset, load_preset
 from .workers import held_fds, new_executor, stop_workers
@@ -222,16 +222,20 @@ def manifest_track_names(path: Path) -> set[str]:
 
 
 def legacy_lock_and_state(manifest_path: Path) -> tuple[Path, Path] | None:
-    """chiptune.lock and state.json when an earlier version wrote them for this NAME.toml: it has no lock of
-    its own, and no other manifest in the folder (chiptune.toml or another with tracks) could own them."""
+    """The lock (and state) this manifest had under an earlier name: it has no lock of its own, it is the
+    only manifest with tracks in its folder, and the folder has exactly one lock whose manifest is gone
+    (the manifest file was renamed, or an earlier version called every manifest's lock chiptune.lock)."""
     root = manifest_path.parent
-    shared = lock_and_state(root / MANIFEST_NAME)
-    if (manifest_path.name == MANIFEST_NAME or lock_and_state(manifest_path)[0].exists()
-            or not shared[0].is_file() or (root / MANIFEST_NAME).exists()):
+    if lock_and_state(manifest_path)[0].exists():
         return None
     if any(m != manifest_path and manifest_track_names(m) for m in root.glob("*.toml")):
         return None
-    return shared
+    orphans = [lock for lock in root.glob("*.lock")
+               if not (root / (MANIFEST_NAME if lock.name == LOCK_NAME else f"{lock.stem}.toml")).exists()]
+    if len(orphans) != 1:
+        return None
+    lock = orphans[0]
+    return lock_and_state(root / (MANIFEST_NAME if lock.name == LOCK_NAME else f"{lock.stem}.toml"))
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -556,8 +560,8 @@ class Builder:
         except OSError as exc:
             raise ChiptuneError(f"{self._legacy[0]}: cannot rename it to {own_lock.name} "
                                 f"({exc.strerror or exc})") from None
-        self.log(f"{self.m.path.name}: its lock is now {own_lock.name} (earlier versions called it "
-                 f"{self._legacy[0].name}); commit the rename")
+        self.log(f"{self.m.path.name}: its lock is now {own_lock.name} (it was {self._legacy[0].name}, the lock "
+                 f"of a manifest that is gone); commit the rename")
         self.lock_path, self.state_path, self._legacy = own_lock, own_state, None
 
     # ---- planning: the cheap pass that decides what must be done
@@ -793,9 +797,17 @@ class Builder:
                                             p.true_peak_db, shared_gain, p.godot_import, p.split, sidecar)
         # Without build state (a fresh clone), what an earlier export wrote is known from its sidecar.
         others = self._others_files() if export_jobs else set()
-        earlier = {name: [f for f in (self._deletable(state["tracks"][name]) if name in state["tracks"]
-                                      else self._sidecar_files(name)) if f not in others]
+        earlier = {name: [f for f in dict.fromkeys(self._deletable(state["tracks"].get(name, {}))
+                                                   + self._sidecar_files(name)) if f not in others]
                    for name in export_jobs}
+        for name in list(export_jobs):  # never overwrite a file that no export of this manifest wrote
+            foreign = [f for f in self._planned_files(self.m.track(name), plans[name])
+                       if f.exists() and str(f) not in earlier[name]]
+            if foreign:
+                del export_jobs[name]
+                by_name[name].status = "failed"
+                by_name[name].error = (f"{foreign[0]}: exists and was not written by a build of {self.m.path.name}; "
+                                       f"move it away or rename the track")
         results = self._run_stage(export_job, export_jobs, "export", by_name)
 
         # Record what now exists (per track, so a failure elsewhere never loses finished work).
@@ -1004,6 +1016,15 @@ class Builder:
         builds recorded absolute ones)."""
         return [str(self.root / f) for f in entry.get("files", [])]
 
+    def _planned_files(self, track: TrackSpec, plan: dict[str, Any]) -> list[Path]:
+        """The asset files an export of the track writes (not Godot's .import files: Godot writes those
+        itself, and an export keeps what it put there)."""
+        out, fmts = self.m.project.output_dir, self.m.formats_for(track)
+        names = [track.name]
+        if self.m.project.split and track.loop:
+            names += [split_clip(track.name, part) for part in SPLIT_PARTS]
+        return [out / f"{name}.{fmt}" for name in names for fmt in fmts] + [out / f"{track.name}.json"]
+
     def _owns(self, file: str) -> bool:
         """Whether an asset file is in this project's output folder."""
         return Path(file).parent == self.m.project.output_dir
@@ -1028,8 +1049,14 @@ class Builder:
     def _removed(self, state: dict, lock: dict) -> list[str]:
         """Tracks the last build or the lock knows that the manifest no longer has (with the old names of
         renamed tracks, whose takes moved to their new names)."""
+        if self.only:  # a partial build leaves the rest of the soundtrack as it is
+            return []
         names = {t.name for t in self.m.tracks}
-        return sorted((set(state["tracks"]) | set(lock["tracks"]) | set(self._renamed_away.values())) - names)
+        gone = (set(state["tracks"]) | set(lock["tracks"]) | set(self._renamed_away.values())) - names
+        # A manifest beside this one that has the track and no build state yet (not built since it took the
+        # track over, or built by an earlier version, which kept one state for all): its files wait for it.
+        waiting = set().union(*(n for m, n in self._neighbours().items() if not lock_and_state(m)[1].exists()))
+        return sorted(gone - waiting)
 
     def _neighbours(self) -> dict[Path, set[str]]:
         """The other manifests in the project folder and their track names."""
@@ -1041,11 +1068,11 @@ class Builder:
     def _others_files(self) -> set[str]:
         """Asset files that another manifest's build state in the folder records: never this build's to delete."""
         files: set[str] = set()
-        for manifest in self._neighbours():
+        for manifest, names in self._neighbours().items():
             data = read_json(lock_and_state(manifest)[1], {})
             tracks = data.get("tracks") if isinstance(data, dict) else None
-            for entry in (tracks or {}).values():
-                if _state_entry_sound(entry):
+            for name, entry in (tracks or {}).items():
+                if name in names and _state_entry_sound(entry):  # a track it still has
                     files |= {os.path.normpath(self.root / f) for f in entry.get("files", [])}
         return files
 
@@ -1060,13 +1087,10 @@ class Builder:
         if not removed:
             return
         others = self._others_files()
-        # A manifest beside this one with no build state of its own may have been built by an earlier
-        # version, which kept every manifest's state in one file: its tracks' files are left to it.
-        legacy = set().union(*(names for m, names in self._neighbours().items() if not lock_and_state(m)[1].exists()))
         for name in removed:
             entry = state["tracks"].pop(name, None)
             files = self._deletable(entry) if entry is not None else self._sidecar_files(name)
-            files = [] if name in legacy else [f for f in files if f not in others]
+            files = [f for f in files if f not in others]
             for f in files:
                 Path(f).unlink(missing_ok=True)
             lock["tracks"].pop(name, None)
@@ -1082,7 +1106,7 @@ class Builder:
 
         out = self.m.project.output_dir
         sidecar = out / f"{name}.json"
-        listed = sidecar_listed(out, name, {m.name for m in self._neighbours()})
+        listed = sidecar_listed(out, name, {m.name for m, names in self._neighbours().items() if name in names})
         if not listed:
             return []
         files = [out / f for f in listed if Path(f).suffix.lower() in ASSET_SUFFIXES]

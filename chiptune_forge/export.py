@@ -353,8 +353,8 @@ def _sidecar(track: TrackAudio, name: str, files: list[str], loudness: float, pe
 
 def sidecar_listed(out_dir: Path, name: str, others: Collection[str] = ()) -> list[str]:
     """The asset file names (main files and split clips) that an earlier export's NAME.json lists; nothing
-    when there is no such sidecar, it is not ours for that name, or a build of one of the `others`
-    (manifest file names beside this one) wrote it."""
+    when there is no such sidecar, it is not ours for that name, or a build of one of the `others` wrote it
+    (the file names of the manifests beside this one that have a track of that name)."""
     try:
         data = json.loads((Path(out_dir) / f"{name}.json").read_text(encoding="utf-8"))
         listed = [*data["files"], *(f for clips in (data.get("split") or {}).values() for f in clips)]

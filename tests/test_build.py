@@ -726,7 +726,7 @@ def test_a_manifest_with_its_own_name_takes_the_lock_it_had(tmp_path: Path,
     report = build(game)
     assert not report.failed and "generate" not in statuses(report)["theme"][1]
     assert not (root / LOCK_NAME).exists() and json.loads((root / "game.lock").read_text()) == locked
-    assert "game.toml: its lock is now game.lock (earlier versions called it chiptune.lock)" in \
+    assert "game.toml: its lock is now game.lock (it was chiptune.lock, the lock of a manifest that is gone)" in \
         capsys.readouterr().err
     music = {p.name: p.read_bytes() for p in (root / "music").iterdir()}
     (root / "chiptune.toml").write_text('[project]\noutput_dir = "other"\nmodel = "model"\n\n'
@@ -738,15 +738,17 @@ def test_a_manifest_with_its_own_name_takes_the_lock_it_had(tmp_path: Path,
 
 
 def test_a_renamed_track_not_built_yet_keeps_its_take(tmp_path: Path) -> None:
-    """Renamed, then a build of other tracks only: its take moves to its new name in the lock all the same."""
+    """Renamed, then a build of other tracks only: nothing is removed, and the next full build moves the
+    take to the new name."""
     manifest = project(tmp_path)
     assert not build(manifest).failed
     root = manifest.parent
     locked = json.loads((root / LOCK_NAME).read_text())["tracks"]["theme"]
     shutil.rmtree(root / CACHE_DIR / "gen")
     manifest.write_text(manifest.read_text().replace('name = "theme"', 'name = "opening"'))
-    assert not build(manifest, only=["given"]).failed
-    assert json.loads((root / LOCK_NAME).read_text())["tracks"] == {"opening": locked}
+    assert not build(manifest, only=["given"]).failed  # a partial build removes nothing
+    assert json.loads((root / LOCK_NAME).read_text())["tracks"] == {"theme": locked}
+    assert (root / "music" / "theme.ogg").is_file()
     report = build(manifest)
     assert not report.failed and "generate" not in statuses(report)["opening"][1]
     assert json.loads((root / LOCK_NAME).read_text())["tracks"]["opening"]["events"] == locked["events"]
@@ -891,3 +893,50 @@ def test_a_rename_prefers_the_take_of_a_track_that_is_gone(tmp_path: Path) -> No
     assert not build(manifest).failed
     after = json.loads((root / LOCK_NAME).read_text())["tracks"]
     assert after["finale"]["events"] == locked["zulu"]["events"]
+
+
+def test_a_track_moved_to_another_manifest_and_folder_is_cleaned_up_once_that_one_builds(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    text = manifest.read_text()
+    given = text[text.index('[[track]]\nname = "given"'):]
+    manifest.write_text(text.replace(given, ""))
+    sfx = root / "sfx.toml"
+    sfx.write_text(text[:text.index("[[track]]")].replace('"music"', '"sfx"') + given)
+    report = build(manifest)  # sfx.toml has not been built: given's files wait for it
+    assert not report.failed and not [t for t in report.tracks if t.status == "removed"]
+    assert (root / "music" / "given.ogg").is_file()
+    assert not build(sfx).failed
+    report = build(manifest)
+    assert [t.name for t in report.tracks if t.status == "removed"] == ["given"]
+    assert sorted(p.name for p in (root / "music").iterdir()) == ["theme.json", "theme.ogg"]
+    assert sorted(p.name for p in (root / "sfx").iterdir()) == ["given.json", "given.ogg"]
+
+
+def test_a_manifest_renamed_twice_keeps_its_takes(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    assert not build(manifest).failed
+    root = manifest.parent
+    locked = json.loads((root / LOCK_NAME).read_text())
+    tiny_model(root / "model", seed=1)  # a new model: only the lock can give the same takes
+    current = manifest
+    for name in ("soundtrack.toml", "game.toml", "chiptune.toml"):
+        current = current.rename(root / name)
+        report = build(current)
+        assert not report.failed and not any("generate" in t.stages for t in report.tracks), name
+        assert sorted(p.name for p in root.glob("*.lock")) == [f"{current.stem}.lock"]
+        assert json.loads((root / f"{current.stem}.lock").read_text())["tracks"] == locked["tracks"]
+
+
+def test_a_file_the_build_did_not_write_is_never_overwritten(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    root = manifest.parent
+    (root / "music").mkdir()
+    (root / "music" / "theme.json").write_text('{"my": "level data"}')
+    report = build(manifest)
+    theme = next(t for t in report.tracks if t.name == "theme")
+    assert theme.status == "failed" and "theme.json: exists and was not written by a build of chiptune.toml" in \
+        theme.error
+    assert (root / "music" / "theme.json").read_text() == '{"my": "level data"}'
+    assert not (root / "music" / "theme.ogg").exists() and (root / "music" / "given.ogg").is_file()
