@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ChiptuneError, UsageError
-from .loops import SPLIT_PARTS, godot_import_file, split_clip
+from .loops import godot_import_file
 from .manifest import CACHE_DIR, MANIFEST_NAME, Manifest, TrackSpec, load_manifest
 from .presets import Preset, load_preset
 from .workers import held_fds, new_executor, stop_workers
@@ -221,6 +221,26 @@ def manifest_track_names(path: Path) -> set[str]:
         if isinstance(tracks, list) else set()
 
 
+def manifest_output_dir(path: Path) -> Path | None:
+    """A manifest file's output folder, read leniently (None when it cannot be read)."""
+    try:
+        project = tomllib.loads(path.read_text(encoding="utf-8-sig")).get("project", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    folder = project.get("output_dir", "music") if isinstance(project, dict) else None
+    return Path(os.path.normpath(path.parent / folder)) if isinstance(folder, str) else None
+
+
+def _is_chiptune_lock(path: Path) -> bool:
+    """Whether a *.lock file is one of ours (other tools keep uv.lock, poetry.lock, yarn.lock, ... there)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(data, dict) and isinstance(data.get("tracks"), dict) and isinstance(data.get("version"), int)
+            and set(data) <= {"version", "tracks"})
+
+
 def legacy_lock_and_state(manifest_path: Path) -> tuple[Path, Path] | None:
     """The lock (and state) this manifest had under an earlier name: it has no lock of its own, it is the
     only manifest with tracks in its folder, and the folder has exactly one lock whose manifest is gone
@@ -230,8 +250,8 @@ def legacy_lock_and_state(manifest_path: Path) -> tuple[Path, Path] | None:
         return None
     if any(m != manifest_path and manifest_track_names(m) for m in root.glob("*.toml")):
         return None
-    orphans = [lock for lock in root.glob("*.lock")
-               if not (root / (MANIFEST_NAME if lock.name == LOCK_NAME else f"{lock.stem}.toml")).exists()]
+    orphans = [lock for lock in root.glob("*.lock") if _is_chiptune_lock(lock)
+               and not (root / (MANIFEST_NAME if lock.name == LOCK_NAME else f"{lock.stem}.toml")).exists()]
     if len(orphans) != 1:
         return None
     lock = orphans[0]
@@ -800,14 +820,15 @@ class Builder:
         earlier = {name: [f for f in dict.fromkeys(self._deletable(state["tracks"].get(name, {}))
                                                    + self._sidecar_files(name)) if f not in others]
                    for name in export_jobs}
-        for name in list(export_jobs):  # never overwrite a file that no export of this manifest wrote
-            foreign = [f for f in self._planned_files(self.m.track(name), plans[name])
-                       if f.exists() and str(f) not in earlier[name]]
-            if foreign:
+        from .export import sidecar_listed
+
+        for name in list(export_jobs):  # NAME.json beside the audio: only ever our own sidecar is replaced
+            sidecar = self.m.project.output_dir / f"{name}.json"
+            if sidecar.exists() and not sidecar_listed(sidecar.parent, name):
                 del export_jobs[name]
                 by_name[name].status = "failed"
-                by_name[name].error = (f"{foreign[0]}: exists and was not written by a build of {self.m.path.name}; "
-                                       f"move it away or rename the track")
+                by_name[name].error = (f"{sidecar}: exists and is not a sidecar chiptune-forge wrote for track "
+                                       f"{name!r}; move it away or rename the track")
         results = self._run_stage(export_job, export_jobs, "export", by_name)
 
         # Record what now exists (per track, so a failure elsewhere never loses finished work).
@@ -1016,15 +1037,6 @@ class Builder:
         builds recorded absolute ones)."""
         return [str(self.root / f) for f in entry.get("files", [])]
 
-    def _planned_files(self, track: TrackSpec, plan: dict[str, Any]) -> list[Path]:
-        """The asset files an export of the track writes (not Godot's .import files: Godot writes those
-        itself, and an export keeps what it put there)."""
-        out, fmts = self.m.project.output_dir, self.m.formats_for(track)
-        names = [track.name]
-        if self.m.project.split and track.loop:
-            names += [split_clip(track.name, part) for part in SPLIT_PARTS]
-        return [out / f"{name}.{fmt}" for name in names for fmt in fmts] + [out / f"{track.name}.json"]
-
     def _owns(self, file: str) -> bool:
         """Whether an asset file is in this project's output folder."""
         return Path(file).parent == self.m.project.output_dir
@@ -1053,10 +1065,17 @@ class Builder:
             return []
         names = {t.name for t in self.m.tracks}
         gone = (set(state["tracks"]) | set(lock["tracks"]) | set(self._renamed_away.values())) - names
-        # A manifest beside this one that has the track and no build state yet (not built since it took the
-        # track over, or built by an earlier version, which kept one state for all): its files wait for it.
-        waiting = set().union(*(n for m, n in self._neighbours().items() if not lock_and_state(m)[1].exists()))
-        return sorted(gone - waiting)
+        return sorted(name for name in gone if not self._left_to_neighbour(name, state["tracks"].get(name)))
+
+    def _left_to_neighbour(self, name: str, entry: dict | None) -> bool:
+        """Whether a track gone from this manifest is another's now: a manifest beside it with no build state
+        (not built yet, or built by an earlier version, which kept one state for all) has a track of that
+        name exporting into the same folder. Its files are that build's to replace."""
+        recorded = (entry or {}).get("export_inputs") or {}
+        folder = recorded.get("output_dir") if isinstance(recorded.get("output_dir"), str) else None
+        ours = Path(os.path.normpath(self.root / folder)) if folder else self.m.project.output_dir
+        return any(name in names and not lock_and_state(m)[1].exists() and manifest_output_dir(m) == ours
+                   for m, names in self._neighbours().items())
 
     def _neighbours(self) -> dict[Path, set[str]]:
         """The other manifests in the project folder and their track names."""

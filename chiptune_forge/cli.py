@@ -303,7 +303,8 @@ def _run_build(args: argparse.Namespace) -> int:
             elif t.status == "outdated":
                 print(f"{t.name}: out of date{why}")
             elif t.status == "removed":
-                print(f"{t.name}: removed from the manifest; deleted {', '.join(Path(f).name for f in t.files)}")
+                print(f"{t.name}: removed from the manifest"
+                      + (f"; deleted {', '.join(Path(f).name for f in t.files)}" if t.files else ""))
             else:
                 print(f"{t.name}: up to date")
     if report.failed:

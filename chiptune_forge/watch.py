@@ -217,7 +217,8 @@ class Watcher:
                 redone = ", ".join(t.stages) or "export"
                 self.log(f"[{stamp}] {t.name}: {'; '.join(t.reasons) or what} -> {redone} in {t.seconds:.2f} s")
             elif t.status == "removed":
-                self.log(f"[{stamp}] {t.name}: removed from the manifest -> deleted {len(t.files)} files")
+                self.log(f"[{stamp}] {t.name}: removed from the manifest"
+                         + (f" -> deleted {len(t.files)} files" if t.files else ""))
         if not report.changed and not report.failed:
             self.log(f"[{stamp}] up to date ({what}) in {time.perf_counter() - start:.2f} s")
         return report

@@ -895,23 +895,29 @@ def test_a_rename_prefers_the_take_of_a_track_that_is_gone(tmp_path: Path) -> No
     assert after["finale"]["events"] == locked["zulu"]["events"]
 
 
-def test_a_track_moved_to_another_manifest_and_folder_is_cleaned_up_once_that_one_builds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("folder", ["music", "sfx"])
+def test_a_track_moved_to_another_manifest(tmp_path: Path, folder: str) -> None:
+    """Into another folder: its old files go at once. Into the same folder: they are left for the other
+    manifest's build to replace (it has no build state yet), and end up as its files."""
     manifest = project(tmp_path)
     assert not build(manifest).failed
     root = manifest.parent
     text = manifest.read_text()
     given = text[text.index('[[track]]\nname = "given"'):]
     manifest.write_text(text.replace(given, ""))
-    sfx = root / "sfx.toml"
-    sfx.write_text(text[:text.index("[[track]]")].replace('"music"', '"sfx"') + given)
-    report = build(manifest)  # sfx.toml has not been built: given's files wait for it
-    assert not report.failed and not [t for t in report.tracks if t.status == "removed"]
-    assert (root / "music" / "given.ogg").is_file()
-    assert not build(sfx).failed
+    other = root / "other.toml"
+    other.write_text(text[:text.index("[[track]]")].replace('"music"', f'"{folder}"') + given)
     report = build(manifest)
-    assert [t.name for t in report.tracks if t.status == "removed"] == ["given"]
-    assert sorted(p.name for p in (root / "music").iterdir()) == ["theme.json", "theme.ogg"]
-    assert sorted(p.name for p in (root / "sfx").iterdir()) == ["given.json", "given.ogg"]
+    removed = [t.name for t in report.tracks if t.status == "removed"]
+    assert not report.failed and removed == ([] if folder == "music" else ["given"])
+    assert (root / "music" / "given.ogg").is_file() == (folder == "music")
+    assert not build(other).failed
+    later = build(manifest)  # now the other's: forgotten here, its files left alone
+    assert [(t.name, t.files) for t in later.tracks if t.status == "removed"] == (
+        [("given", [])] if folder == "music" else [])
+    assert {t.status for t in build(manifest).tracks} == {"skipped"}
+    assert sorted(p.name for p in (root / folder).iterdir() if p.stem == "given") == ["given.json", "given.ogg"]
+    assert sorted(p.name for p in (root / "music").iterdir() if p.stem != "given") == ["theme.json", "theme.ogg"]
 
 
 def test_a_manifest_renamed_twice_keeps_its_takes(tmp_path: Path) -> None:
@@ -936,7 +942,18 @@ def test_a_file_the_build_did_not_write_is_never_overwritten(tmp_path: Path) -> 
     (root / "music" / "theme.json").write_text('{"my": "level data"}')
     report = build(manifest)
     theme = next(t for t in report.tracks if t.name == "theme")
-    assert theme.status == "failed" and "theme.json: exists and was not written by a build of chiptune.toml" in \
-        theme.error
+    assert theme.status == "failed" and "theme.json: exists and is not a sidecar chiptune-forge wrote for track " \
+        "'theme'" in theme.error
     assert (root / "music" / "theme.json").read_text() == '{"my": "level data"}'
     assert not (root / "music" / "theme.ogg").exists() and (root / "music" / "given.ogg").is_file()
+
+
+def test_other_tools_lock_files_are_never_taken_for_ours(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    root = manifest.parent
+    for name in ("uv.lock", "poetry.lock", "yarn.lock"):
+        (root / name).write_text('version = 1\n[[package]]\nname = "x"\n')
+    assert not build(manifest).failed
+    assert main(["build", str(manifest), "--check"]) == 0
+    for name in ("uv.lock", "poetry.lock", "yarn.lock"):
+        assert (root / name).read_text() == 'version = 1\n[[package]]\nname = "x"\n'
