@@ -173,6 +173,10 @@ def write_json(path: Path, data: Any) -> None:
 class BuildBusy(ChiptuneError):
     """Another build holds the project (watch mode waits for it and tries again)."""
 
+    def __init__(self, project: Path, holder: str) -> None:
+        super().__init__(f"{project}: another build is running ({holder}); wait for it to finish")
+        self.project, self.holder = project, holder
+
 
 @contextmanager
 def build_lock(cache: Path) -> Iterator[None]:
@@ -185,7 +189,7 @@ def build_lock(cache: Path) -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            raise BuildBusy(f"{cache.parent}: another build is running ({holder}); wait for it to finish") from None
+            raise BuildBusy(cache.parent, holder) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
@@ -210,25 +214,41 @@ def lock_and_state(manifest_path: Path) -> tuple[Path, Path]:
     return root / f"{manifest_path.stem}.lock", cache / f"state-{manifest_path.stem}.json"
 
 
-def manifest_track_names(path: Path) -> set[str]:
-    """The track names a manifest file declares, read leniently (any .toml: a preset declares none)."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return set()
-    tracks = data.get("track")
-    return {t["name"] for t in tracks if isinstance(t, dict) and isinstance(t.get("name"), str)} \
-        if isinstance(tracks, list) else set()
+@dataclass(frozen=True)
+class Neighbour:
+    """Another manifest in the project folder, read leniently (any .toml there: a preset has no tracks)."""
+
+    path: Path
+    tracks: frozenset[str]
+    output_dir: Path | None
+
+    @classmethod
+    def read(cls, path: Path) -> Neighbour:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            data = {}
+        tracks, project = data.get("track"), data.get("project", {})
+        names = {t["name"] for t in tracks if isinstance(t, dict) and isinstance(t.get("name"), str)} \
+            if isinstance(tracks, list) else set()
+        folder = project.get("output_dir", "music") if isinstance(project, dict) else None
+        return cls(path, frozenset(names),
+                   Path(os.path.normpath(path.parent / folder)) if isinstance(folder, str) else None)
+
+    @property
+    def state_path(self) -> Path:
+        return lock_and_state(self.path)[1]
 
 
-def manifest_output_dir(path: Path) -> Path | None:
-    """A manifest file's output folder, read leniently (None when it cannot be read)."""
-    try:
-        project = tomllib.loads(path.read_text(encoding="utf-8-sig")).get("project", {})
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return None
-    folder = project.get("output_dir", "music") if isinstance(project, dict) else None
-    return Path(os.path.normpath(path.parent / folder)) if isinstance(folder, str) else None
+def neighbours(manifest_path: Path) -> list[Neighbour]:
+    """The other manifests with tracks in a manifest's folder."""
+    return [n for m in sorted(manifest_path.parent.glob("*.toml")) if m != manifest_path
+            and (n := Neighbour.read(m)).tracks]
+
+
+def _manifest_of_lock(lock: Path) -> Path:
+    """The manifest file a lock belongs to (the inverse of lock_and_state)."""
+    return lock.parent / (MANIFEST_NAME if lock.name == LOCK_NAME else f"{lock.stem}.toml")
 
 
 def _is_chiptune_lock(path: Path) -> bool:
@@ -241,21 +261,15 @@ def _is_chiptune_lock(path: Path) -> bool:
             and set(data) <= {"version", "tracks"})
 
 
-def legacy_lock_and_state(manifest_path: Path) -> tuple[Path, Path] | None:
-    """The lock (and state) this manifest had under an earlier name: it has no lock of its own, it is the
-    only manifest with tracks in its folder, and the folder has exactly one lock whose manifest is gone
-    (the manifest file was renamed, or an earlier version called every manifest's lock chiptune.lock)."""
-    root = manifest_path.parent
-    if lock_and_state(manifest_path)[0].exists():
+def legacy_lock_and_state(manifest_path: Path, others: list[Neighbour]) -> tuple[Path, Path] | None:
+    """The lock (and state) this manifest had under an earlier name: it has no lock of its own, no other
+    manifest with tracks (`others`) shares its folder, and the folder has exactly one lock whose manifest is
+    gone (the manifest file was renamed, or an earlier version called every manifest's lock chiptune.lock)."""
+    if others or lock_and_state(manifest_path)[0].exists():
         return None
-    if any(m != manifest_path and manifest_track_names(m) for m in root.glob("*.toml")):
-        return None
-    orphans = [lock for lock in root.glob("*.lock") if _is_chiptune_lock(lock)
-               and not (root / (MANIFEST_NAME if lock.name == LOCK_NAME else f"{lock.stem}.toml")).exists()]
-    if len(orphans) != 1:
-        return None
-    lock = orphans[0]
-    return lock_and_state(root / (MANIFEST_NAME if lock.name == LOCK_NAME else f"{lock.stem}.toml"))
+    orphans = [lock for lock in manifest_path.parent.glob("*.lock")
+               if _is_chiptune_lock(lock) and not _manifest_of_lock(lock).exists()]
+    return lock_and_state(_manifest_of_lock(orphans[0])) if len(orphans) == 1 else None
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -469,6 +483,11 @@ def _entry_complete(entry: Any) -> bool:
                                            for k, t in LOCK_ENTRY_KEYS.items())
 
 
+def _take_digest(entry: dict) -> str:
+    """What the build state remembers of a locked take, to notice an edit of the lock."""
+    return sha256_bytes(entry["events"].encode())
+
+
 def _state_entry_sound(entry: Any) -> bool:
     """Whether a build-state entry has the shapes a build reads (anything else is forgotten and rebuilt)."""
     if not isinstance(entry, dict):
@@ -517,7 +536,8 @@ class Builder:
         self.root = manifest.root
         self.cache = self.root / CACHE_DIR
         self.lock_path, self.state_path = lock_and_state(manifest.path)
-        self._legacy = legacy_lock_and_state(manifest.path)
+        self.neighbours = neighbours(manifest.path)
+        self._legacy = legacy_lock_and_state(manifest.path, self.neighbours)
         if self._legacy is not None:  # read from there; a build renames them to this manifest's own names
             self.lock_path, self.state_path = self._legacy
         self.only = set(only or [])
@@ -540,7 +560,7 @@ class Builder:
         self._renamed_away: dict[str, str] = {}
         """Track name -> the other name whose locked take it keeps (renamed or swapped tracks)."""
         self._told_renames: set[str] = set()
-        self._neighbour_tracks: dict[Path, set[str]] | None = None
+        self._others: set[str] | None = None
 
     @property
     def model(self) -> ModelRef:
@@ -642,7 +662,7 @@ class Builder:
             if locked and locked.get("inputs_sha256") == plan["lock_key"] and track.name not in self.regenerate:
                 plan["take"] = "lock"
                 built = old.get("take_sha256")
-                if built is not None and built != sha256_bytes(locked["events"].encode()):
+                if built is not None and built != _take_digest(locked):
                     plan["take_changed"] = True  # edited in the lock (by hand, or a merge): the lock wins
                     plan["reasons"].append("the locked take changed")
                 take_key = key_of(take_inputs(locked["generation"], track))  # the take as it was made
@@ -850,7 +870,7 @@ class Builder:
                 "audio_meta": metas[t.name], "gain_db": results[t.name]["gain_db"],
                 "files": [os.path.relpath(f, self.root) for f in files],
                 "file_stamps": {os.path.relpath(f, self.root): _file_stamp(f) for f in files},
-                "take_sha256": sha256_bytes(lock["tracks"][t.name]["events"].encode()) if t.midi is None else None}
+                "take_sha256": _take_digest(lock["tracks"][t.name]) if t.midi is None else None}
             rep.status, rep.files = "built", files
         self._prune(state)
         write_json(self.state_path, state)
@@ -1074,26 +1094,20 @@ class Builder:
         recorded = (entry or {}).get("export_inputs") or {}
         folder = recorded.get("output_dir") if isinstance(recorded.get("output_dir"), str) else None
         ours = Path(os.path.normpath(self.root / folder)) if folder else self.m.project.output_dir
-        return any(name in names and not lock_and_state(m)[1].exists() and manifest_output_dir(m) == ours
-                   for m, names in self._neighbours().items())
-
-    def _neighbours(self) -> dict[Path, set[str]]:
-        """The other manifests in the project folder and their track names."""
-        if self._neighbour_tracks is None:
-            self._neighbour_tracks = {m: names for m in sorted(self.root.glob("*.toml")) if m != self.m.path
-                                      and (names := manifest_track_names(m))}
-        return self._neighbour_tracks
+        return any(name in n.tracks and not n.state_path.exists() and n.output_dir == ours for n in self.neighbours)
 
     def _others_files(self) -> set[str]:
-        """Asset files that another manifest's build state in the folder records: never this build's to delete."""
-        files: set[str] = set()
-        for manifest, names in self._neighbours().items():
-            data = read_json(lock_and_state(manifest)[1], {})
-            tracks = data.get("tracks") if isinstance(data, dict) else None
-            for name, entry in (tracks or {}).items():
-                if name in names and _state_entry_sound(entry):  # a track it still has
-                    files |= {os.path.normpath(self.root / f) for f in entry.get("files", [])}
-        return files
+        """Asset files that another manifest's build state in the folder records for a track it still has:
+        never this build's to delete (read once per build)."""
+        if self._others is None:
+            self._others = set()
+            for n in self.neighbours:
+                data = read_json(n.state_path, {})
+                tracks = data.get("tracks") if isinstance(data, dict) else None
+                for name, entry in (tracks if isinstance(tracks, dict) else {}).items():
+                    if name in n.tracks and _state_entry_sound(entry):
+                        self._others |= {os.path.normpath(self.root / f) for f in entry.get("files", [])}
+        return self._others
 
     def _drop_removed(self, report: BuildReport) -> None:
         """Delete the assets this tool wrote for tracks no longer in the manifest (a renamed track would
@@ -1125,7 +1139,7 @@ class Builder:
 
         out = self.m.project.output_dir
         sidecar = out / f"{name}.json"
-        listed = sidecar_listed(out, name, {m.name for m, names in self._neighbours().items() if name in names})
+        listed = sidecar_listed(out, name, {n.path.name for n in self.neighbours if name in n.tracks})
         if not listed:
             return []
         files = [out / f for f in listed if Path(f).suffix.lower() in ASSET_SUFFIXES]
@@ -1135,13 +1149,11 @@ class Builder:
     def _prune(self, state: dict) -> None:
         """Keep only the audio cache entries that this state or another manifest's in the folder points to."""
         live = {s.get("render_key") for s in state["tracks"].values()}
-        for other in self.cache.glob("state*.json"):
-            manifest = self.root / (MANIFEST_NAME if other.name == "state.json"
-                                    else other.name.removeprefix("state-").removesuffix(".json") + ".toml")
-            data = read_json(other, {}) if other != self.state_path and manifest.is_file() else {}
+        for n in self.neighbours:
+            data = read_json(n.state_path, {})
             tracks = data.get("tracks") if isinstance(data, dict) else None
             if isinstance(tracks, dict):
-                live |= {t.get("render_key") for t in tracks.values() if isinstance(t, dict)}
+                live |= {t.get("render_key") for t in tracks.values() if _state_entry_sound(t)}
         for f in (self.cache / "audio").glob("*.npz"):
             if f.stem not in live:
                 f.unlink(missing_ok=True)

@@ -139,6 +139,16 @@ class PluginCrash(ChiptuneError):
     """The worker process died (a segfault, an abort) while loading or rendering a plugin."""
 
 
+class PluginSettingError(ChiptuneError):
+    """A mistake in a plugin role's settings: `key` within the role ("" for the role itself), and why.
+    Presets locate it like their own problems; the message alone reads "ORIGIN.key: reason"."""
+
+    def __init__(self, origin: str, key: str, reason: str) -> None:
+        where = f"{origin}.{key}" if key else origin
+        super().__init__(f"{where}: {reason}" if where else reason)
+        self.key, self.reason = key, reason
+
+
 class PluginUnavailable(ChiptuneError):
     """The plugin a preset names is not there, or is not a VST3 this machine can load. A build fails only
     the tracks that use it."""
@@ -170,7 +180,7 @@ def resolve_plugin_path(text: str, base_dir: Path | None = None, origin: str = "
     """
     expanded = os.path.expandvars(os.path.expanduser(text.strip()))
     if not expanded:
-        raise ChiptuneError(f"{origin}: plugin path is empty" if origin else "plugin path is empty")
+        raise PluginSettingError(origin, "", "plugin path is empty")
     path = Path(expanded)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
@@ -293,14 +303,14 @@ def plugin_spec(
     """Build a PluginSpec from a preset role's fields: resolve the bundle and read the preset or state file."""
     path = resolve_plugin_path(plugin, base_dir, origin)
     if preset_file and state_file:
-        raise ChiptuneError(_where(origin, path, "give preset_file or state_file, not both"))
+        raise PluginSettingError(origin, "", f"plugin {path}: give preset_file or state_file, not both")
     if preset_file and not preset_file.lower().endswith(".vstpreset"):
-        raise ChiptuneError(_where(origin, path, f"preset_file {preset_file!r} is not a .vstpreset file"))
+        raise PluginSettingError(origin, "", f"plugin {path}: preset_file {preset_file!r} is not a .vstpreset file")
     preset_data = _read_side_file(preset_file, base_dir, origin, path, "preset_file") if preset_file else None
     state = _read_side_file(state_file, base_dir, origin, path, "state_file") if state_file else None
     if state is not None and not _is_host_state(state):
-        raise ChiptuneError(_where(origin, path, f"state_file {_side_path(state_file, base_dir)} is not a plugin "
-                                                 f"state (write one with 'chiptune-forge plugins state')"))
+        raise PluginSettingError(origin, "", f"plugin {path}: state_file {_side_path(state_file, base_dir)} is not a "
+                                             f"plugin state (write one with 'chiptune-forge plugins state')")
     params = tuple((str(k), v) for k, v in (parameters or {}).items())
     return PluginSpec(path, origin, params, state, preset_data, max_tail)
 
@@ -318,23 +328,24 @@ def preset_plugin(table: Mapping[str, Any], origin: str, base_dir: Path | None) 
     """
     plugin = table.get("plugin")
     if not isinstance(plugin, str):
-        raise ChiptuneError(f"{origin}.plugin: expected a .vst3 path or bundle name, got {plugin!r}")
+        raise PluginSettingError(origin, "plugin", f"expected a .vst3 path or bundle name, got {plugin!r}")
     parameters = table.get("parameters", {})
     if not isinstance(parameters, dict):
-        raise ChiptuneError(f"{origin}.parameters: expected a table such as {{ cutoff = 0.4 }}, got {parameters!r}")
+        raise PluginSettingError(origin, "parameters",
+                                 f"expected a table such as {{ cutoff = 0.4 }}, got {parameters!r}")
     for name, value in parameters.items():
         if not isinstance(value, bool | int | float | str):
-            raise ChiptuneError(f"{origin}.parameters.{name}: expected a number, true/false or a string, "
-                                f"got {value!r}")
+            raise PluginSettingError(origin, f"parameters.{name}", f"expected a number, true/false or a string, "
+                                                                   f"got {value!r}")
     files = {}
     for key in ("preset_file", "state_file"):
         value = table.get(key)
         if value is not None and not isinstance(value, str):
-            raise ChiptuneError(f"{origin}.{key}: expected a file path, got {value!r}")
+            raise PluginSettingError(origin, key, f"expected a file path, got {value!r}")
         files[key] = value
     max_tail = table.get("max_tail", DEFAULT_MAX_TAIL)
     if isinstance(max_tail, bool) or not isinstance(max_tail, int | float) or not 0 <= max_tail <= MAX_TAIL_LIMIT:
-        raise ChiptuneError(f"{origin}.max_tail: expected seconds from 0 to {MAX_TAIL_LIMIT:g}, got {max_tail!r}")
+        raise PluginSettingError(origin, "max_tail", f"expected seconds from 0 to {MAX_TAIL_LIMIT:g}, got {max_tail!r}")
     return plugin_spec(plugin, base_dir=base_dir, origin=origin, parameters=parameters, max_tail=float(max_tail),
                        **files)
 
@@ -376,9 +387,10 @@ def _read_side_file(name: str, base_dir: Path | None, origin: str, plugin: Path,
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ChiptuneError(_where(origin, plugin, f"cannot read {key} {path} ({exc.strerror or exc})")) from None
+        raise PluginSettingError(origin, "", f"plugin {plugin}: cannot read {key} {path} "
+                                             f"({exc.strerror or exc})") from None
     if not data:
-        raise ChiptuneError(_where(origin, plugin, f"{key} {path} is empty"))
+        raise PluginSettingError(origin, "", f"plugin {plugin}: {key} {path} is empty")
     return data
 
 

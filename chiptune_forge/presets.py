@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChiptuneError
-from .plugins import PRESET_KEYS, PluginSpec, PluginUnavailable, preset_plugin
+from .plugins import PRESET_KEYS, PluginSettingError, PluginSpec, preset_plugin
 from .snes.dsp import Envelope
 from .snes.echo import FIR_TAPS, MAX_EDL, EchoSettings
 from .snes.instruments import BUILTIN_PREFIX, INSTRUMENTS, KIT_NAME, instrument_names
@@ -395,14 +395,8 @@ class _Validator:
         self.keys(table, PLUGIN_ROLE_KEYS, prefix)
         try:
             plugin = preset_plugin(table, f"{self.where}: {prefix}", self.folder)
-        except PluginUnavailable:
-            raise  # not a mistake in the preset's text: a build fails only the tracks that use it
-        except ChiptuneError as exc:  # located like every other preset problem (by its key, then its line)
-            message = str(exc)
-            if not message.startswith(f"{self.where}: {prefix}"):
-                raise
-            key, _, reason = message.removeprefix(f"{self.where}: ").partition(": ")
-            raise self.fail(key, reason) from None
+        except PluginSettingError as exc:  # located like every other preset problem (by its key, then its line)
+            raise self.fail(self._join(prefix, exc.key), exc.reason) from None
         return RoleSpec(
             instrument=f"plugin:{plugin.path.name}",
             envelope=None,

@@ -193,7 +193,7 @@ class Watcher:
             report = builder.run()
         except BuildBusy as exc:
             if not was_busy:
-                self.log(f"{exc.args[0].removesuffix('; wait for it to finish')}: building once it has finished")
+                self.log(f"{exc.project}: another build is running ({exc.holder}): building once it has finished")
             self.busy = True
             return None
         except ChiptuneError as exc:
