@@ -1,7 +1,9 @@
 """Render speed: a 2-minute piece through `chiptune-forge render`, against FluidSynth on the same MIDI.
 
-Three processes are timed on the same MIDI file, alternating, several times each (medians are printed):
-  cli     `chiptune-forge render IN.mid -o OUT.wav` (everything the command does)
+Four processes are timed on the same MIDI file, alternating, several times each (medians are printed):
+  cli     `chiptune-forge render IN.mid -o OUT.wav` (everything the command does: the piece at the chip's level)
+  cli-lufs  the same with `--loudness -16`: normalized, true peak checked, NAME.json written (what a loop
+          export and the build do to every track)
   engine  a bare process that imports the renderer, reads the MIDI, calls render_piece and writes a
           16-bit WAV: the cost of the sampler itself, without what the command adds around it
   fluid   `fluidsynth -ni -q -F OUT.wav -r 32000 SOUNDFONT IN.mid` with a Debian General MIDI SoundFont
@@ -103,6 +105,8 @@ def main() -> None:
         commands = {
             "cli": ([cli] if cli else [sys.executable, "-m", "chiptune_forge"])
             + ["render", str(midi), "-o", f"{tmp}/cli.wav", "--preset", args.preset],
+            "cli-lufs": ([cli] if cli else [sys.executable, "-m", "chiptune_forge"])
+            + ["render", str(midi), "-o", f"{tmp}/lufs.wav", "--preset", args.preset, "--loudness", "-16"],
             "engine": [sys.executable, "-c", ENGINE, str(midi), f"{tmp}/engine.wav", args.preset],
         }
         fluid = shutil.which("fluidsynth")
@@ -121,7 +125,7 @@ def main() -> None:
     cpus = {name: statistics.median(c for _, c, _ in runs) for name, runs in results.items()}
     peaks = {name: max(p for _, _, p in runs) for name, runs in results.items()}
     for name in commands:
-        line = f"  {name:<7} {walls[name]:6.3f} s wall  {cpus[name]:6.3f} s CPU   peak {peaks[name]:6.1f} MB"
+        line = f"  {name:<8} {walls[name]:6.3f} s wall  {cpus[name]:6.3f} s CPU   peak {peaks[name]:6.1f} MB"
         if "fluid" in walls and name != "fluid":
             line += (f"   {walls[name] / walls['fluid']:.2f} x FluidSynth (wall)"
                      f"  {cpus[name] / cpus['fluid']:.2f} x (CPU)")

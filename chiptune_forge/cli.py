@@ -510,10 +510,11 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
                    help="bars of intro from the start of the MIDI before the loop body (default 0)")
     p.add_argument("--bars", type=int, default=None,
                    help="bars in the loop body (default: up to the piece's last bar line)")
-    p.add_argument("--loudness", type=float, default=-16.0, metavar="LUFS",
-                   help="target integrated loudness (default -16)")
-    p.add_argument(*option("true-peak"), dest="true_peak", type=float, default=-1.0, metavar="DBTP",
-                   help="true-peak ceiling, checked after encoding (default -1)")
+    p.add_argument("--loudness", type=float, default=None, metavar="LUFS",
+                   help="normalize to this integrated loudness and write NAME.json (default: -16 with --loop; "
+                        "without --loop the chip's own level, no NAME.json)")
+    p.add_argument(*option("true-peak"), dest="true_peak", type=float, default=None, metavar="DBTP",
+                   help="true-peak ceiling when normalizing, checked after encoding (default -1)")
     add_flag(p, "godot-import", False, "also write Godot 4 .import settings (loop, loop offset)")
     add_flag(p, "split", False, "also write NAME_intro and NAME_loop clips for engines that chain clips")
     p.set_defaults(func=_run_render)
@@ -522,7 +523,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 def _run_render(args: argparse.Namespace) -> int:
     import math
 
-    from .export import export_track, file_sha256, measure_loudness, normalize, sidecar_listed
+    from .export import TARGET_LUFS, TRUE_PEAK_DB, export_track, file_sha256, sidecar_listed
     from .loops import render_track
     from .manifest import LOUDNESS_RANGE, TRUE_PEAK_RANGE
     from .midi import read_midi
@@ -531,10 +532,13 @@ def _run_render(args: argparse.Namespace) -> int:
 
     output = check_output_path(args.output)
     check_sample_rate(args.sample_rate)
-    if not LOUDNESS_RANGE[0] <= args.loudness < LOUDNESS_RANGE[1]:
-        raise ChiptuneError(f"--loudness {args.loudness:g} LUFS is out of range (use -70 up to below 0, e.g. -16)")
-    if not TRUE_PEAK_RANGE[0] <= args.true_peak <= TRUE_PEAK_RANGE[1]:
-        raise ChiptuneError(f"--true-peak {args.true_peak:g} dBTP is out of range (use {TRUE_PEAK_RANGE[0]:g} to 0, "
+    normalizing = args.loop or args.loudness is not None or args.true_peak is not None
+    target = TARGET_LUFS if args.loudness is None else args.loudness
+    ceiling = TRUE_PEAK_DB if args.true_peak is None else args.true_peak
+    if not LOUDNESS_RANGE[0] <= target < LOUDNESS_RANGE[1]:
+        raise ChiptuneError(f"--loudness {target:g} LUFS is out of range (use -70 up to below 0, e.g. -16)")
+    if not TRUE_PEAK_RANGE[0] <= ceiling <= TRUE_PEAK_RANGE[1]:
+        raise ChiptuneError(f"--true-peak {ceiling:g} dBTP is out of range (use {TRUE_PEAK_RANGE[0]:g} to 0, "
                             f"e.g. -1)")
     if args.split and not args.loop:
         raise ChiptuneError("--split needs --loop: it writes the loop's intro and body as separate clips")
@@ -549,27 +553,36 @@ def _run_render(args: argparse.Namespace) -> int:
         raise ChiptuneError(f"{args.input}: {exc}") from None
     fmt = output.suffix[1:].lower()
     described = sidecar_listed(output.parent, output.stem)  # before this render's NAME.json replaces it
-    loudness = measure_loudness(track)
-    track, gain = normalize(track, args.loudness, args.true_peak, formats=(fmt,), loudness_lufs=loudness)
-    info = {"source_midi": Path(args.input).name, "midi_sha256": file_sha256(args.input), "preset": preset.name,
-            "gain_db": round(gain, 3)}
-    paths = export_track(track, output.parent, output.stem, (fmt,), info, godot_import=args.godot_import,
-                         split=args.split, loudness_lufs=loudness + gain)
+    if normalizing:
+        from .export import measure_loudness, normalize
+
+        loudness = measure_loudness(track)
+        track, gain = normalize(track, target, ceiling, formats=(fmt,), loudness_lufs=loudness)
+        info = {"source_midi": Path(args.input).name, "midi_sha256": file_sha256(args.input),
+                "preset": preset.name, "gain_db": round(gain, 3)}
+        reached = loudness + gain
+        level = ("silent" if math.isinf(reached) else f"gain {gain:+.2f} dB to {reached:.1f} LUFS"
+                 + (f" (short of {target:g}: held back by the {ceiling:g} dBTP ceiling)"
+                    if reached < target - 0.05 else ""))
+        paths = export_track(track, output.parent, output.stem, (fmt,), info, godot_import=args.godot_import,
+                             split=args.split, loudness_lufs=reached)
+    else:
+        peak = max(float(track.audio.max(initial=0.0)), -float(track.audio.min(initial=0.0)))
+        level = "silent" if peak == 0 else f"the chip's level (sample peak {20 * math.log10(peak):.1f} dBFS)"
+        paths = export_track(track, output.parent, output.stem, (fmt,), godot_import=args.godot_import,
+                             sidecar=False)
     rate = args.sample_rate
     loop = (f"loop {track.loop_start / rate:.3f} s + {track.loop_length / rate:.3f} s "
             f"(LOOPSTART={track.loop_start}, LOOPLENGTH={track.loop_length})" if track.looping else "jingle")
-    reached = loudness + gain
-    level = ("silent" if math.isinf(reached) else f"gain {gain:+.2f} dB to {reached:.1f} LUFS"
-             + (f" (short of {args.loudness:g}: held back by the {args.true_peak:g} dBTP ceiling)"
-                if reached < args.loudness - 0.05 else ""))
     print(f"{paths[0]}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, {level}; "
           f"wrote {', '.join(p.name for p in paths)}")
-    stale = [p.name for p in _side_files(paths[0]) if p.exists() and p not in paths]
+    earlier_sidecar = [paths[0].with_name(f"{output.stem}.json")] if described and not normalizing else []
+    stale = [p.name for p in _side_files(paths[0]) + earlier_sidecar if p.exists() and p not in paths]
     if stale:
         print(f"chiptune-forge: warning: {', '.join(stale)} from an earlier render no longer match and were left as "
-              "they were (rewrite them with --godot-import / --split, or delete them)", file=sys.stderr)
-    undescribed = [f for f in described if output.parent / f not in paths and (output.parent / f).exists()
-                   and f not in stale]
+              "they were (rewrite them with --godot-import / --split / --loudness, or delete them)", file=sys.stderr)
+    undescribed = [f for f in described if normalizing and output.parent / f not in paths
+                   and (output.parent / f).exists() and f not in stale]
     if undescribed:
         print(f"chiptune-forge: warning: {output.stem}.json now describes this render only; {', '.join(undescribed)} "
               f"from an earlier render {'is' if len(undescribed) == 1 else 'are'} no longer listed in it",

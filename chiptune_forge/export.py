@@ -381,10 +381,11 @@ def _check_request(track: TrackAudio, name: str, formats: Sequence[str]) -> list
 
 def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[str] = ("ogg",),
                  sidecar_info: dict | None = None, godot_import: bool = False,
-                 split: bool = False, loudness_lufs: float | None = None) -> list[Path]:
+                 split: bool = False, loudness_lufs: float | None = None, sidecar: bool = True) -> list[Path]:
     """Write NAME.<fmt> for each format, plus NAME.json, and optionally Godot `.import` files and the
     split clips NAME_intro.<fmt> + NAME_loop.<fmt> (jingles have nothing to split; without an intro only
-    the loop clip is written). Returns the final paths.
+    the loop clip is written). Returns the final paths. Without `sidecar` no NAME.json is written and
+    nothing is measured.
 
     `sidecar_info` adds keys to the sidecar (e.g. "midi_sha256", "gain_db"); the measured keys win.
     The sidecar's `true_peak_dbtp` is measured on the written files, decoded; its `loudness_lufs` is
@@ -425,18 +426,19 @@ def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[
             for fmt in fmts:
                 final = out_dir / f"{clip}.{fmt}"
                 tmp = stage(final, lambda p, a=audio, lp=loop, f=fmt: WRITERS[f](p, a, rate, lp))
-                if clip == name:
+                if clip == name and sidecar:
                     peak = max(peak, _vorbis_true_peak_db(audio, rate, track.loop_start) if fmt == "ogg"
                                else true_peak_db(_decoded(tmp), rate, track.loop_start))
                 if godot_import:
                     imp = godot_import_file(final)
                     text = godot_import_text(fmt, rate, loop, _existing_uid(imp))
                     stage(imp, lambda p, t=text: p.write_text(t, encoding="utf-8"))
-        files = [f"{name}.{fmt}" for fmt in fmts]
-        loudness = measure_loudness(track) if loudness_lufs is None else loudness_lufs
-        sidecar = _sidecar(track, name, files, loudness, peak, sidecar_info, split_names)
-        text = json.dumps(sidecar, indent=2) + "\n"
-        stage(out_dir / f"{name}.json", lambda p: p.write_text(text, encoding="utf-8"))
+        if sidecar:
+            files = [f"{name}.{fmt}" for fmt in fmts]
+            loudness = measure_loudness(track) if loudness_lufs is None else loudness_lufs
+            data = _sidecar(track, name, files, loudness, peak, sidecar_info, split_names)
+            text = json.dumps(data, indent=2) + "\n"
+            stage(out_dir / f"{name}.json", lambda p: p.write_text(text, encoding="utf-8"))
         for tmp, final in staged:
             try:
                 os.replace(tmp, final)

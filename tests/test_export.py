@@ -32,12 +32,15 @@ from chiptune_forge.export import (
     fit_ceiling,
     measure_loudness,
     normalize,
+    pcm16,
     true_peak_db,
     write_ogg,
     write_wav,
 )
 from chiptune_forge.loops import TrackAudio, render_track
-from chiptune_forge.midi import Note, Piece, write_midi
+from chiptune_forge.midi import Note, Piece, read_midi, write_midi
+from chiptune_forge.presets import load_preset
+from chiptune_forge.render import render_piece
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +396,28 @@ def test_render_cli_jingle_wav(midi_file, tmp_path):
     assert "smpl" not in riff_chunks((tmp_path / "win.wav").read_bytes())
 
 
+def test_a_plain_render_holds_the_chips_own_output_and_no_sidecar(midi_file, tmp_path, capsys):
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "win.wav")]) == 0
+    preset = load_preset("snes")
+    chip = render_track(read_midi(midi_file), lambda p, rate: render_piece(p, preset, rate), RATE, loop=False)
+    written, _ = sf.read(str(tmp_path / "win.wav"), dtype="int16")
+    assert np.array_equal(written, pcm16(chip.audio)), "no gain: the samples the sampler made"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mid", "win.wav"]
+    peak = 20 * math.log10(np.abs(chip.audio).max())
+    assert f"jingle, the chip's level (sample peak {peak:.1f} dBFS); wrote win.wav" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--loudness", "-20"], ["--true-peak", "-3"]])
+def test_render_normalizes_a_jingle_when_asked(midi_file, tmp_path, args):
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "win.wav"), *args]) == 0
+    data = json.loads((tmp_path / "win.json").read_text())
+    target, ceiling = (-20.0, -1.0) if "--loudness" in args else (-16.0, -3.0)
+    assert data["loop"] is False and data["gain_db"] != 0
+    assert data["true_peak_dbtp"] <= ceiling and data["loudness_lufs"] <= target + 0.05
+    assert data["loudness_lufs"] >= target - 0.05 or data["true_peak_dbtp"] >= ceiling - 0.2, \
+        "the gain stops at the target loudness or at the ceiling"
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--loop", "--intro-bars", "2", "--bars", "2"], "in.mid: loop of 2 intro + 2 body bars is longer than the piece"),
     (["--loop", "--intro-bars", "3"], "leaves no body"),
@@ -431,7 +456,7 @@ def test_render_points_out_side_files_of_an_earlier_render(midi_file, tmp_path, 
     assert main(["render", str(midi_file), "-o", str(out)]) == 0  # now a jingle: the old loop files are stale
     err = capsys.readouterr().err
     assert "warning: theme.ogg.import, theme_intro.ogg.import, theme_loop.ogg.import, theme_intro.ogg, " \
-           "theme_loop.ogg from an earlier render no longer match" in err
+           "theme_loop.ogg, theme.json from an earlier render no longer match" in err
     assert main(["render", str(midi_file), "-o", str(out), "--loop", "--intro-bars", "1", "--split",
                  "--godot-import"]) == 0
     assert "warning" not in capsys.readouterr().err
