@@ -576,11 +576,14 @@ def _run_render(args: argparse.Namespace) -> int:
             f"(LOOPSTART={track.loop_start}, LOOPLENGTH={track.loop_length})" if track.looping else "jingle")
     print(f"{paths[0]}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, {level}; "
           f"wrote {', '.join(p.name for p in paths)}")
-    earlier_sidecar = [paths[0].with_name(f"{output.stem}.json")] if described and not normalizing else []
+    # A NAME.json that described the file this plain render replaced no longer matches it.
+    earlier_sidecar = [] if normalizing or output.name not in described else [output.with_name(f"{output.stem}.json")]
     stale = [p.name for p in _side_files(paths[0]) + earlier_sidecar if p.exists() and p not in paths]
     if stale:
-        print(f"chiptune-forge: warning: {', '.join(stale)} from an earlier render no longer match and were left as "
-              "they were (rewrite them with --godot-import / --split / --loudness, or delete them)", file=sys.stderr)
+        state = ("no longer matches and was left as it was (rewrite it" if len(stale) == 1
+                 else "no longer match and were left as they were (rewrite them")
+        print(f"chiptune-forge: warning: {', '.join(stale)} from an earlier render {state} with --godot-import / "
+              f"--split / --loudness, or delete {'it' if len(stale) == 1 else 'them'})", file=sys.stderr)
     undescribed = [f for f in described if normalizing and output.parent / f not in paths
                    and (output.parent / f).exists() and f not in stale]
     if undescribed:

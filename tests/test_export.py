@@ -462,6 +462,16 @@ def test_render_points_out_side_files_of_an_earlier_render(midi_file, tmp_path, 
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_plain_render_points_out_only_a_sidecar_that_described_the_file_it_replaced(midi_file, tmp_path, capsys):
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg"), "--loop"]) == 0
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.wav")]) == 0
+    assert "warning" not in capsys.readouterr().err, "theme.json still describes theme.ogg, which is unchanged"
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: theme.json from an earlier render no longer matches and was left as it was" in err
+    assert json.loads((tmp_path / "theme.json").read_text())["loop"] is True, "left as it was"
+
+
 def test_render_in_another_format_says_the_earlier_file_is_no_longer_described(midi_file, tmp_path, capsys):
     assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg"), "--loop"]) == 0
     capsys.readouterr()
