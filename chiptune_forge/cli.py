@@ -509,12 +509,15 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument(*option("intro-bars"), dest="intro_bars", type=int, default=0,
                    help="bars of intro from the start of the MIDI before the loop body (default 0)")
     p.add_argument("--bars", type=int, default=None,
-                   help="bars in the loop body (default: up to the piece's last bar line)")
+                   help="bars in the loop body (default: up to the piece's last bar line); without --loop, "
+                        "render only the first BARS bars")
     p.add_argument("--loudness", type=float, default=None, metavar="LUFS",
                    help="normalize to this integrated loudness and write NAME.json (default: -16 with --loop; "
-                        "without --loop the chip's own level, no NAME.json)")
+                        "without --loop the chip's own level and no NAME.json, unless this or --true-peak is "
+                        "given)")
     p.add_argument(*option("true-peak"), dest="true_peak", type=float, default=None, metavar="DBTP",
-                   help="true-peak ceiling when normalizing, checked after encoding (default -1)")
+                   help="true-peak ceiling when normalizing, checked after encoding (default -1); giving it "
+                        "normalizes a render without --loop too")
     add_flag(p, "godot-import", False, "also write Godot 4 .import settings (loop, loop offset)")
     add_flag(p, "split", False, "also write NAME_intro and NAME_loop clips for engines that chain clips")
     p.set_defaults(func=_run_render)
@@ -542,6 +545,13 @@ def _run_render(args: argparse.Namespace) -> int:
                             f"e.g. -1)")
     if args.split and not args.loop:
         raise ChiptuneError("--split needs --loop: it writes the loop's intro and body as separate clips")
+    if args.intro_bars and not args.loop:
+        raise ChiptuneError("--intro-bars needs --loop: the intro is what plays once before the loop")
+    sidecar = output.with_name(f"{output.stem}.json")
+    described = sidecar_listed(output.parent, output.stem)  # before this render's NAME.json replaces it
+    if normalizing and sidecar.exists() and not described:
+        raise ChiptuneError(f"{sidecar}: exists and is not a sidecar chiptune-forge wrote for {output.name}; "
+                            "move it away or render to another name")
     preset = load_preset(args.preset)
     piece = read_midi(args.input)
     if not piece.notes:
@@ -552,7 +562,6 @@ def _run_render(args: argparse.Namespace) -> int:
     except ChiptuneError as exc:
         raise ChiptuneError(f"{args.input}: {exc}") from None
     fmt = output.suffix[1:].lower()
-    described = sidecar_listed(output.parent, output.stem)  # before this render's NAME.json replaces it
     if normalizing:
         from .export import measure_loudness, normalize
 
@@ -576,29 +585,37 @@ def _run_render(args: argparse.Namespace) -> int:
             f"(LOOPSTART={track.loop_start}, LOOPLENGTH={track.loop_length})" if track.looping else "jingle")
     print(f"{paths[0]}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, {level}; "
           f"wrote {', '.join(p.name for p in paths)}")
-    # A NAME.json that described the file this plain render replaced no longer matches it.
-    earlier_sidecar = [] if normalizing or output.name not in described else [output.with_name(f"{output.stem}.json")]
-    stale = [p.name for p in _side_files(paths[0]) + earlier_sidecar if p.exists() and p not in paths]
+    stale = _stale_side_files(paths, fmt, rate, (track.loop_start, track.loop_length) if track.looping else None)
+    if not normalizing and output.name in described:  # it described the file this render replaced
+        stale.append(sidecar)
     if stale:
-        state = ("no longer matches and was left as it was (rewrite it" if len(stale) == 1
-                 else "no longer match and were left as they were (rewrite them")
-        print(f"chiptune-forge: warning: {', '.join(stale)} from an earlier render {state} with --godot-import / "
-              f"--split / --loudness, or delete {'it' if len(stale) == 1 else 'them'})", file=sys.stderr)
-    undescribed = [f for f in described if normalizing and output.parent / f not in paths
-                   and (output.parent / f).exists() and f not in stale]
+        one = len(stale) == 1
+        print(f"chiptune-forge: warning: {', '.join(map(str, stale))} {'does' if one else 'do'} not match this "
+              f"render and {'was' if one else 'were'} left as {'it was' if one else 'they were'} (delete "
+              f"{'it' if one else 'them'} if no longer needed)", file=sys.stderr)
+    undescribed = [output.parent / f for f in described if normalizing]
+    undescribed = [f for f in undescribed if f not in paths and f.exists() and f not in stale]
     if undescribed:
-        print(f"chiptune-forge: warning: {output.stem}.json now describes this render only; {', '.join(undescribed)} "
+        print(f"chiptune-forge: warning: {sidecar} now describes this render only; {', '.join(map(str, undescribed))} "
               f"from an earlier render {'is' if len(undescribed) == 1 else 'are'} no longer listed in it",
               file=sys.stderr)
     return 0
 
 
-def _side_files(main_file: Path) -> list[Path]:
-    """The files a render may write beside NAME.fmt: Godot import settings and the split clips."""
+def _stale_side_files(written: list[Path], fmt: str, rate: int, loop: tuple[int, int] | None) -> list[Path]:
+    """Files beside a render's NAME.fmt that this render did not rewrite and that no longer fit it: split
+    clips of an earlier loop (and their Godot settings), and Godot settings (ours or Godot's own) that loop
+    the file differently."""
+    from .export import godot_import_agrees
     from .loops import SPLIT_PARTS, godot_import_file, split_clip
 
+    main_file = written[0]
     clips = [main_file.with_name(split_clip(main_file.stem, part) + main_file.suffix) for part in SPLIT_PARTS]
-    return [godot_import_file(p) for p in (main_file, *clips)] + clips
+    stale = [f for clip in clips for f in (clip, godot_import_file(clip)) if f not in written and f.exists()]
+    settings = godot_import_file(main_file)
+    if settings not in written and settings.exists() and not godot_import_agrees(settings, fmt, rate, loop):
+        stale.insert(0, settings)
+    return stale
 
 
 def _add_presets(sub: argparse._SubParsersAction) -> None:

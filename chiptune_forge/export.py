@@ -272,6 +272,7 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> No
 
     Stereo 16-bit data is always an even number of bytes, so the chunk needs no RIFF pad byte before it.
     """
+    open(path, "wb").close()  # libsndfile reports a folder it cannot write to only as "System error"
     with _interrupt_after():
         sf.write(str(path), pcm16(audio), sample_rate, format="WAV", subtype="PCM_16")
     if loop is None:
@@ -288,19 +289,60 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> No
 WRITERS: dict[str, Callable[[Path, np.ndarray, int, Loop], None]] = {"ogg": write_ogg, "wav": write_wav}
 
 
+def _godot_params(fmt: str, sample_rate: int, loop: Loop) -> dict[str, str]:
+    """The loop settings Godot 4 reads from an asset's `.import` [params]."""
+    if fmt == "ogg":
+        return {"loop": "true" if loop else "false",
+                "loop_offset": repr(loop[0] / sample_rate) if loop else "0.0"}
+    if loop:
+        return {"edit/loop_mode": "2", "edit/loop_begin": str(loop[0]), "edit/loop_end": str(loop[0] + loop[1])}
+    return {"edit/loop_mode": "1"}
+
+
 def godot_import_text(fmt: str, sample_rate: int, loop: Loop, uid: str | None = None) -> str:
     """Godot 4 `.import` settings; Godot keeps [params] and the uid when it reimports the file."""
     if fmt == "ogg":
         remap = ['importer="oggvorbisstr"', 'type="AudioStreamOggVorbis"']
-        params = [f"loop={'true' if loop else 'false'}",
-                  f"loop_offset={repr(loop[0] / sample_rate) if loop else '0.0'}"]
     else:
         remap = ['importer="wav"', 'type="AudioStreamWAV"']
-        params = (["edit/loop_mode=2", f"edit/loop_begin={loop[0]}", f"edit/loop_end={loop[0] + loop[1]}"]
-                  if loop else ["edit/loop_mode=1"])
     if uid:
         remap.append(f'uid="{uid}"')
+    params = [f"{key}={value}" for key, value in _godot_params(fmt, sample_rate, loop).items()]
     return "[remap]\n\n" + "\n".join(remap) + "\n\n[params]\n\n" + "\n".join(params) + "\n"
+
+
+def godot_import_agrees(import_file: Path, fmt: str, sample_rate: int, loop: Loop) -> bool:
+    """Whether the `.import` settings beside an asset (ours or Godot's own) loop it as `loop` says.
+
+    Godot's own defaults agree with a clip that does not loop, and a WAV's "detect" mode (0) follows the
+    file's smpl chunk, so it agrees with anything export writes. True when the file cannot be read.
+    """
+    try:
+        text = import_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return True
+    params: dict[str, str] = {}
+    section = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[params]" and "=" in line:
+            key, value = line.split("=", 1)
+            params[key.strip()] = value.strip()
+    if fmt != "ogg" and params.get("edit/loop_mode", "0") == "0":
+        return True
+    want = _godot_params(fmt, sample_rate, loop)
+    defaults = _godot_params(fmt, sample_rate, None)
+    for key, value in want.items():
+        have = params.get(key, defaults.get(key, value))
+        try:
+            if float(have) != float(value):
+                return False
+        except ValueError:
+            if have != value:
+                return False
+    return True
 
 
 def file_sha256(path: str | Path) -> str:
@@ -408,6 +450,8 @@ def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[
     staged: list[tuple[Path, Path]] = []
 
     def stage(final: Path, write: Callable[[Path], None]) -> Path:
+        if final.is_dir():  # found before anything is renamed into place, so no file of the set changes
+            raise ChiptuneError(f"{final}: is a folder; cannot write the file there")
         tmp = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
         staged.append((tmp, final))
         try:

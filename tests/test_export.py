@@ -421,7 +421,7 @@ def test_render_normalizes_a_jingle_when_asked(midi_file, tmp_path, args):
 @pytest.mark.parametrize(("args", "message"), [
     (["--loop", "--intro-bars", "2", "--bars", "2"], "in.mid: loop of 2 intro + 2 body bars is longer than the piece"),
     (["--loop", "--intro-bars", "3"], "leaves no body"),
-    (["--intro-bars", "1"], "needs a looping track"),
+    (["--intro-bars", "1"], "--intro-bars needs --loop"),
     (["--loop", "--sample-rate", "22050"], "unsupported sample rate 22050 Hz"),
     (["--loop", "--loudness", "3"], "--loudness 3 LUFS is out of range"),
     (["--loop", "--true-peak", "0.5"], "--true-peak 0.5 dBTP is out of range"),
@@ -455,8 +455,9 @@ def test_render_points_out_side_files_of_an_earlier_render(midi_file, tmp_path, 
     capsys.readouterr()
     assert main(["render", str(midi_file), "-o", str(out)]) == 0  # now a jingle: the old loop files are stale
     err = capsys.readouterr().err
-    assert "warning: theme.ogg.import, theme_intro.ogg.import, theme_loop.ogg.import, theme_intro.ogg, " \
-           "theme_loop.ogg, theme.json from an earlier render no longer match" in err
+    listed = ", ".join(str(tmp_path / f) for f in ("theme.ogg.import", "theme_intro.ogg", "theme_intro.ogg.import",
+                                                    "theme_loop.ogg", "theme_loop.ogg.import", "theme.json"))
+    assert f"warning: {listed} do not match this render and were left as they were" in err
     assert main(["render", str(midi_file), "-o", str(out), "--loop", "--intro-bars", "1", "--split",
                  "--godot-import"]) == 0
     assert "warning" not in capsys.readouterr().err
@@ -468,16 +469,71 @@ def test_a_plain_render_points_out_only_a_sidecar_that_described_the_file_it_rep
     assert "warning" not in capsys.readouterr().err, "theme.json still describes theme.ogg, which is unchanged"
     assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg")]) == 0
     err = capsys.readouterr().err
-    assert "warning: theme.json from an earlier render no longer matches and was left as it was" in err
+    assert f"warning: {tmp_path / 'theme.json'} does not match this render and was left as it was" in err
     assert json.loads((tmp_path / "theme.json").read_text())["loop"] is True, "left as it was"
+
+
+GODOT_OWN_IMPORT = """[remap]
+
+importer="oggvorbisstr"
+type="AudioStreamOggVorbis"
+uid="uid://b8x2k4m1q0xyz"
+path="res://.godot/imported/theme.ogg-123.oggvorbisstr"
+
+[params]
+
+loop=false
+loop_offset=0
+bpm=0
+"""
+
+
+def test_godot_settings_are_pointed_out_only_when_they_loop_the_file_differently(midi_file, tmp_path, capsys):
+    (tmp_path / "theme.ogg.import").write_text(GODOT_OWN_IMPORT)
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg")]) == 0
+    assert "warning" not in capsys.readouterr().err, "Godot's defaults play a jingle as it is"
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg"), "--loop"]) == 0
+    assert f"warning: {tmp_path / 'theme.ogg.import'} does not match this render" in capsys.readouterr().err
+    assert (tmp_path / "theme.ogg.import").read_text() == GODOT_OWN_IMPORT
+
+
+@pytest.mark.parametrize("args", [["--loop"], ["--loudness", "-16"]])
+def test_render_never_replaces_a_json_file_it_did_not_write(midi_file, tmp_path, capsys, args):
+    (tmp_path / "theme.json").write_text('{"level": "data"}')
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg"), *args]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"chiptune-forge: error: {tmp_path / 'theme.json'}: exists and is not a sidecar chiptune-forge "
+                   "wrote for theme.ogg; move it away or render to another name\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mid", "theme.json"]
+
+
+def test_a_render_that_cannot_write_one_file_changes_none(midi_file, tmp_path, capsys):
+    args = ["--loop", "--intro-bars", "1", "--split", "--godot-import"]
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg"), *args]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / "theme_loop.ogg").unlink()
+    (tmp_path / "theme_loop.ogg").mkdir()
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg"), *args, "--loudness", "-20"]) == 1
+    assert capsys.readouterr().err == (f"chiptune-forge: error: {tmp_path / 'theme_loop.ogg'}: is a folder; cannot "
+                                       "write the file there\n")
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == {name: data for name, data in before.items() if name != "theme_loop.ogg"}
+
+
+def test_a_wav_that_cannot_be_created_is_a_one_line_error(midi_file, tmp_path, capsys):
+    (tmp_path / ".theme.wav.partial").mkdir()  # stands in for a folder the user may not write to
+    assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.wav")]) == 1
+    assert capsys.readouterr().err == (f"chiptune-forge: error: {tmp_path / 'theme.wav'}: cannot write "
+                                       "(Is a directory)\n")
+    assert not (tmp_path / "theme.wav").exists()
 
 
 def test_render_in_another_format_says_the_earlier_file_is_no_longer_described(midi_file, tmp_path, capsys):
     assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.ogg"), "--loop"]) == 0
     capsys.readouterr()
     assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.wav"), "--loop"]) == 0
-    assert "warning: theme.json now describes this render only; theme.ogg from an earlier render is no longer " \
-           "listed in it" in capsys.readouterr().err
+    assert f"warning: {tmp_path / 'theme.json'} now describes this render only; {tmp_path / 'theme.ogg'} from an " \
+           "earlier render is no longer listed in it" in capsys.readouterr().err
     assert json.loads((tmp_path / "theme.json").read_text())["files"] == ["theme.wav"]
     assert main(["render", str(midi_file), "-o", str(tmp_path / "theme.wav"), "--loop"]) == 0
     assert "warning" not in capsys.readouterr().err
