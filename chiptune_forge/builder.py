@@ -408,16 +408,18 @@ def render_job(job: RenderJob) -> dict[str, Any]:
     from .export import measure_loudness, true_peak_db
     from .loops import render_track
     from .midi import read_midi
-    from .render import render_piece
+    from .render import RenderStats, render_piece
 
     piece = read_midi(job.midi_path)
-    track = render_track(piece, lambda p, sr: render_piece(p, job.preset, sr), job.sample_rate, loop=job.loop,
-                         intro_bars=job.intro_bars, bars=job.bars)
+    stats = RenderStats()
+    track = render_track(piece, lambda p, sr: render_piece(p, job.preset, sr, stats=stats), job.sample_rate,
+                         loop=job.loop, intro_bars=job.intro_bars, bars=job.bars)
     loudness = measure_loudness(track)
     peak = true_peak_db(track.audio, track.sample_rate)
     meta = {"sample_rate": track.sample_rate, "loop_start": track.loop_start, "loop_length": track.loop_length,
             "qpm": track.qpm, "bars": track.bars, "intro_bars": track.intro_bars, "loudness_lufs": loudness,
-            "true_peak_db": peak, "frames": int(track.audio.shape[0])}
+            "true_peak_db": peak, "frames": int(track.audio.shape[0]),
+            "clip_warning": stats.warning(job.preset) if stats.clipped else None}
     tmp = Path(job.audio_path + f".{os.getpid()}.partial")
     with open(tmp, "wb") as fh:
         np.savez(fh, audio=track.audio, meta=json.dumps(meta))
@@ -814,6 +816,9 @@ class Builder:
                                   str(self.cache / "audio" / f"{plans[t.name]['render_key']}.npz"))
                 for t in to_render}
         metas = self._run_stage(render_job, jobs, "render", by_name)
+        for name, meta in metas.items():
+            if meta.get("clip_warning"):
+                self.log(f"{name}: warning: {meta['clip_warning']}")
 
         # Stage 3 (workers): export, with one shared gain when asked.
         ok = [t for t in pending if by_name[t.name].status == "pending"]

@@ -531,7 +531,7 @@ def _run_render(args: argparse.Namespace) -> int:
     from .manifest import LOUDNESS_RANGE, TRUE_PEAK_RANGE
     from .midi import read_midi
     from .presets import load_preset
-    from .render import check_output_path, check_sample_rate, render_piece
+    from .render import RenderStats, check_output_path, check_sample_rate, render_piece
 
     output = check_output_path(args.output)
     check_sample_rate(args.sample_rate)
@@ -557,7 +557,8 @@ def _run_render(args: argparse.Namespace) -> int:
     if not piece.notes:
         raise ChiptuneError(f"{args.input}: no notes to render")
     try:
-        track = render_track(piece, lambda p, rate: render_piece(p, preset, rate), args.sample_rate,
+        stats = RenderStats()
+        track = render_track(piece, lambda p, rate: render_piece(p, preset, rate, stats=stats), args.sample_rate,
                              loop=args.loop, intro_bars=args.intro_bars, bars=args.bars)
     except ChiptuneError as exc:
         raise ChiptuneError(f"{args.input}: {exc}") from None
@@ -585,6 +586,8 @@ def _run_render(args: argparse.Namespace) -> int:
             f"(LOOPSTART={track.loop_start}, LOOPLENGTH={track.loop_length})" if track.looping else "jingle")
     print(f"{paths[0]}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, {level}; "
           f"wrote {', '.join(p.name for p in paths)}")
+    if stats.clipped:
+        print(f"chiptune-forge: warning: {paths[0]}: {stats.warning(preset)}", file=sys.stderr)
     stale = _stale_side_files(paths, fmt, rate, (track.loop_start, track.loop_length) if track.looping else None)
     if not normalizing and output.name in described:  # it described the file this render replaced
         stale.append(sidecar)
@@ -625,13 +628,13 @@ def _add_presets(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_presets(args: argparse.Namespace) -> int:
-    from .presets import list_presets
+    from .presets import list_presets, shipped_presets_dir
     from .snes.instruments import describe_instruments
 
     presets = list_presets()
     instruments = describe_instruments()
     width = max(len(name) for name, _ in presets + instruments)
-    print("presets:")
+    print(f"presets (in {shipped_presets_dir()}; copy one to start your own, then --preset FILE.toml):")
     for name, text in presets:
         print(f"  {name:<{width}}  {text}")
     print("instruments:")

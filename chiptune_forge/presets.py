@@ -18,7 +18,7 @@ Shape (every table and key optional; missing roles and keys take the engine defa
     octave = 0                        # -4..4
     echo = true                       # send this role to the echo unit (EON)
     [programs.33]                     # same keys as a role: tracks of a multi-track MIDI with program 33
-    instrument = "builtin:bass"
+    instrument = "builtin:bass"       # (keys left out stay as the track's role plays it)
     [echo]
     delay_ms = 64                     # 16..240 in steps of 16 (EDL)
     feedback = 0.3                    # -1..1 (EFB)
@@ -72,11 +72,12 @@ GAIN_MODES = ("direct", "increase", "bent")
 NOT_EFFECTS = {"Plugin", "Pedalboard", "Chain", "Mix", "PluginContainer", "ExternalPlugin", "VST3Plugin",
                "AudioUnitPlugin", "IIRFilter"}
 
+# A role a preset leaves out plays at the default preset's level, which leaves the mix of all four headroom.
 DEFAULT_ROLES: dict[str, dict[str, Any]] = {
-    "lead": {"instrument": "builtin:pulse50", "volume": 0.5, "pan": 0.0, "octave": 0, "echo": True},
-    "harmony": {"instrument": "builtin:strings", "volume": 0.3, "pan": 0.0, "octave": 0, "echo": True},
-    "bass": {"instrument": "builtin:bass", "volume": 0.55, "pan": 0.0, "octave": 0, "echo": False},
-    "drums": {"instrument": "builtin:kit", "volume": 0.5, "pan": 0.0, "octave": 0, "echo": False},
+    "lead": {"instrument": "builtin:pulse50", "volume": 0.2, "pan": 0.0, "octave": 0, "echo": True},
+    "harmony": {"instrument": "builtin:strings", "volume": 0.1, "pan": 0.0, "octave": 0, "echo": True},
+    "bass": {"instrument": "builtin:bass", "volume": 0.24, "pan": 0.0, "octave": 0, "echo": False},
+    "drums": {"instrument": "builtin:kit", "volume": 0.2, "pan": 0.0, "octave": 0, "echo": False},
 }
 
 
@@ -144,16 +145,17 @@ class Preset:
     path: Path | None
     description: str
     roles: Mapping[str, RoleSpec]
-    programs: Mapping[int, RoleSpec] = field(default_factory=dict)
+    programs: Mapping[int, Mapping[str, RoleSpec]] = field(default_factory=dict)  # program -> role -> spec
     echo: EchoSettings | None = None
     master_volume: tuple[int, int] = (127, 127)
     effects: tuple[EffectSpec, ...] = ()
     drums: bool = True
 
     def spec_for(self, role: str, program: int | None = None) -> RoleSpec:
-        """The spec for a part: its program's entry when the preset maps that program, else its role's."""
+        """The spec for a part: its program's entry when the preset maps that program (over its role's
+        settings), else its role's."""
         if program is not None and program in self.programs:
-            return self.programs[program]
+            return self.programs[program][role]
         return self.roles[role]
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +167,8 @@ class Preset:
         return {
             "version": FINGERPRINT_VERSION,
             "roles": {k: v.to_dict() for k, v in sorted(self.roles.items())},
-            "programs": {str(k): v.to_dict() for k, v in sorted(self.programs.items())},
+            "programs": {str(k): {role: spec.to_dict() for role, spec in sorted(by_role.items())}
+                         for k, by_role in sorted(self.programs.items())},
             "echo": echo,
             "mvol": list(self.master_volume),
             "effects": [{"type": e.type, "params": dict(e.params)} for e in self.effects],
@@ -219,13 +222,17 @@ def load_preset(name_or_path: str | Path, base_dir: Path | None = None) -> Prese
             path = (base_dir or Path.cwd()) / path
         if not path.is_file():
             what = "a folder, not a preset file" if path.is_dir() else "preset file not found"
+            if not path.exists() and path.stem in shipped_names() and not isinstance(name_or_path, Path):
+                what += f" (the shipped preset is named {path.stem}, without .toml)"
             raise ChiptuneError(f"{path}: {what}")
         return parse_preset(path.read_bytes(), path.stem, path)
     name = str(name_or_path)
     path = shipped_presets_dir() / f"{name}.toml"
     if not path.is_file():
-        raise ChiptuneError(f"unknown preset {name!r}{_did_you_mean(name, shipped_names())}; "
-                            f"give a shipped name or a path to a .toml file")
+        names = shipped_names()
+        hint = (f" (did you mean {name.lower()!r}?)" if name.lower() in names
+                else _did_you_mean(name.lower(), names))
+        raise ChiptuneError(f"unknown preset {name!r}{hint}; give a shipped name or a path to a .toml file")
     return parse_preset(path.read_bytes(), name, path)
 
 
@@ -234,10 +241,17 @@ def parse_preset(data: bytes, name: str, path: Path | None) -> Preset:
     problem is reported as FILE:LINE: key: reason."""
     where = path if path is not None else f"preset {name!r}"
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # editors on Windows may add a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise PresetError(where, "", f"not UTF-8 text ({exc})") from None
+    try:
         doc = tomllib.loads(text)
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PresetError(where, "", f"not valid TOML ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        at = re.search(r"\s*\(at line (\d+), column (\d+)\)", str(exc))
+        if at is None:
+            raise PresetError(where, "", f"TOML syntax error: {exc}") from None
+        raise PresetError(f"{where}:{at.group(1)}:{at.group(2)}", "",
+                          f"TOML syntax error: {str(exc)[:at.start()]}") from None
     try:
         return _parse(doc, name, path, where)
     except PresetError as exc:
@@ -284,13 +298,22 @@ def _parse(doc: dict, name: str, path: Path | None, where: object) -> Preset:
             raise PresetError(where, f"programs.{key}", "a MIDI program number 0-127 is expected")
         if not isinstance(table, dict):
             raise PresetError(where, f"programs.{key}", "expected a table of role keys")
-        programs[int(key)] = v.role(table, f"programs.{key}", DEFAULT_ROLES["harmony"])
+        programs[int(key)] = {role: v.role(table, f"programs.{key}", _inherited(roles[role], DEFAULT_ROLES[role]))
+                              for role in ROLES}
     echo = v.echo(doc)
     master = v.table(doc, "master", "")
     v.keys(master, ("volume",), "master")
     master_volume = v.stereo_volume(master, "volume", "master", 0.9)
     effects = v.effects(doc.get("effects", []))
     return Preset(name, path, description, roles, programs, echo, master_volume, effects, drums)
+
+
+def _inherited(spec: RoleSpec, fallback: dict[str, Any]) -> dict[str, Any]:
+    """A role's resolved settings as the defaults of a program entry over it: what the entry leaves out
+    stays as the role plays it (a plugin role's instrument falls back to the role's built-in default)."""
+    return {"instrument": fallback["instrument"] if spec.plugin is not None else spec.instrument,
+            "envelope": spec.envelope, "volume": spec.volume, "pan": spec.pan, "octave": spec.octave,
+            "echo": spec.echo}
 
 
 def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
@@ -378,6 +401,8 @@ class _Validator:
             key = next(k for k in ("adsr", "gain", "release") if k in table)
             raise self.fail(f"{prefix}.{key}", "the drum kit sets its own envelope per drum")
         default = None if kit else INSTRUMENTS[instrument.removeprefix(BUILTIN_PREFIX)].envelope
+        if default is not None and instrument == defaults["instrument"] and defaults.get("envelope") is not None:
+            default = defaults["envelope"]  # a program entry on the role's own instrument keeps its envelope
         envelope = None if default is None else self.envelope(table, prefix, default)
         return RoleSpec(
             instrument=instrument,
@@ -477,6 +502,9 @@ class _Validator:
                 raise self.fail(key, "expected a table with a type")
             kind = item.get("type")
             if kind is None:
+                for name in item:
+                    if _did_you_mean(name, ["type"]):
+                        raise self.fail(f"{key}.{name}", "unknown key (did you mean 'type'?)")
                 raise self.fail(f"{key}.type", "missing: the pedalboard effect to use, e.g. type = \"Reverb\"")
             if kind not in kinds:
                 raise self.fail(f"{key}.type", f"unknown effect {kind!r}{_did_you_mean(str(kind), kinds)}")
@@ -496,14 +524,22 @@ class _Validator:
                     raise self.fail(f"{key}.{name}", f"expected a number, true/false or a string, got {value!r}")
                 if types[name] in ("float", "int") and (isinstance(value, bool | str) or not math.isfinite(value)):
                     raise self.fail(f"{key}.{name}", f"expected a finite number, got {value!r}")
+                choices = _enum_members(types[name])
+                if choices is not None and value not in choices:
+                    raise self.fail(f"{key}.{name}", f"unknown choice {value!r}{_did_you_mean(str(value), choices)}; "
+                                                     f"expected one of {', '.join(choices)}")
+                self.construct(f"{key}.{name}", EffectSpec(kind, ((name, value),)))  # pedalboard's own range checks
                 params.append((name, value))
             spec = EffectSpec(kind, tuple(params))
-            try:
-                make_effect(spec)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise self.fail(key, f"{kind}: {str(exc).splitlines()[0]}") from None
+            self.construct(key, spec)
             out.append(spec)
         return tuple(out)
+
+    def construct(self, key: str, spec: EffectSpec) -> None:
+        try:
+            make_effect(spec)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise self.fail(key, f"{spec.type}: {str(exc).splitlines()[0]}") from None
 
 
 def effect_parameters(cls: type) -> dict[str, str]:
@@ -513,19 +549,31 @@ def effect_parameters(cls: type) -> dict[str, str]:
     return {name: kind for name, kind in re.findall(r"(?:\(|, )(\w+): ([\w.]+(?:\[[^\]]*\])?)", doc) if name != "self"}
 
 
+def _enum_type(declared: str) -> Any:
+    """The pedalboard enum a parameter is declared as ("pedalboard_native.Resample.Quality"), else None."""
+    import pedalboard
+
+    parts = declared.split(".")
+    owner = getattr(pedalboard, parts[-2], None) if len(parts) >= 2 else None
+    enum = getattr(owner, parts[-1], None)
+    return enum if isinstance(getattr(enum, "__members__", None), dict) else None
+
+
+def _enum_members(declared: str) -> list[str] | None:
+    """The names a preset may give for an enum parameter (Resample's quality: "ZeroOrderHold", ...)."""
+    enum = _enum_type(declared)
+    return None if enum is None else list(enum.__members__)
+
+
 def make_effect(spec: EffectSpec) -> Any:
-    """A fresh pedalboard plugin for the spec; a string naming a member of one of the class's enums
-    (such as Resample's quality "ZeroOrderHold") becomes that member."""
+    """A fresh pedalboard plugin for the spec; a string given for an enum parameter (such as Resample's
+    quality "ZeroOrderHold") becomes that member."""
     import pedalboard
 
     cls = getattr(pedalboard, spec.type)
+    types = effect_parameters(cls)
     kwargs = {}
     for name, value in spec.params:
-        if isinstance(value, str):
-            for attr in dir(cls):
-                members = getattr(getattr(cls, attr), "__members__", None)
-                if isinstance(members, dict) and value in members:
-                    value = members[value]
-                    break
-        kwargs[name] = value
+        enum = _enum_type(types.get(name, ""))
+        kwargs[name] = enum.__members__[value] if enum is not None and value in enum.__members__ else value
     return cls(**kwargs)

@@ -75,12 +75,29 @@ class VoiceNote:
         return self.koff - self.start + 1
 
 
-def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: bool = True) -> np.ndarray:
+@dataclass
+class RenderStats:
+    """What a render tells besides its audio: `clipped` counts channel samples held at full scale, by the
+    DSP's 16-bit clamps (the voices' sum, the output) or by the final clip after effects and resampling;
+    `samples` counts the channel samples rendered."""
+
+    clipped: int = 0
+    samples: int = 0
+
+    def warning(self, preset: Preset) -> str:
+        """What to tell a user whose render clipped, and what to change."""
+        share = 100 * self.clipped / max(self.samples, 1)
+        return (f"{self.clipped} samples ({share:.2g}%) clipped at full scale; lower the role or master volumes "
+                f"(or the effects' gain) in {preset.path or preset.name}")
+
+
+def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: bool = True,
+                 stats: RenderStats | None = None) -> np.ndarray:
     """Render the whole piece: float32, shape (frames, 2), values in [-1, 1].
 
     With `tail` the audio runs on past the last note's end until releases, echo and effects have died
     away; without it, it is exactly round(piece.end_time * sample_rate) frames. Deterministic: the same
-    piece and preset give identical samples.
+    piece and preset give identical samples. `stats`, when given, gets the render's clip count added.
     """
     check_sample_rate(sample_rate)
     music_end = round(piece.end_time * DSP_RATE)
@@ -105,6 +122,7 @@ def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: b
             length = assignment.end - voice.start
             mixer.add(voice.start, assignment.end, voice.echo, partial(outputs.get, voice, length))
     audio = mixer.output(preset.master_volume)
+    clipped = mixer.clipped
     del mixer, outputs
     if tail:
         audio = audio[:_sounding_end(audio, music_end, SILENCE_LSB / 32768)]
@@ -114,8 +132,15 @@ def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: b
         import soxr
 
         audio = soxr.resample(audio, DSP_RATE, sample_rate, quality="HQ").astype(np.float32, copy=False)
+    if (preset.effects or stems) and not np.isfinite(audio).all():
+        raise ChiptuneError(f"{preset.path or preset.name}: the effects or plugins made samples that are not "
+                            "numbers (NaN or infinity); check their parameters")
     if preset.effects or sample_rate != DSP_RATE:  # effects and resampling can overshoot; the DSP cannot
+        clipped += int(np.count_nonzero(np.abs(audio) > 1.0))
         np.clip(audio, -1.0, 1.0, out=audio)
+    if stats is not None:
+        stats.clipped += clipped
+        stats.samples += audio.size
     if not tail:
         audio = _fit_length(audio, round(piece.end_time * sample_rate))
     return audio

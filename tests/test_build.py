@@ -957,3 +957,14 @@ def test_other_tools_lock_files_are_never_taken_for_ours(tmp_path: Path) -> None
     assert main(["build", str(manifest), "--check"]) == 0
     for name in ("uv.lock", "poetry.lock", "yarn.lock"):
         assert (root / name).read_text() == 'version = 1\n[[package]]\nname = "x"\n'
+
+
+def test_a_track_whose_render_clips_gets_a_warning(tmp_path: Path) -> None:
+    manifest = project(tmp_path, preset="loud.toml")
+    (manifest.parent / "loud.toml").write_text("".join(f"[roles.{role}]\nvolume = 1.0\n"
+                                                       for role in ("lead", "harmony", "bass", "drums")))
+    said: list[str] = []
+    report = build(manifest, only=["given"], log=said.append)
+    assert statuses(report)["given"][0] == "built"
+    assert any(line.startswith("given: warning: ") and "clipped at full scale" in line
+               and line.endswith(f"in {manifest.parent / 'loud.toml'}") for line in said), said

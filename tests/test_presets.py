@@ -13,9 +13,12 @@ from chiptune_forge.presets import (
     ROLES,
     list_presets,
     load_preset,
+    make_effect,
+    parse_preset,
     shipped_names,
     shipped_presets_dir,
 )
+from chiptune_forge.snes.instruments import INSTRUMENTS
 
 SHIPPED = {"snes", "snes_overworld", "snes_dungeon", "snes_battle", "snes_dry"}
 
@@ -43,6 +46,7 @@ def test_presets_command_lists_presets_and_instruments(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     for name in SHIPPED | {"builtin:pulse50", "builtin:kit", "builtin:bell"}:
         assert f"  {name} " in out
+    assert f"presets (in {shipped_presets_dir()}; copy one" in out, "where to find a preset to copy"
 
 
 def test_fingerprint_is_stable_and_follows_content(tmp_path: Path) -> None:
@@ -73,6 +77,21 @@ def test_a_program_table_maps_tracks_of_that_program(tmp_path: Path) -> None:
     assert preset.spec_for("harmony", 5) is preset.roles["harmony"]
 
 
+def test_a_program_entry_changes_only_what_it_sets_of_the_role_it_plays() -> None:
+    shipped = load_preset("snes")
+    text = (shipped_presets_dir() / "snes.toml").read_text() + '\n[programs.33]\ninstrument = "builtin:bass"\n'
+    mapped = parse_preset(text.encode(), "mapped", None)
+    assert mapped.spec_for("bass", 33) == shipped.roles["bass"], "the bass role already plays builtin:bass"
+    lead = mapped.spec_for("lead", 33)
+    assert (lead.instrument, lead.volume, lead.pan, lead.echo) == ("builtin:bass", 0.2, 0.1, True)
+    assert lead.envelope == INSTRUMENTS["bass"].envelope, "another instrument brings its own envelope"
+    text += "volume = 0.5\nadsr = [15, 7, 7, 0]\n"
+    bass = parse_preset(text.encode(), "mapped", None).spec_for("bass", 33)
+    env = bass.envelope
+    assert bass.volume == 0.5 and bass.echo is False
+    assert (env.attack, env.decay, env.sustain_level, env.sustain_rate) == (15, 7, 7, 0)
+
+
 def error_for(tmp_path: Path, text: str) -> str:
     path = tmp_path / "broken.toml"
     path.write_text(text)
@@ -100,11 +119,18 @@ def error_for(tmp_path: Path, text: str) -> str:
     ("[echo]\ndelay_ms = 300\n", ["echo.delay_ms: 300 is out of range 16..240"]),
     ("[echo]\ndelay_ms = 64\nfir = [1, 2, 3]\n", ["echo.fir: expected a list of 8 integers"]),
     ("[programs.200]\ninstrument = \"builtin:bass\"\n", ["programs.200: a MIDI program number"]),
-    ("[master\nvolume = 1\n", ["not valid TOML"]),
+    ("[master\nvolume = 1\n", ["broken.toml:1:8: TOML syntax error: Expected ']'"]),
+    ("\ufeff[master]\nvolum = 1\n", ["broken.toml:2: master.volum: unknown key (did you mean 'volume'?)"]),
     ("[[effects]]\ntype = \"Reverbb\"\n", ["effects[0].type: unknown effect 'Reverbb'", "did you mean 'Reverb'"]),
     ("[[effects]]\ntype = \"Reverb\"\nroom_sise = 0.3\n", ["effects[0].room_sise: unknown parameter for Reverb",
                                                           "did you mean 'room_size'"]),
-    ("[[effects]]\ntype = \"Reverb\"\nroom_size = 3.0\n", ["effects[0]: Reverb:", "between 0.0 and 1.0"]),
+    ("[[effects]]\ntype = \"Reverb\"\nroom_size = 3.0\n", ["broken.toml:3: effects[0].room_size: Reverb: Room Size",
+                                                         "between 0.0 and 1.0"]),
+    ("[[effects]]\ntype = \"Resample\"\nquality = \"ZeroOrderHol\"\n",
+     ["broken.toml:3: effects[0].quality: unknown choice 'ZeroOrderHol' (did you mean 'ZeroOrderHold'?); expected "
+      "one of ZeroOrderHold, Linear"]),
+    ("[[effects]]\ntype = \"LadderFilter\"\nmode = 2\n", ["effects[0].mode: unknown choice 2; expected one of LPF12"]),
+    ("[[effects]]\ntyp = \"Reverb\"\n", ["broken.toml:2: effects[0].typ: unknown key (did you mean 'type'?)"]),
     ("[[effects]]\ntype = \"Reverb\"\nroom_size = \"big\"\n", ["effects[0].room_size: expected a finite number, "
                                                                "got 'big'"]),
     ("[[effects]]\ntype = \"Gain\"\ngain_db = nan\n", ["effects[0].gain_db: expected a finite number, got nan"]),
@@ -121,12 +147,20 @@ def test_unknown_names_and_missing_files(tmp_path: Path) -> None:
         load_preset("snes_overwrld")
     with pytest.raises(ChiptuneError, match="preset file not found"):
         load_preset("nothing/here.toml", base_dir=tmp_path)
+    with pytest.raises(ChiptuneError, match="did you mean 'snes'"):
+        load_preset("SNES")
+    with pytest.raises(ChiptuneError, match=r"not found \(the shipped preset is named snes_dungeon, without .toml\)"):
+        load_preset("snes_dungeon.toml", base_dir=tmp_path)
 
 
 def test_effect_enums_are_given_by_name(tmp_path: Path) -> None:
     path = tmp_path / "crunch.toml"
     path.write_text('[[effects]]\ntype = "Resample"\ntarget_sample_rate = 16000.0\nquality = "ZeroOrderHold"\n')
-    assert load_preset(path).effects[0].params == (("target_sample_rate", 16000.0), ("quality", "ZeroOrderHold"))
+    spec = load_preset(path).effects[0]
+    assert spec.params == (("target_sample_rate", 16000.0), ("quality", "ZeroOrderHold"))
+    import pedalboard
+
+    assert make_effect(spec).quality == pedalboard.Resample.Quality.ZeroOrderHold
 
 
 @pytest.mark.parametrize(("text", "line", "key"), [

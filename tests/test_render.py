@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from chiptune_forge.cli import main
 from chiptune_forge.errors import ChiptuneError
 from chiptune_forge.midi import Note, Piece, read_midi, write_midi
 from chiptune_forge.presets import Preset, RoleSpec, load_preset, shipped_names
-from chiptune_forge.render import plan_voices, render_piece
+from chiptune_forge.render import RenderStats, plan_voices, render_piece
 from chiptune_forge.snes.dsp import OUTPUT_DELAY, PITCH_MAX, PITCH_ONE
 from chiptune_forge.snes.instruments import INSTRUMENTS
 
@@ -81,9 +82,35 @@ def test_moving_music_by_whole_samples_moves_the_audio_exactly() -> None:
 
 @pytest.mark.parametrize("name", shipped_names())
 def test_every_shipped_preset_renders_dense_music_without_clipping(name: str) -> None:
-    audio = render_piece(song(8), load_preset(name), 44100)
+    stats = RenderStats()
+    audio = render_piece(song(8), load_preset(name), 44100, stats=stats)
     peak = float(np.abs(audio).max())
-    assert 0.1 < peak < 0.99
+    assert 0.1 < peak < 0.99 and stats.clipped == 0, "no clamp inside the DSP either (master volume hides it)"
+
+
+def test_a_render_counts_the_samples_it_clipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    loud = tmp_path / "loud.toml"
+    loud.write_text("".join(f"[roles.{role}]\nvolume = 1.0\n" for role in ("lead", "harmony", "bass", "drums"))
+                    + "[master]\nvolume = 0.5\n")
+    stats = RenderStats()
+    audio = render_piece(song(4), load_preset(loud), stats=stats)
+    assert stats.clipped > 100 and float(np.abs(audio).max()) < 0.51, "clamped inside, then halved"
+    assert main(["render", str(write(tmp_path, song(4))), "-o", str(tmp_path / "out.wav"), "--preset",
+                 str(loud)]) == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"warning: {re.escape(str(tmp_path / 'out.wav'))}: \d+ samples \([\d.]+%\) clipped at full "
+                     rf"scale; lower the role or master volumes \(or the effects' gain\) in {re.escape(str(loud))}\n",
+                     err)
+    capsys.readouterr()
+    assert main(["render", str(write(tmp_path, song(4))), "-o", str(tmp_path / "ok.wav")]) == 0
+    assert "clipped" not in capsys.readouterr().err
+
+
+def test_effects_that_make_non_numbers_fail_the_render(tmp_path: Path) -> None:
+    wild = tmp_path / "wild.toml"
+    wild.write_text('[[effects]]\ntype = "Gain"\ngain_db = 1e9\n[[effects]]\ntype = "Reverb"\n')
+    with pytest.raises(ChiptuneError, match=r"wild\.toml: the effects or plugins made samples that are not numbers"):
+        render_piece(song(1), load_preset(wild))
 
 
 @pytest.mark.parametrize("name", list(INSTRUMENTS))

@@ -79,6 +79,7 @@ class Mixer:
     def __init__(self, frames: int, echo: EchoSettings | None) -> None:
         self.frames = frames
         self.echo = echo
+        self.clipped = 0  # channel samples the output stage clamped to 16 bits (the voices' sum or the output)
         self._items: list[tuple[int, int, bool, Signal]] = []
 
     def add(self, start: int, end: int, echo: bool, signal: Signal) -> None:
@@ -124,14 +125,14 @@ class Mixer:
             main = dry[:, :n]
             if fir_step is not None:
                 main += wet[:, pad:pad + n]
-            clamp(main)  # the voices' sum, then MVOL
+            self.clipped += clamp.counted(main)  # the voices' sum, then MVOL
             _scale(main, master, 7)
             if fir_step is not None:  # the echo, a delay at a time, then EVOL and the output clamp
                 for k in range(0, n, step):
                     fir_step(k, min(k + step, n))
                 _scale(echo_out[:, :n], echo.volume, 7)
                 main += echo_out[:, :n]
-                clamp(main)
+                self.clipped += clamp.counted(main)
             out = audio[b:e]
             out[:, 0] = main[0]
             out[:, 1] = main[1]
@@ -153,6 +154,13 @@ class _Clamp:
         n = x.shape[1]
         np.minimum(x, self.hi[:, :n], out=x)
         np.maximum(x, self.lo[:, :n], out=x)
+
+    def counted(self, x: np.ndarray) -> int:
+        """Clamp, returning how many values were out of range (counted only when there are any)."""
+        over = int(np.count_nonzero(x > 0x7FFF)) if x.max() > 0x7FFF else 0
+        under = int(np.count_nonzero(x < -0x8000)) if x.min() < -0x8000 else 0
+        self(x)
+        return over + under
 
 
 def _scale(x: np.ndarray, volume: tuple[int, int], shift: int) -> None:
