@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .errors import ChiptuneError, UsageError
 
+EXIT_INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C
+LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL")  # Magenta's --log levels
 TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
 
@@ -163,6 +165,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="stop at this total step count (default 0: train until stopped)")
     p.add_argument(*option("checkpoint-every"), dest="checkpoint_every", type=int, default=100,
                    help="steps between checkpoints and exports (default 100)")
+    p.add_argument(*option("num-checkpoints"), dest="num_checkpoints", type=int, default=3,
+                   help="how many of the newest checkpoints to keep (default 3)")
+    p.add_argument(*option("summary-frequency"), dest="summary_frequency", type=int, default=25,
+                   help="steps between TensorBoard summaries and progress lines (default 25)")
+    p.add_argument("--log", type=str.upper, default="INFO", choices=LOG_LEVELS,
+                   help="INFO or DEBUG show progress; WARN, ERROR or FATAL print only warnings and errors "
+                        "(default INFO)")
     p.add_argument(*option("max-length"), dest="max_length", type=int, default=None,
                    help="train on chunks of at most this many events (default 512; fixed for a run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order of a new run (default 0)")
@@ -174,8 +183,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from .hparams import parse_hparams
 
     hparams, given = parse_hparams(args.hparams) if args.hparams is not None else (None, set())
-    if args.checkpoint_every < 1:
-        raise ChiptuneError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--num-checkpoints", args.num_checkpoints),
+                        ("--summary-frequency", args.summary_frequency)):
+        if value < 1:
+            raise ChiptuneError(f"{flag} must be at least 1, got {value}")
     if args.num_training_steps < 0:
         raise ChiptuneError(f"--num-training-steps must be 0 or more, got {args.num_training_steps}")
     if args.max_length is not None and args.max_length < 2:
@@ -186,14 +197,17 @@ def _run_train(args: argparse.Namespace) -> int:
 
     result = train(TrainOptions(run_dir=run_dir, dataset_dir=dataset, hparams=hparams,
                                 given=frozenset(given), num_training_steps=args.num_training_steps,
-                                checkpoint_every=args.checkpoint_every, evaluate=args.eval,
-                                max_length=args.max_length, seed=args.seed))
+                                checkpoint_every=args.checkpoint_every, keep_checkpoints=args.num_checkpoints,
+                                evaluate=args.eval, max_length=args.max_length, seed=args.seed,
+                                log_every=args.summary_frequency, show_progress=args.log in ("INFO", "DEBUG")))
+    if result.get("nothing_to_do"):
+        return 0
     line = f"step {result['step']}; exported model: {Path(args.run_dir) / 'export'}"
     if result.get("eval"):
         m = result["eval"]
         line += f"; eval loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, accuracy {m['accuracy']:.4f}"
     print(line)
-    return 0
+    return EXIT_INTERRUPTED if result.get("stopped") else 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -447,6 +461,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="output i's random stream is derived from SEED and i, so the same seed gives the same "
                         "pieces whatever --num-outputs is (default 0)")
+    p.add_argument("--log", type=str.upper, default="INFO", choices=LOG_LEVELS,
+                   help="INFO or DEBUG print what was written; WARN, ERROR or FATAL only warnings and errors "
+                        "(default INFO)")
     p.set_defaults(func=_run_generate)
 
 
@@ -484,8 +501,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     best = rank(pieces)[0]
     events = sum(len(p.events) for p in pieces)
     files = "1 MIDI file" if len(pieces) == 1 else f"{len(pieces)} MIDI files"
-    print(f"wrote {files} and {path} in {time.perf_counter() - started:.2f} s ({events} events); "
-          f"best: {output_name(best.index, len(pieces))} (rank score {best.scores['rank_score']:.3f})")
+    if args.log in ("INFO", "DEBUG"):
+        print(f"wrote {files} and {path} in {time.perf_counter() - started:.2f} s ({events} events); "
+              f"best: {output_name(best.index, len(pieces))} (rank score {best.scores['rank_score']:.3f})")
     silent = sum(1 for p in pieces if not len(p.quantized.pitch))
     if silent:
         print(f"chiptune-forge: warning: {silent} of {len(pieces)} outputs have no notes (the model ended or only "
@@ -711,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(args, "failure_exit", 1)
     except KeyboardInterrupt:
         print("chiptune-forge: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

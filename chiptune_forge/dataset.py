@@ -341,8 +341,8 @@ def _build(files: list[Path], input_dir: Path, output_dir: Path, options: Datase
     return summary
 
 
-def load_split(dataset_dir: str | Path, split: str) -> list[np.ndarray]:
-    """All sequences of one split as int16 arrays (the dataset is small enough to hold in memory)."""
+def read_summary(dataset_dir: str | Path) -> dict:
+    """A dataset's summary.json, checked: readable, of this encoding, with both splits' shard lists."""
     dataset_dir = Path(dataset_dir)
     summary_path = dataset_dir / "summary.json"
     if not summary_path.is_file():
@@ -350,12 +350,27 @@ def load_split(dataset_dir: str | Path, split: str) -> list[np.ndarray]:
                             "build one with 'chiptune-forge dataset'")
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        shards = summary["splits"][split]["shards"] if summary.get("encoding") == ENCODING_VERSION else None
+        encoding = summary.get("encoding")
+        if encoding == ENCODING_VERSION:
+            for split in SPLITS:
+                if not all(isinstance(name, str) for name in summary["splits"][split]["shards"]):
+                    raise ValueError(f"the {split} shard list is not a list of file names")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ChiptuneError(f"{summary_path}: damaged dataset summary ({exc}); rebuild the dataset") from None
-    if shards is None:
-        raise ChiptuneError(f"{summary_path}: encoding {summary.get('encoding')!r} is not {ENCODING_VERSION!r}; "
+    if encoding != ENCODING_VERSION:
+        raise ChiptuneError(f"{summary_path}: encoding {encoding!r} is not {ENCODING_VERSION!r}; "
                             "rebuild the dataset")
+    for key, want in (("num_classes", NUM_CLASSES), ("steps_per_quarter", STEPS_PER_QUARTER)):
+        if summary.get(key, want) != want:
+            raise ChiptuneError(f"{summary_path}: {key} is {summary[key]!r}, this version reads {want!r}; "
+                                "rebuild the dataset")
+    return summary
+
+
+def load_split(dataset_dir: str | Path, split: str) -> list[np.ndarray]:
+    """All sequences of one split as int16 arrays (the dataset is small enough to hold in memory)."""
+    dataset_dir = Path(dataset_dir)
+    shards = read_summary(dataset_dir)["splits"][split]["shards"]
     sequences: list[np.ndarray] = []
     for name in shards:
         try:

@@ -38,6 +38,7 @@ plain sampling.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -602,6 +603,8 @@ def write_outputs(pieces: Sequence[GeneratedPiece], output_dir: str | Path, requ
                   model: LstmModel) -> Path:
     """Write one MIDI file per piece and generate.json (per output: file, seed, size, scores, rank)."""
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ChiptuneError(f"{out}: is a file, not an output folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -609,9 +612,10 @@ def write_outputs(pieces: Sequence[GeneratedPiece], output_dir: str | Path, requ
     previous = _listed_outputs(out / "generate.json")
     places = {p.index: place for place, p in enumerate(rank(pieces), start=1)}
     outputs = []
+    staged: list[tuple[Path, Path]] = []  # every file is written aside, then all are renamed into place
     for p in pieces:
         name = output_name(p.index, len(pieces))
-        write_midi(p.to_piece(), out / name)
+        staged.append((out / f".{name}.partial", out / name))
         q = p.quantized
         outputs.append({
             "file": name, "index": p.index, "seed": p.seed, "rank": places[p.index],
@@ -631,9 +635,25 @@ def write_outputs(pieces: Sequence[GeneratedPiece], output_dir: str | Path, requ
         "outputs": outputs,
     }
     path = out / "generate.json"
-    tmp = out / "generate.json.partial"
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    staged.append((out / ".generate.json.partial", path))
+    contents = [p.to_piece() for p in pieces] + [json.dumps(result, indent=2) + "\n"]
+    try:
+        for (tmp, final), content in zip(staged, contents, strict=True):
+            if final.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a folder", str(final))
+            if isinstance(content, str):
+                tmp.write_text(content, encoding="utf-8")
+            else:
+                write_midi(content, tmp)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except OSError as exc:
+        final = next((f for t, f in staged if str(exc.filename) in (str(t), str(f))), out)
+        raise ChiptuneError(f"{final}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        for tmp, _ in staged:
+            if tmp.is_file():
+                tmp.unlink()
     for name in previous - {o["file"] for o in outputs}:  # an earlier run's outputs that this one did not replace
         (out / name).unlink(missing_ok=True)
     return path

@@ -52,9 +52,8 @@ def _split_top_level(text: str) -> list[str]:
             current = []
         else:
             current.append(ch)
-    if "".join(current).strip():
-        parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
+    parts.append("".join(current))
+    return [p.strip() for p in parts]
 
 
 def parse_hparams(text: str | None, base: HParams | None = None) -> tuple[HParams, set[str]]:
@@ -68,6 +67,8 @@ def parse_hparams(text: str | None, base: HParams | None = None) -> tuple[HParam
         return result, given
     names = [f.name for f in fields(HParams)]
     for item in _split_top_level(text.strip().strip("\"'")):
+        if not item:
+            raise ChiptuneError(f"--hparams: an empty entry between commas in {text!r}")
         if "=" not in item:
             raise ChiptuneError(f"--hparams: {item!r} is not name=value")
         name, raw = (s.strip() for s in item.split("=", 1))
@@ -94,9 +95,7 @@ _EXPECTED = {
 def _convert(name: str, raw: str) -> object:
     try:
         if name == "rnn_layer_sizes":
-            value = json.loads(raw)
-            if isinstance(value, int):
-                value = [value]
+            value = json.loads(raw)  # a list, as in Magenta (a bare number is refused there too)
             if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
                 raise ValueError
             return tuple(value)

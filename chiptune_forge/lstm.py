@@ -236,7 +236,8 @@ def resolve_model_dir(spec: str | Path | None) -> Path:
         return DEFAULT_MODEL_DIR
     path = Path(spec)
     if not path.is_dir():
-        raise ChiptuneError(f"{path}: model folder not found")
+        what = "is a file, not a model or run folder" if path.exists() else "model folder not found"
+        raise ChiptuneError(f"{path}: {what}")
     if (path / MODEL_JSON).is_file():
         return path
     if (path / "export").is_dir() or (path / "hparams.json").is_file():

@@ -236,6 +236,11 @@ def test_a_damaged_dataset_names_the_file(tmp_path: Path) -> None:
     shard.unlink()
     with pytest.raises(ChiptuneError, match=f"^{shard}: damaged or missing dataset shard"):
         load_split(out, "train")
+    good = json.loads((out / "summary.json").read_text())
+    for key, value in (("num_classes", 300), ("steps_per_quarter", 8), ("encoding", "polyphony-0")):
+        (out / "summary.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(ChiptuneError, match=f"^{out / 'summary.json'}: {key} .*{value}.*rebuild the dataset$"):
+            load_split(out, "eval")
     (out / "summary.json").write_text("{")
     with pytest.raises(ChiptuneError, match=f"^{out / 'summary.json'}: damaged dataset summary"):
         load_split(out, "train")

@@ -461,3 +461,29 @@ def test_outputs_without_notes_are_pointed_out(tmp_path: Path, capsys: pytest.Ca
     assert out.startswith("wrote 1 MIDI file and ")
     assert err == ("chiptune-forge: warning: 1 of 1 outputs have no notes (the model ended or only closed steps; "
                    "give a primer or a higher --temperature)\n")
+
+
+def test_a_generate_that_cannot_write_one_output_changes_none(model_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "gen"
+    base = ["generate", "--model", str(model_dir), "--output-dir", str(out), "--bars", "1"]
+    assert main([*base, "--num-outputs", "3", "--seed", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "output_04.mid").mkdir()
+    assert main([*base, "--num-outputs", "4", "--seed", "2", "--log", "ERROR"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"chiptune-forge: error: {out / 'output_04.mid'}: cannot write (is a folder)\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before, "the seed-1 set is intact"
+    assert main([*base, "--num-outputs", "2", "--log", "ERROR"]) == 0
+    assert capsys.readouterr().out == "", "--log ERROR prints only warnings and errors"
+
+
+def test_files_given_where_folders_belong_are_named(model_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("x")
+    for extra, message in ((["--run-dir", str(tmp_path / "file"), "--output-dir", str(tmp_path / "g")],
+                            f"{tmp_path / 'file'}: is a file, not a model or run folder"),
+                           (["--model", str(model_dir), "--output-dir", str(tmp_path / "file")],
+                            f"{tmp_path / 'file'}: is a file, not an output folder")):
+        assert main(["generate", *extra]) == 1
+        assert capsys.readouterr().err == f"chiptune-forge: error: {message}\n"

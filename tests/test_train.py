@@ -134,7 +134,7 @@ def test_interrupt_writes_a_checkpoint_and_stops(dataset: Path, tmp_path: Path,
 
     monkeypatch.setattr(train_module.BatchSchedule, "batch", batch_then_interrupt)
     result = train(options(tmp_path / "run", dataset, 100, evaluate=False))
-    assert result["step"] == 3
+    assert result["step"] == 3 and result["stopped"]
     assert latest_checkpoint(tmp_path / "run").name == "ckpt-00000003.npz"
     assert json.loads((tmp_path / "run" / "export" / "model.json").read_text())["training_steps"] == 3
 
@@ -333,3 +333,90 @@ def test_only_tensorflow_info_lines_count_as_chatter() -> None:
     assert _CHATTER.match("I0000 00:00:1795754566.894543    9547 port.cc:153] oneDNN custom operations are on.")
     assert not _CHATTER.match("E0000 00:00:1795754594.788571    9638 cuda_platform.cc:52] failed call to cuInit")
     assert not _CHATTER.match("UserWarning: something the user should see")
+
+
+def test_a_file_where_the_run_keeps_a_folder_is_refused_before_training(dataset: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    assert main(["train", "--run-dir", str(run), "--dataset", str(dataset), "--hparams",
+                 "rnn_layer_sizes=[8],batch_size=4", "--num-training-steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"chiptune-forge: error: {run / 'checkpoints'}: is a file where the run keeps a folder; move it "
+                   "away\n")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"], "nothing written, nothing trained"
+
+
+def test_a_damaged_dataset_summary_is_one_line_for_train(dataset: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(dataset, broken)
+    for text in ("{bad", "[1, 2]", '{"encoding": "polyphony-1", "splits": {"train": {"shards": 3}}}'):
+        (broken / "summary.json").write_text(text)
+        assert main(["train", "--run-dir", str(tmp_path / "run"), "--dataset", str(broken),
+                     "--num-training-steps", "1"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"chiptune-forge: error: {broken / 'summary.json'}: damaged dataset summary") and \
+            err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_takes_magentas_checkpoint_and_summary_flags(dataset: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--run_dir", str(run), "--sequence_example_file", str(dataset), "--hparams",
+                 "rnn_layer_sizes=[8],batch_size=4", "--num_training_steps", "4", "--checkpoint-every", "1",
+                 "--num_checkpoints", "2", "--summary_frequency", "2", "--log", "ERROR"]) == 0
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["ckpt-00000003.npz", "ckpt-00000004.npz"]
+    assert "step 2:" not in capsys.readouterr().err, "--log ERROR prints no progress"
+    assert main(["train", "--run-dir", str(run), "--dataset", str(dataset), "--num-training-steps", "4"]) == 0
+    assert capsys.readouterr().out == "", "nothing to do: nothing exported, nothing to report"
+    assert main(["train", "--run-dir", str(run), "--dataset", str(dataset), "--num-checkpoints", "0"]) == 1
+    assert "--num-checkpoints must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_weights_that_do_not_match_model_json(
+        trained_run: tuple[Path, dict, dict], dataset: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(trained_run[0] / "export", export)
+    description = json.loads((export / "model.json").read_text())
+    (export / "model.json").write_text(json.dumps({**description, "layers": [32, 32]}))
+    assert main(["evaluate", "--model", str(export), "--dataset", str(dataset)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.json lists layers [32, 32] but the weights have" in err
+
+
+def test_an_export_that_cannot_be_written_names_the_file_and_leaves_no_temporary(
+        trained_run: tuple[Path, dict, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    (run / "export" / "weights.npz").unlink()
+    (run / "export" / "weights.npz").mkdir()
+    assert main(["export", "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"chiptune-forge: error: {run / 'export' / 'weights.npz'}: cannot write")
+    assert not (run / "export" / "weights.npz.tmp").exists()
+
+
+def test_resuming_on_other_data_says_so_and_records_it(trained_run: tuple[Path, dict, dict], dataset: Path,
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(trained_run[0], run)
+    shutil.copytree(dataset, other)
+    capsys.readouterr()
+    train(options(run, other, 61, evaluate=False))
+    assert f"note: {run} was trained on {dataset.resolve()} so far; it goes on with {other}" in capsys.readouterr().err
+    config = json.loads((run / "hparams.json").read_text())
+    exported = json.loads((run / "export" / "model.json").read_text())
+    assert config["dataset"] == str(other.resolve()) and config["dataset_summary"]["path"] == str(other)
+    assert exported["dataset"] == config["dataset_summary"], "the run and its export name the same data"

@@ -15,7 +15,6 @@ import numpy as np
 from ..dataset import load_split
 from ..encoding import DEFAULT_EVENT
 from ..errors import ChiptuneError
-from ..hparams import HParams
 from .framework import tf
 from .network import build_model
 
@@ -81,16 +80,20 @@ def evaluate_model(model, sequences: list[np.ndarray], rows: int = EVAL_ROWS) ->
 
 def model_from_export(model_dir: str | Path):
     """A Keras network holding an exported model's weights, and its hparams."""
-    from ..lstm import read_export
+    from ..lstm import LstmModel, read_export
 
-    description, arrays = read_export(Path(model_dir))
-    hparams = HParams.from_dict(description["hparams"])
+    folder = Path(model_dir)
+    description, arrays = read_export(folder)
+    hparams = LstmModel(arrays, description, folder).hparams  # the shapes checked as generation checks them
     model = build_model(hparams)
-    model.get_layer("embedding").set_weights([arrays["embedding"]])
-    for i in range(len(hparams.rnn_layer_sizes)):
-        model.get_layer(f"lstm{i}").set_weights(
-            [arrays[f"lstm{i}_kernel"], arrays[f"lstm{i}_recurrent"], arrays[f"lstm{i}_bias"]])
-    model.get_layer("dense").set_weights([arrays["dense_kernel"], arrays["dense_bias"]])
+    try:
+        model.get_layer("embedding").set_weights([arrays["embedding"]])
+        for i in range(len(hparams.rnn_layer_sizes)):
+            model.get_layer(f"lstm{i}").set_weights(
+                [arrays[f"lstm{i}_kernel"], arrays[f"lstm{i}_recurrent"], arrays[f"lstm{i}_bias"]])
+        model.get_layer("dense").set_weights([arrays["dense_kernel"], arrays["dense_bias"]])
+    except ValueError as exc:
+        raise ChiptuneError(f"{folder}: the weights do not fit the network model.json describes ({exc})") from None
     return model, hparams
 
 

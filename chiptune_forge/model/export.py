@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..encoding import ENCODING_VERSION, NUM_CLASSES
+from ..errors import ChiptuneError
 from ..hparams import HParams
 
 FORMAT = "chiptune-forge-lstm-1"
@@ -56,13 +57,17 @@ def write_export(arrays: dict[str, np.ndarray], hparams: HParams, out_dir: str |
         "math": MATH,
         **{k: v for k, v in info.items() if k != "training_steps"},
     }
-    tmp = out_dir / "weights.npz.tmp"
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, out_dir / "weights.npz")
-    tmp = out_dir / "model.json.tmp"
-    tmp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "model.json")
+    for name, write in (("weights.npz", lambda fh: np.savez(fh, **arrays)),
+                        ("model.json", lambda fh: fh.write(json.dumps(description, indent=2).encode() + b"\n"))):
+        final, tmp = out_dir / name, out_dir / f"{name}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                write(fh)
+            os.replace(tmp, final)
+        except OSError as exc:
+            if tmp.is_file():
+                tmp.unlink()
+            raise ChiptuneError(f"{final}: cannot write ({exc.strerror or exc})") from None
     return out_dir
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dataset import load_split
+from ..dataset import load_split, read_summary
 from ..encoding import DEFAULT_EVENT, ENCODING_VERSION
 from ..errors import ChiptuneError
 from ..hparams import HParams, differences
@@ -39,6 +39,7 @@ from .network import build_model
 BUCKET_MULTIPLE = 128
 BUCKET_POOL = 50
 KEEP_CHECKPOINTS = 3
+RUN_SUBFOLDERS = ("checkpoints", "export", "train", "eval")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainOptions:
     given: frozenset[str] = frozenset()
     num_training_steps: int = 0
     checkpoint_every: int = 100
+    keep_checkpoints: int = KEEP_CHECKPOINTS
     evaluate: bool = False
     max_length: int | None = None
     seed: int = 0
@@ -136,8 +138,9 @@ def make_optimizer(hparams: HParams):
     return keras.optimizers.Adam(learning_rate=hparams.learning_rate, global_clipnorm=hparams.clip_norm)
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, step: int, state: dict) -> Path:
-    """Weights, optimizer slots and counters in one .npz, written atomically; older ones are pruned."""
+def save_checkpoint(run_dir: Path, model, optimizer, step: int, state: dict, keep: int = KEEP_CHECKPOINTS) -> Path:
+    """Weights, optimizer slots and counters in one .npz, written atomically; all but the newest `keep` are
+    pruned."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {f"model_{i}": w for i, w in enumerate(model.get_weights())}
@@ -147,7 +150,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, state: dict) -> 
     with open(tmp, "wb") as fh:
         np.savez(fh, step=np.int64(step), state=np.array(json.dumps(state)), **arrays)
     os.replace(tmp, path)
-    for old in sorted(folder.glob("ckpt-*.npz"))[:-KEEP_CHECKPOINTS]:
+    for old in sorted(folder.glob("ckpt-*.npz"))[:-keep]:
         old.unlink()
     return path
 
@@ -211,8 +214,8 @@ def export_run(run_dir: Path, out_dir: Path | None = None) -> Path:
 
 
 def _dataset_summary(dataset_dir: Path) -> dict:
-    summary = json.loads((dataset_dir / "summary.json").read_text(encoding="utf-8"))
-    splits, opts = summary.get("splits", {}), summary.get("options", {})
+    summary = read_summary(dataset_dir)
+    splits, opts = summary["splits"], summary.get("options") or {}
     return {"path": str(dataset_dir), "input_dir": summary.get("input_dir"),
             "files_read": summary.get("files_read"), "files_used": summary.get("files_used"),
             "eval_ratio": opts.get("eval_ratio"), "transpose": opts.get("transpose"),
@@ -323,16 +326,26 @@ def train(options: TrainOptions) -> dict:
     eval_sequences = load_split(dataset, "eval") if options.evaluate else []
     if options.evaluate and not eval_sequences:
         raise ChiptuneError(f"{dataset}: the eval split is empty; train without --eval")
+    for name in RUN_SUBFOLDERS:
+        if (run_dir / name).exists() and not (run_dir / name).is_dir():
+            raise ChiptuneError(f"{run_dir / name}: is a file where the run keeps a folder; move it away")
+    try:
+        model = build_model(hparams)
+        optimizer = make_optimizer(hparams)
+    except tf.errors.ResourceExhaustedError:
+        raise ChiptuneError(f"rnn_layer_sizes={list(hparams.rnn_layer_sizes)} does not fit in memory; use smaller "
+                            "layers") from None
+    config_path = run_dir / "hparams.json"
+    tmp = run_dir / "hparams.json.partial"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "hparams.json.partial"
         tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, run_dir / "hparams.json")
+        os.replace(tmp, config_path)
     except OSError as exc:
-        raise ChiptuneError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
+        if tmp.is_file():
+            tmp.unlink()
+        raise ChiptuneError(f"{config_path}: cannot write ({exc.strerror or exc})") from None
 
-    model = build_model(hparams)
-    optimizer = make_optimizer(hparams)
     state: dict = {"train_seconds": 0.0, "events": 0}
     step = 0
     ckpt = latest_checkpoint(run_dir)
@@ -346,7 +359,7 @@ def train(options: TrainOptions) -> dict:
     target = options.num_training_steps
     if target and step >= target:
         print(f"{run_dir} is already at step {step} (--num-training-steps {target}); nothing to do", file=sys.stderr)
-        return {"step": step, **state}
+        return {"step": step, "nothing_to_do": True, **state}
 
     train_step = make_train_step(model, optimizer)
     summaries = importlib.util.find_spec("tensorboard") is not None
@@ -364,7 +377,7 @@ def train(options: TrainOptions) -> dict:
         if options.evaluate:
             state["eval"] = evaluate_model(model, eval_sequences)
             log_scalars("eval", {k: state["eval"][k] for k in ("loss", "perplexity", "accuracy")})
-        save_checkpoint(run_dir, model, optimizer, step, state)
+        save_checkpoint(run_dir, model, optimizer, step, state, options.keep_checkpoints)
         export_weights(model, hparams, run_dir / "export", export_info(run_dir, config, step, state))
 
     progress = bar(target or None, desc="train", unit="step", initial=step, disable=not options.show_progress)
@@ -411,4 +424,4 @@ def train(options: TrainOptions) -> dict:
             checkpoint()
     if stop.requested:
         print(f"stopped at step {step}; checkpoint and export written to {run_dir}", file=sys.stderr)
-    return {"step": step, **state}
+    return {"step": step, "stopped": stop.requested, **state}
