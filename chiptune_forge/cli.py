@@ -703,9 +703,20 @@ def _join_negative_ranges(argv: Sequence[str]) -> list[str]:
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     """argparse, after the spellings it cannot take itself: `--flag=false`, `--transpose -4,4`."""
     try:
-        return parser.parse_args(_expand_flag_values(_join_negative_ranges(argv)))
+        args, extras = parser.parse_known_args(_expand_flag_values(_join_negative_ranges(argv)))
     except ChiptuneError as exc:
         parser.error(str(exc))
+    if extras:  # said by the command's own parser, so its usage is the one shown
+        command = _subparsers(parser).get(getattr(args, "command", None) or "", parser)
+        command.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse keeps the subcommand parsers only on this private list
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

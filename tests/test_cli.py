@@ -81,3 +81,12 @@ def test_help_starts_without_tensorflow() -> None:
 def test_module_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "chiptune_forge", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "chiptune-forge" in out.stdout
+
+
+def test_an_unknown_flag_is_reported_with_its_commands_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--summary-frequncy", "5", "--run-dir", "r", "--dataset", "d"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith("usage: chiptune-forge train ") and \
+        err.endswith("chiptune-forge train: error: unrecognized arguments: --summary-frequncy 5\n")
