@@ -86,7 +86,7 @@ class BuildReport:
         return [t for t in self.tracks if t.status in ("built", "outdated", "removed")]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"manifest": self.manifest, "seconds": round(self.seconds, 3),
+        return {"manifest": self.manifest, "ok": not self.failed, "seconds": round(self.seconds, 3),
                 "tracks": [asdict(t) | {"seconds": round(t.seconds, 3)} for t in self.tracks]}
 
 
@@ -649,6 +649,8 @@ class Builder:
         old = state["tracks"].get(track.name, {})
         plan: dict[str, Any] = {"reasons": [], "generate": False}
         if track.midi is not None:
+            if track.name in self.regenerate:
+                self.log(f"{track.name}: --regenerate does nothing for a track rendered from its midi file")
             plan["take"] = None
             plan["midi_inputs"] = {"midi_file": sha256_file(track.midi), "transpose": track.transpose}
         else:
@@ -681,6 +683,10 @@ class Builder:
                 why = changed_inputs(old.get("gen_inputs"), gen_in) or ["no take locked or cached"]
                 if track.name in self.regenerate:
                     why = ["--regenerate"]
+                    if (locked and locked.get("inputs_sha256") == plan["lock_key"]
+                            and locked.get("model_sha256") == self.model.fingerprint):
+                        self.log(f"{track.name}: the same model and seed make the same take again; change the "
+                                 "track's seed for new music")
                 plan["reasons"].append("generation: " + ", ".join(why))
             plan["take_key"] = take_key
             plan["midi_inputs"] = {"take": take_key, "tempo": track.tempo, "transpose": track.transpose}
@@ -753,11 +759,22 @@ class Builder:
                 "true_peak_db": p.true_peak_db, "same_gain": p.same_gain, "godot_import": p.godot_import,
                 "split": p.split, "output_dir": os.path.relpath(p.output_dir, self.root), "name": track.name}
 
+    def _check_not_shared(self, name: str) -> None:
+        """Two manifests with a track of one name exporting into one folder would overwrite each other's
+        files on every build; that track fails in both until one of them changes."""
+        out = self.m.project.output_dir.resolve()
+        for other in self.neighbours:
+            if name in other.tracks and other.output_dir is not None and other.output_dir.resolve() == out:
+                raise ChiptuneError(f"{other.path.name} also has a track {name!r} exporting to {out}: the two "
+                                    "would overwrite each other's files; rename one of the tracks or give one "
+                                    "manifest another output_dir")
+
     def _plan(self, report: BuildReport) -> dict[str, dict[str, Any]]:
         state, lock = self._state(), self._lock()
         plans = {}
         for track in self.selected():
             try:
+                self._check_not_shared(track.name)
                 plan = self._track_plan(track, state, lock)
             except ChiptuneError as exc:
                 report.tracks.append(TrackReport(track.name, "failed", error=str(exc)))

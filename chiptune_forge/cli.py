@@ -294,16 +294,23 @@ def _run_build(args: argparse.Namespace) -> int:
         raise UsageError(f"--regenerate {' '.join(sorted(set(args.regenerate) - set(args.only)))}: not among the "
                          f"--only tracks, so nothing would be regenerated; add it to --only")
     try:
-        report = build(args.manifest, only=args.only, force=args.force, regenerate=args.regenerate,
-                       check=args.check, show_progress=not args.json)
-    except UsageError as exc:
-        stray = [n for n in (args.only or []) + (args.regenerate or []) if Path(n).exists()]
-        if stray and args.manifest == "chiptune.toml" and not Path(args.manifest).exists():
-            raise UsageError(f"{exc}; '{stray[0]}' was read as a track name: --only and --regenerate take every "
-                             f"name after them, so give the manifest first (build {stray[0]} --only ...)") from None
-        raise  # exit 2, from main
-    except ChiptuneError as exc:  # e.g. another build holds the folder
-        print(f"chiptune-forge: error: {exc}", file=sys.stderr)
+        try:
+            report = build(args.manifest, only=args.only, force=args.force, regenerate=args.regenerate,
+                           check=args.check, show_progress=not args.json)
+        except UsageError as exc:
+            stray = [n for n in (args.only or []) + (args.regenerate or []) if Path(n).exists()]
+            if stray and args.manifest == "chiptune.toml" and not Path(args.manifest).exists():
+                raise UsageError(f"{exc}; '{stray[0]}' was read as a track name: --only and --regenerate take "
+                                 f"every name after them, so give the manifest first (build {stray[0]} --only ...)"
+                                 ) from None
+            raise
+    except ChiptuneError as exc:
+        if args.json:  # a script reading the report gets one whatever went wrong
+            errors = getattr(exc, "problems", None) or [str(exc)]
+            print(json.dumps({"manifest": str(args.manifest), "ok": False, "errors": errors}, indent=2))
+        if isinstance(exc, UsageError):
+            raise  # exit 2, from main
+        print(f"chiptune-forge: error: {exc}", file=sys.stderr)  # e.g. another build holds the folder
         return 3
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -346,7 +353,7 @@ def _run_init(args: argparse.Namespace) -> int:
     if not path.is_dir() and path.suffix.lower() != ".toml":  # a folder to create, e.g. "mygame" or "mygame/"
         path = path / MANIFEST_NAME
     if path.exists():
-        raise ChiptuneError(f"{path}: already exists; not overwriting it")
+        raise UsageError(f"{path}: already exists; not overwriting it")
     blocking = next((f for f in [path.parent, *path.parent.parents] if f.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise ChiptuneError(f"{blocking}: is a file, not a folder; give a new or existing folder")

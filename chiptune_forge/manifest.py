@@ -160,7 +160,10 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     try:
         text = path.read_text(encoding="utf-8-sig")  # editors on Windows may add a byte-order mark
     except FileNotFoundError:
-        raise UsageError(f"{path}: manifest not found (create one with 'chiptune-forge init')") from None
+        others = sorted(p.name for p in path.parent.glob("*.toml")) if path.name == MANIFEST_NAME else []
+        hint = f"; the folder has {', '.join(others)}: give its path" if others else \
+            " (create one with 'chiptune-forge init')"
+        raise UsageError(f"{path}: manifest not found{hint}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read manifest ({exc})") from None
     try:
@@ -185,7 +188,12 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
         problems.append(f"{path}:{line}: {where}{message}")
 
     for key in data:
-        if key not in ("project", "track"):
+        if key not in ("project", "track") and not isinstance(data[key], dict | list):
+            where = "[project]" if key in PROJECT_KEYS else "a [[track]]" if key in TRACK_KEYS else None
+            hint = (f" (did you mean to put it under {where}?)" if where
+                    else _did_you_mean(key, sorted(set(PROJECT_KEYS) | set(TRACK_KEYS))))
+            problem(lines.of("", 0, key), "", f"{key}: a key outside any table{hint}")
+        elif key not in ("project", "track"):
             hint = _did_you_mean(key, ["project", "track"])
             problem(lines.of(key, 0), "", f"unknown table [{key}]{hint}")
     raw_project = data.get("project", {})
@@ -379,8 +387,9 @@ def _check_formats(value: list, line, label: str, problem) -> tuple[str, ...]:
     formats = []
     for item in value:
         if item not in FORMATS:
-            problem(line(), label, f"formats: {item!r} is not one of {', '.join(FORMATS)}"
-                    f"{_did_you_mean(str(item), list(FORMATS))}")
+            hint = (f" (did you mean {str(item).lower()!r}?)" if str(item).lower() in FORMATS
+                    else _did_you_mean(str(item), list(FORMATS)))
+            problem(line(), label, f"formats: {item!r} is not one of {', '.join(FORMATS)}{hint}")
         elif item not in formats:
             formats.append(item)
     if not value:

@@ -154,10 +154,13 @@ def test_lock_reproduces_without_cache(tmp_path: Path) -> None:
     assert json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]["theme"]["midi_sha256"] == \
         entry["midi_sha256"]
 
-    report = build(manifest, regenerate=["theme"])
+    said: list[str] = []
+    report = build(manifest, regenerate=["theme", "given"], log=said.append)
     assert statuses(report)["theme"][1][0] == "generate"
     assert json.loads((manifest.parent / LOCK_NAME).read_text())["tracks"]["theme"]["midi_sha256"] == \
         entry["midi_sha256"], "generation is deterministic"
+    assert "given: --regenerate does nothing for a track rendered from its midi file" in said
+    assert "theme: the same model and seed make the same take again; change the track's seed for new music" in said
 
 
 def test_same_gain_keeps_levels_and_every_file_under_the_ceiling(tmp_path: Path) -> None:
@@ -968,3 +971,21 @@ def test_a_track_whose_render_clips_gets_a_warning(tmp_path: Path) -> None:
     assert statuses(report)["given"][0] == "built"
     assert any(line.startswith("given: warning: ") and "clipped at full scale" in line
                and line.endswith(f"in {manifest.parent / 'loud.toml'}") for line in said), said
+
+
+def test_two_manifests_with_one_track_name_in_one_folder_fail_that_track(tmp_path: Path) -> None:
+    manifest = project(tmp_path)
+    root = manifest.parent
+    text = manifest.read_text()
+    given = text[text.index('[[track]]\nname = "given"'):]
+    (root / "extra.toml").write_text(text[:text.index("[[track]]")] + given)
+    for path, other in ((manifest, "extra.toml"), (root / "extra.toml", "chiptune.toml")):
+        report = build(path, only=None)
+        failed = {t.name: t.error for t in report.tracks if t.status == "failed"}
+        assert list(failed) == ["given"], failed
+        assert failed["given"] == (f"{other} also has a track 'given' exporting to {(root / 'music').resolve()}: "
+                                   "the two would overwrite each other's files; rename one of the tracks or give "
+                                   "one manifest another output_dir")
+    assert not (root / "music" / "given.ogg").exists() and (root / "music" / "theme.ogg").is_file()
+    (root / "extra.toml").write_text((root / "extra.toml").read_text().replace('"music"', '"sfx"'))
+    assert not build(manifest).failed and not build(root / "extra.toml").failed

@@ -111,6 +111,20 @@ primer_melody = [60]
 def test_missing_manifest(tmp_path: Path) -> None:
     with pytest.raises(ChiptuneError, match="manifest not found"):
         load_manifest(tmp_path / "nope.toml")
+    (tmp_path / "game.toml").write_text("[project]\n")
+    with pytest.raises(ChiptuneError, match=r"chiptune\.toml: manifest not found; the folder has game\.toml: give its"):
+        load_manifest(tmp_path)
+
+
+def test_keys_outside_any_table_and_format_case(tmp_path: Path) -> None:
+    path = write(tmp_path, 'seed = 3\noutput_dir = "m"\nvolum = 3\n[project]\nformats = ["WAV"]\n'
+                           '[[track]]\nname = "x"\n')
+    problems = problems_of(path)
+    assert f"{path}:1: seed: a key outside any table (did you mean to put it under a [[track]]?)" in problems
+    assert f"{path}:2: output_dir: a key outside any table (did you mean to put it under [project]?)" in problems
+    assert f"{path}:3: volum: a key outside any table" in problems
+    assert not any("unknown table" in p for p in problems)
+    assert f"{path}:5: [project] formats: 'WAV' is not one of ogg, wav (did you mean 'wav'?)" in problems
 
 
 def test_cli_lists_every_problem_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,10 +136,21 @@ def test_cli_lists_every_problem_and_exits_2(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "music").exists() and not (tmp_path / ".chiptune").exists()
 
 
+def test_build_json_reports_manifest_problems_on_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    path = write(tmp_path, "[project]\nbogus = 1\n[[track]]\nname = \"x\"\nbars = 0\n")
+    assert main(["build", str(path), "--json"]) == 2
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["ok"] is False and report["manifest"] == str(path) and len(report["errors"]) == 2
+    assert all(e.startswith(f"{path}:") for e in report["errors"]) and err.count("\n") == 2
+
+
 def test_init_writes_starter_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["init", str(tmp_path)]) == 0
     assert (tmp_path / "chiptune.toml").read_text() == STARTER
-    assert main(["init", str(tmp_path)]) == 1
+    assert main(["init", str(tmp_path)]) == 2, "a bad request, like every other usage error"
     assert "already exists" in capsys.readouterr().err
 
 
