@@ -180,7 +180,7 @@ def resolve_plugin_path(text: str, base_dir: Path | None = None, origin: str = "
     """
     expanded = os.path.expandvars(os.path.expanduser(text.strip()))
     if not expanded:
-        raise PluginSettingError(origin, "", "plugin path is empty")
+        raise PluginSettingError(origin, "plugin", "plugin path is empty")
     path = Path(expanded)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
@@ -303,14 +303,14 @@ def plugin_spec(
     """Build a PluginSpec from a preset role's fields: resolve the bundle and read the preset or state file."""
     path = resolve_plugin_path(plugin, base_dir, origin)
     if preset_file and state_file:
-        raise PluginSettingError(origin, "", f"plugin {path}: give preset_file or state_file, not both")
+        raise PluginSettingError(origin, "state_file", f"plugin {path}: give preset_file or state_file, not both")
     if preset_file and not preset_file.lower().endswith(".vstpreset"):
-        raise PluginSettingError(origin, "", f"plugin {path}: preset_file {preset_file!r} is not a .vstpreset file")
+        raise PluginSettingError(origin, "preset_file", f"plugin {path}: {preset_file!r} is not a .vstpreset file")
     preset_data = _read_side_file(preset_file, base_dir, origin, path, "preset_file") if preset_file else None
     state = _read_side_file(state_file, base_dir, origin, path, "state_file") if state_file else None
     if state is not None and not _is_host_state(state):
-        raise PluginSettingError(origin, "", f"plugin {path}: state_file {_side_path(state_file, base_dir)} is not a "
-                                             f"plugin state (write one with 'chiptune-forge plugins state')")
+        raise PluginSettingError(origin, "state_file", f"plugin {path}: {_side_path(state_file, base_dir)} is not a "
+                                                       "plugin state (write one with 'chiptune-forge plugins state')")
     params = tuple((str(k), v) for k, v in (parameters or {}).items())
     return PluginSpec(path, origin, params, state, preset_data, max_tail)
 
@@ -387,10 +387,9 @@ def _read_side_file(name: str, base_dir: Path | None, origin: str, plugin: Path,
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise PluginSettingError(origin, "", f"plugin {plugin}: cannot read {key} {path} "
-                                             f"({exc.strerror or exc})") from None
+        raise PluginSettingError(origin, key, f"plugin {plugin}: cannot read {path} ({exc.strerror or exc})") from None
     if not data:
-        raise PluginSettingError(origin, "", f"plugin {plugin}: {key} {path} is empty")
+        raise PluginSettingError(origin, key, f"plugin {plugin}: {path} is empty")
     return data
 
 
@@ -864,13 +863,15 @@ def _serve(conn: Connection, sock: socket.socket, request: tuple, cache: Ordered
     if kind == "info":
         conn.send(("ok", _info(spec, plugin)))
     elif kind == "state":
+        if not plugin.is_instrument:
+            raise _Problem(NOT_AN_INSTRUMENT)
         # Parameter changes reach a VST3 processor (whose state this is) only while it processes audio.
         plugin([], duration=STATE_FLUSH_SECONDS, sample_rate=48000.0, reset=False)
         conn.send(("ok", bytes(plugin.preset_data if request[2] else plugin.raw_state)))
     elif kind == "render":
         _, _, messages, sample_rate, max_tail, _ = request
         if not plugin.is_instrument:
-            raise _Problem("is an effect, not an instrument (a role needs a plugin that plays MIDI)")
+            raise _Problem(NOT_AN_INSTRUMENT)
         capacity = max_output_frames(instance, messages, sample_rate, max_tail)
         region, fd, out = regions.take(capacity)
         try:
@@ -920,7 +921,7 @@ def _instance(spec: PluginSpec, cache: OrderedDict[tuple, _Instance]) -> _Instan
         except (RuntimeError, ValueError) as exc:
             raise _Problem(f"preset_file was refused ({_reason(exc)})") from None
     instance = _Instance(plugin, dict(plugin.parameters))
-    _apply_parameters(instance, spec.parameters)
+    _apply_parameters(instance, spec.parameters, restored=spec.state is not None or spec.preset_data is not None)
     cache[key] = instance
     while len(cache) > INSTANCE_CACHE_SIZE:
         cache.popitem(last=False)
@@ -938,11 +939,20 @@ def import_pedalboard() -> Any:
     return pedalboard
 
 
+RESTORED_LOWEST_RAW = 1e-6
+NOT_AN_INSTRUMENT = "is an effect, not an instrument (a role needs a plugin that plays MIDI)"
 _TRUE = {"true", "on", "yes", "1"}
 _FALSE = {"false", "off", "no", "0"}
 
 
-def _apply_parameters(instance: _Instance, parameters: Sequence[tuple[str, ParameterValue]]) -> None:
+def _apply_parameters(instance: _Instance, parameters: Sequence[tuple[str, ParameterValue]],
+                      restored: bool = False) -> None:
+    """Set parameters by name.
+
+    After a state was `restored` the host's copy of each value is stale (it still holds the value from
+    before the state), so setting that same value again would not reach the plugin: each parameter is
+    moved away first. And there a change to exactly raw 0 is dropped too, so the lowest raw value is sent
+    as RESTORED_LOWEST_RAW: the same choice of a switch or list, a negligible 1e-6 of a range."""
     known = instance.parameters
     for name, value in parameters:
         param = known.get(name)
@@ -951,7 +961,11 @@ def _apply_parameters(instance: _Instance, parameters: Sequence[tuple[str, Param
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise _Problem(f"unknown parameter {name!r} ({hint}parameters: {', '.join(known) or 'none'})")
         try:
-            param.raw_value = param.get_raw_value_for(_coerce(name, param, value))
+            raw = param.get_raw_value_for(_coerce(name, param, value))
+            if restored:
+                param.raw_value = 0.75 if raw < 0.5 else 0.25  # away from the target, and not 0
+                raw = max(raw, RESTORED_LOWEST_RAW)
+            param.raw_value = raw
         except ValueError as exc:
             raise _Problem(f"parameter {name!r}: {_reason(exc)}") from None
 

@@ -118,6 +118,19 @@ def test_saved_state_and_vstpreset_restore_identically(synth: Path, host: Plugin
     assert not np.array_equal(plain[:n], expected[:n])
 
 
+@pytest.mark.parametrize("kind", ["state_file", "preset_file"])
+def test_parameters_apply_over_a_saved_state_even_at_their_default(synth: Path, host: PluginHost, tmp_path: Path,
+                                                                    kind: str) -> None:
+    notes = [Note(64, 90, 0.05, 0.4)]
+    saved = spec(synth, waveform="triangle", duty=0.3, release_s=0.4)
+    name = "lead.bin" if kind == "state_file" else "lead.vstpreset"
+    (tmp_path / name).write_bytes(host.capture_state(saved, vstpreset=kind == "preset_file"))
+    defaults = {"waveform": "pulse", "duty": 0.5}  # the plugin's own defaults, which the state had changed
+    over = plugin_spec(str(synth), base_dir=tmp_path, origin="x", parameters=defaults, **{kind: name})
+    expected = render_role(spec(synth, release_s=0.4, **defaults), notes, SR, host=host)
+    assert np.array_equal(render_role(over, notes, SR, host=host), expected)
+
+
 def test_a_chord_sounds_every_note(synth: Path, host: PluginHost) -> None:
     pitches = [60, 64, 67]
     chord = render_role(spec(synth, waveform="triangle"), [Note(p, 100, 0.1, 0.9) for p in pitches], SR,
@@ -227,6 +240,8 @@ def test_an_effect_is_refused_where_an_instrument_is_needed(bundles: dict[str, P
     with pytest.raises(ChiptuneError, match=r"song.toml: role harmony: plugin .*ForgeTestEffect.vst3: is an "
                                             r"effect, not an instrument"):
         render_role(effect, [Note(60, 100, 0.0, 0.1)], SR, host=host)
+    with pytest.raises(ChiptuneError, match=r"ForgeTestEffect.vst3: is an effect, not an instrument"):
+        host.capture_state(effect)
 
 
 def test_unknown_parameters_and_bad_values_name_the_role(synth: Path, host: PluginHost) -> None:
@@ -287,14 +302,14 @@ def test_plugin_paths_resolve_against_preset_home_env_and_search_path(
 
 
 def test_preset_and_state_files_are_checked_before_any_loading(synth: Path, tmp_path: Path) -> None:
-    with pytest.raises(ChiptuneError, match=r"role lead: plugin .*: cannot read state_file .*missing.bin"):
+    with pytest.raises(ChiptuneError, match=r"role lead.state_file: plugin .*: cannot read .*missing.bin"):
         plugin_spec(str(synth), base_dir=tmp_path, origin="song.toml: role lead", state_file="missing.bin")
     (tmp_path / "x.fxp").write_bytes(b"CcnK")
-    with pytest.raises(ChiptuneError, match=r"preset_file 'x.fxp' is not a .vstpreset file"):
+    with pytest.raises(ChiptuneError, match=r"lead.preset_file: plugin .*: 'x.fxp' is not a .vstpreset file"):
         plugin_spec(str(synth), base_dir=tmp_path, origin="song.toml: role lead", preset_file="x.fxp")
     for junk in (b"garbage\n", b"VC2!" + (99).to_bytes(4, "little") + b"short"):
         (tmp_path / "junk.bin").write_bytes(junk)
-        with pytest.raises(ChiptuneError, match=r"role lead: plugin .*: state_file .*junk.bin is not a plugin state "
+        with pytest.raises(ChiptuneError, match=r"role lead.state_file: plugin .*: .*junk.bin is not a plugin state "
                                                 r"\(write one with 'chiptune-forge plugins state'\)$"):
             plugin_spec(str(synth), base_dir=tmp_path, origin="song.toml: role lead", state_file="junk.bin")
 
@@ -577,3 +592,15 @@ def test_a_missing_plugin_fails_only_the_tracks_that_use_it(synth: Path, tmp_pat
     report = {t.name: t for t in build(tmp_path / "chiptune.toml").tracks}
     assert report["fine"].status == "built" and (tmp_path / "music" / "fine.wav").is_file()
     assert report["lost"].status == "failed" and "Gone.vst3: not found" in report["lost"].error
+
+
+def test_state_and_preset_file_problems_name_their_key_and_line(synth: Path, tmp_path: Path) -> None:
+    from chiptune_forge.presets import load_preset
+
+    (tmp_path / "junk.bin").write_bytes(b"garbage")
+    for lead, key in (('state_file = "missing.bin"', "state_file"), ('state_file = "junk.bin"', "state_file"),
+                      ('preset_file = "x.fxp"', "preset_file")):
+        path = write_preset(tmp_path, synth, lead=lead)
+        with pytest.raises(ChiptuneError) as info:
+            load_preset(path)
+        assert str(info.value).startswith(f"{path}:8: roles.lead.{key}: plugin "), str(info.value)
