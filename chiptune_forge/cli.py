@@ -550,7 +550,11 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 
 def _run_render(args: argparse.Namespace) -> int:
     import math
+    import os
 
+    # The sampler does no matrix products: a BLAS thread pool would only cost its start-up (set before numpy
+    # loads; a plugin role's pedalboard host runs in its own process).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .export import TARGET_LUFS, TRUE_PEAK_DB, export_track, file_sha256, sidecar_listed
     from .loops import render_track
     from .manifest import LOUDNESS_RANGE, TRUE_PEAK_RANGE
