@@ -87,7 +87,7 @@ class BuildReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"manifest": self.manifest, "ok": not self.failed, "seconds": round(self.seconds, 3),
-                "tracks": [asdict(t) | {"seconds": round(t.seconds, 3)} for t in self.tracks]}
+                "tracks": [asdict(t) | {"seconds": round(t.seconds, 3)} for t in self.tracks], "errors": []}
 
 
 # ------------------------------------------------------------------------------------------ hashing
@@ -419,7 +419,7 @@ def render_job(job: RenderJob) -> dict[str, Any]:
     meta = {"sample_rate": track.sample_rate, "loop_start": track.loop_start, "loop_length": track.loop_length,
             "qpm": track.qpm, "bars": track.bars, "intro_bars": track.intro_bars, "loudness_lufs": loudness,
             "true_peak_db": peak, "frames": int(track.audio.shape[0]),
-            "clip_warning": stats.warning(job.preset) if stats.clipped else None}
+            "clip_warning": stats.warning(job.preset) if stats.clipped or stats.overshoot else None}
     tmp = Path(job.audio_path + f".{os.getpid()}.partial")
     with open(tmp, "wb") as fh:
         np.savez(fh, audio=track.audio, meta=json.dumps(meta))

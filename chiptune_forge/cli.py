@@ -290,10 +290,10 @@ def _run_build(args: argparse.Namespace) -> int:
 
     from .builder import build
 
-    if args.only and args.regenerate and set(args.regenerate) - set(args.only):
-        raise UsageError(f"--regenerate {' '.join(sorted(set(args.regenerate) - set(args.only)))}: not among the "
-                         f"--only tracks, so nothing would be regenerated; add it to --only")
     try:
+        if args.only and args.regenerate and set(args.regenerate) - set(args.only):
+            raise UsageError(f"--regenerate {' '.join(sorted(set(args.regenerate) - set(args.only)))}: not among "
+                             f"the --only tracks, so nothing would be regenerated; add it to --only")
         try:
             report = build(args.manifest, only=args.only, force=args.force, regenerate=args.regenerate,
                            check=args.check, show_progress=not args.json)
@@ -307,7 +307,8 @@ def _run_build(args: argparse.Namespace) -> int:
     except ChiptuneError as exc:
         if args.json:  # a script reading the report gets one whatever went wrong
             errors = getattr(exc, "problems", None) or [str(exc)]
-            print(json.dumps({"manifest": str(args.manifest), "ok": False, "errors": errors}, indent=2))
+            print(json.dumps({"manifest": str(args.manifest), "ok": False, "seconds": 0.0, "tracks": [],
+                              "errors": errors}, indent=2))
         if isinstance(exc, UsageError):
             raise  # exit 2, from main
         print(f"chiptune-forge: error: {exc}", file=sys.stderr)  # e.g. another build holds the folder
@@ -379,12 +380,12 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_watch(args: argparse.Namespace) -> int:
-    from .manifest import manifest_file
+    from .manifest import manifest_file, not_found
     from .watch import Watcher
 
     manifest = manifest_file(args.manifest)
     if not manifest.is_file():  # a typo would otherwise watch a folder forever for a file that never comes
-        raise UsageError(f"{manifest}: manifest not found (create one with 'chiptune-forge init')")
+        raise UsageError(not_found(manifest))
     return Watcher(args.manifest, debounce=args.debounce, log=lambda m: print(m, flush=True)).run(args.once_after)
 
 
@@ -552,8 +553,9 @@ def _run_render(args: argparse.Namespace) -> int:
     import math
     import os
 
-    # The sampler does no matrix products: a BLAS thread pool would only cost its start-up (set before numpy
-    # loads; a plugin role's pedalboard host runs in its own process).
+    # The sampler does no matrix products: a BLAS thread pool would only cost its start-up. Set before numpy
+    # loads, for this process and the ones it starts (a plugin role's host, which does no matrix products
+    # either).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .export import TARGET_LUFS, TRUE_PEAK_DB, export_track, file_sha256, sidecar_listed
     from .loops import render_track
@@ -615,7 +617,7 @@ def _run_render(args: argparse.Namespace) -> int:
             f"(LOOPSTART={track.loop_start}, LOOPLENGTH={track.loop_length})" if track.looping else "jingle")
     print(f"{paths[0]}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, {level}; "
           f"wrote {', '.join(p.name for p in paths)}")
-    if stats.clipped:
+    if stats.clipped or stats.overshoot:
         print(f"chiptune-forge: warning: {paths[0]}: {stats.warning(preset)}", file=sys.stderr)
     stale = _stale_side_files(paths, fmt, rate, (track.loop_start, track.loop_length) if track.looping else None)
     if not normalizing and output.name in described:  # it described the file this render replaced
@@ -697,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    parser.set_defaults(commands=sub.choices)  # each command's parser, for errors in that command's words
     return parser
 
 
@@ -718,16 +721,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
     except ChiptuneError as exc:
         parser.error(str(exc))
     if extras:  # said by the command's own parser, so its usage is the one shown
-        command = _subparsers(parser).get(getattr(args, "command", None) or "", parser)
+        command = getattr(args, "commands", {}).get(getattr(args, "command", None) or "", parser)
         command.error(f"unrecognized arguments: {' '.join(extras)}")
     return args
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:  # argparse keeps the subcommand parsers only on this private list
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

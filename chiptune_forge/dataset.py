@@ -353,7 +353,8 @@ def read_summary(dataset_dir: str | Path) -> dict:
         encoding = summary.get("encoding")
         if encoding == ENCODING_VERSION:
             for split in SPLITS:
-                if not all(isinstance(name, str) for name in summary["splits"][split]["shards"]):
+                shards = summary["splits"][split]["shards"]
+                if not isinstance(shards, list) or not all(isinstance(name, str) for name in shards):
                     raise ValueError(f"the {split} shard list is not a list of file names")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ChiptuneError(f"{summary_path}: damaged dataset summary ({exc}); rebuild the dataset") from None

@@ -52,7 +52,8 @@ def _split_top_level(text: str) -> list[str]:
             current = []
         else:
             current.append(ch)
-    parts.append("".join(current))
+    if "".join(current).strip() or not parts:  # a trailing comma ends the list, as in Magenta's parser
+        parts.append("".join(current))
     return [p.strip() for p in parts]
 
 

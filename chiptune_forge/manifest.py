@@ -154,16 +154,30 @@ def manifest_file(path: str | Path) -> Path:
     return path / MANIFEST_NAME if path.is_dir() else path
 
 
+def not_found(path: Path) -> str:
+    """The message for a missing manifest: the manifests beside it when a folder was given, else how to
+    make one."""
+    others = [p.name for p in sorted(path.parent.glob("*.toml")) if path.name == MANIFEST_NAME and _has_tracks(p)]
+    if others:
+        return f"{path}: manifest not found; the folder has {', '.join(others)}: give its path"
+    return f"{path}: manifest not found (create one with 'chiptune-forge init')"
+
+
+def _has_tracks(path: Path) -> bool:
+    """Whether a .toml file looks like a manifest (a [[track]] table), not a preset or pyproject.toml."""
+    try:
+        return "[[track]]" in path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     """Parse and validate a manifest; raise ManifestError listing every problem."""
     path = manifest_file(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # editors on Windows may add a byte-order mark
     except FileNotFoundError:
-        others = sorted(p.name for p in path.parent.glob("*.toml")) if path.name == MANIFEST_NAME else []
-        hint = f"; the folder has {', '.join(others)}: give its path" if others else \
-            " (create one with 'chiptune-forge init')"
-        raise UsageError(f"{path}: manifest not found{hint}") from None
+        raise UsageError(not_found(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read manifest ({exc})") from None
     try:
@@ -188,7 +202,10 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
         problems.append(f"{path}:{line}: {where}{message}")
 
     for key in data:
-        if key not in ("project", "track") and not isinstance(data[key], dict | list):
+        value = data[key]
+        table = isinstance(value, dict) or (isinstance(value, list) and bool(value)
+                                            and all(isinstance(v, dict) for v in value))
+        if key not in ("project", "track") and not table:
             where = "[project]" if key in PROJECT_KEYS else "a [[track]]" if key in TRACK_KEYS else None
             hint = (f" (did you mean to put it under {where}?)" if where
                     else _did_you_mean(key, sorted(set(PROJECT_KEYS) | set(TRACK_KEYS))))

@@ -49,7 +49,7 @@ import math
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -298,22 +298,14 @@ def _parse(doc: dict, name: str, path: Path | None, where: object) -> Preset:
             raise PresetError(where, f"programs.{key}", "a MIDI program number 0-127 is expected")
         if not isinstance(table, dict):
             raise PresetError(where, f"programs.{key}", "expected a table of role keys")
-        programs[int(key)] = {role: v.role(table, f"programs.{key}", _inherited(roles[role], DEFAULT_ROLES[role]))
-                              for role in ROLES}
+        v.keys(table, tuple(dict.fromkeys((*ROLE_KEYS, *PLUGIN_ROLE_KEYS))), f"programs.{key}")
+        programs[int(key)] = {role: v.program_entry(table, f"programs.{key}", roles[role]) for role in ROLES}
     echo = v.echo(doc)
     master = v.table(doc, "master", "")
     v.keys(master, ("volume",), "master")
     master_volume = v.stereo_volume(master, "volume", "master", 0.9)
     effects = v.effects(doc.get("effects", []))
     return Preset(name, path, description, roles, programs, echo, master_volume, effects, drums)
-
-
-def _inherited(spec: RoleSpec, fallback: dict[str, Any]) -> dict[str, Any]:
-    """A role's resolved settings as the defaults of a program entry over it: what the entry leaves out
-    stays as the role plays it (a plugin role's instrument falls back to the role's built-in default)."""
-    return {"instrument": fallback["instrument"] if spec.plugin is not None else spec.instrument,
-            "envelope": spec.envelope, "volume": spec.volume, "pan": spec.pan, "octave": spec.octave,
-            "echo": spec.echo}
 
 
 def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
@@ -412,6 +404,22 @@ class _Validator:
             octave=int(self.number(table, "octave", prefix, defaults["octave"], -4, 4, integer=True)),
             echo=self.boolean(table, "echo", prefix, defaults["echo"]),
         )
+
+    def program_entry(self, table: dict, prefix: str, role: RoleSpec) -> RoleSpec:
+        """A [programs.N] entry over the role its track plays: what it leaves out stays as the role plays
+        it. Without its own instrument or plugin it changes only the mix (volume, pan, octave, echo) of a
+        role whose source has no envelope to set (the drum kit, a plugin)."""
+        defaults = {"instrument": role.instrument, "envelope": role.envelope, "volume": role.volume,
+                    "pan": role.pan, "octave": role.octave, "echo": role.echo}
+        if "instrument" in table or "plugin" in table or (role.plugin is None and not role.is_kit):
+            if role.plugin is not None:
+                defaults["instrument"] = DEFAULT_ROLES["lead"]["instrument"]  # a plugin role's source is replaced
+            return self.role(table, prefix, defaults)
+        return replace(role,
+                       volume=float(self.number(table, "volume", prefix, role.volume, 0.0, 1.0)),
+                       pan=float(self.number(table, "pan", prefix, role.pan, -1.0, 1.0)),
+                       octave=int(self.number(table, "octave", prefix, role.octave, -4, 4, integer=True)),
+                       echo=self.boolean(table, "echo", prefix, role.echo))
 
     def plugin_role(self, table: dict, prefix: str, defaults: dict[str, Any]) -> RoleSpec:
         """A role played by a VST3 instrument: the bundle is found and checked now, loaded when rendering."""
@@ -528,7 +536,6 @@ class _Validator:
                 if choices is not None and value not in choices:
                     raise self.fail(f"{key}.{name}", f"unknown choice {value!r}{_did_you_mean(str(value), choices)}; "
                                                      f"expected one of {', '.join(choices)}")
-                self.construct(f"{key}.{name}", EffectSpec(kind, ((name, value),)))  # pedalboard's own range checks
                 params.append((name, value))
             spec = EffectSpec(kind, tuple(params))
             self.construct(key, spec)
@@ -536,10 +543,23 @@ class _Validator:
         return tuple(out)
 
     def construct(self, key: str, spec: EffectSpec) -> None:
-        try:
-            make_effect(spec)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise self.fail(key, f"{spec.type}: {str(exc).splitlines()[0]}") from None
+        """Build the effect once, so pedalboard's own checks (ranges, files) run now. A failure is put on
+        the parameter without which the effect builds, when there is one, else on the effect."""
+        failure = _construction_error(spec)
+        if failure is None:
+            return
+        for i, (name, _) in enumerate(spec.params):
+            if _construction_error(EffectSpec(spec.type, spec.params[:i] + spec.params[i + 1:])) is None:
+                raise self.fail(f"{key}.{name}", f"{spec.type}: {failure}")
+        raise self.fail(key, f"{spec.type}: {failure}")
+
+
+def _construction_error(spec: EffectSpec) -> str | None:
+    try:
+        make_effect(spec)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return str(exc).splitlines()[0]
+    return None
 
 
 def effect_parameters(cls: type) -> dict[str, str]:

@@ -77,18 +77,24 @@ class VoiceNote:
 
 @dataclass
 class RenderStats:
-    """What a render tells besides its audio: `clipped` counts channel samples held at full scale, by the
-    DSP's 16-bit clamps (the voices' sum, the output) or by the final clip after effects and resampling;
-    `samples` counts the channel samples rendered."""
+    """What a render tells besides its audio: `clipped` counts the chip's channel samples held at its 16-bit
+    limit (the voices' sum, the output with echo, or both), of `samples` it made; `overshoot` counts output
+    samples cut at full scale after the effects and resampling."""
 
     clipped: int = 0
     samples: int = 0
+    overshoot: int = 0
 
     def warning(self, preset: Preset) -> str:
         """What to tell a user whose render clipped, and what to change."""
-        share = 100 * self.clipped / max(self.samples, 1)
-        return (f"{self.clipped} samples ({share:.2g}%) clipped at full scale; lower the role or master volumes "
-                f"(or the effects' gain) in {preset.path or preset.name}")
+        parts = []
+        if self.clipped:
+            parts.append(f"the chip clipped {self.clipped} of its {self.samples} samples "
+                         f"({100 * self.clipped / max(self.samples, 1):.2g}%) at its 16-bit limit")
+        if self.overshoot:
+            parts.append(f"{self.overshoot} samples went past full scale after the effects or resampling")
+        return (f"{' and '.join(parts)}; lower the role or master volumes (or the effects' gain) in "
+                f"{preset.path or preset.name}")
 
 
 def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: bool = True,
@@ -122,7 +128,9 @@ def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: b
             length = assignment.end - voice.start
             mixer.add(voice.start, assignment.end, voice.echo, partial(outputs.get, voice, length))
     audio = mixer.output(preset.master_volume)
-    clipped = mixer.clipped
+    if stats is not None:
+        stats.clipped += mixer.clipped
+        stats.samples += audio.size
     del mixer, outputs
     if tail:
         audio = audio[:_sounding_end(audio, music_end, SILENCE_LSB / 32768)]
@@ -132,15 +140,13 @@ def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: b
         import soxr
 
         audio = soxr.resample(audio, DSP_RATE, sample_rate, quality="HQ").astype(np.float32, copy=False)
-    if (preset.effects or stems) and not np.isfinite(audio).all():
-        raise ChiptuneError(f"{preset.path or preset.name}: the effects or plugins made samples that are not "
-                            "numbers (NaN or infinity); check their parameters")
+    if preset.effects and not np.isfinite(audio).all():
+        raise ChiptuneError(f"{preset.path or preset.name}: the effects made samples that are not numbers (NaN "
+                            "or infinity); check their parameters")
     if preset.effects or sample_rate != DSP_RATE:  # effects and resampling can overshoot; the DSP cannot
-        clipped += int(np.count_nonzero(np.abs(audio) > 1.0))
+        if stats is not None:
+            stats.overshoot += int(np.count_nonzero(np.abs(audio) > 1.0))
         np.clip(audio, -1.0, 1.0, out=audio)
-    if stats is not None:
-        stats.clipped += clipped
-        stats.samples += audio.size
     if not tail:
         audio = _fit_length(audio, round(piece.end_time * sample_rate))
     return audio
@@ -231,6 +237,9 @@ def _plugin_stem(part: Part, spec: RoleSpec, music_end: int | None) -> _Stem:
     if spec.effects:
         audio = _apply_effects(np.ascontiguousarray(audio), spec.effects, music_end)
     gain = 32768 * spec.volume
+    if not np.isfinite(audio).all():  # the int16-scale stem below would turn them into full-scale clicks
+        raise ChiptuneError(f"{spec.plugin.origin}: the plugin or its effects made samples that are not numbers "
+                            "(NaN or infinity); check their parameters")
     left = np.rint(audio[:, 0] * (gain * min(1.0, 1.0 - spec.pan))).astype(np.int32)
     right = np.rint(audio[:, 1] * (gain * min(1.0, 1.0 + spec.pan))).astype(np.int32)
     return _Stem(left, right, spec.echo)

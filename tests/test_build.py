@@ -969,7 +969,7 @@ def test_a_track_whose_render_clips_gets_a_warning(tmp_path: Path) -> None:
     said: list[str] = []
     report = build(manifest, only=["given"], log=said.append)
     assert statuses(report)["given"][0] == "built"
-    assert any(line.startswith("given: warning: ") and "clipped at full scale" in line
+    assert any(line.startswith("given: warning: ") and "at its 16-bit limit" in line
                and line.endswith(f"in {manifest.parent / 'loud.toml'}") for line in said), said
 
 

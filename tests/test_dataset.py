@@ -237,6 +237,9 @@ def test_a_damaged_dataset_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ChiptuneError, match=f"^{shard}: damaged or missing dataset shard"):
         load_split(out, "train")
     good = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps({**good, "splits": {"train": {"shards": "abc"}, "eval": {}}}))
+    with pytest.raises(ChiptuneError, match="the train shard list is not a list of file names"):
+        load_split(out, "train")
     for key, value in (("num_classes", 300), ("steps_per_quarter", 8), ("encoding", "polyphony-0")):
         (out / "summary.json").write_text(json.dumps({**good, key: value}))
         with pytest.raises(ChiptuneError, match=f"^{out / 'summary.json'}: {key} .*{value}.*rebuild the dataset$"):

@@ -21,6 +21,7 @@ from chiptune_forge.hparams import HParams, differences, parse_hparams
      HParams(dropout_keep_prob=1.0, clip_norm=3.0, learning_rate=0.01),
      {"dropout_keep_prob", "clip_norm", "learning_rate"}),
     ("", HParams(), set()),
+    ("batch_size=8,", HParams(batch_size=8), {"batch_size"}),
 ])
 def test_good_strings(text: str, expected: HParams, given: set[str]) -> None:
     hparams, names = parse_hparams(text)
@@ -48,7 +49,7 @@ UP_TO_1 = "above 0 up to 1"
     ("rnn_layer_sizes=[]", ["for rnn_layer_sizes", LIST]),
     ("rnn_layer_sizes=256", ["bad value '256' for rnn_layer_sizes", LIST]),
     ("batch_size=8,,rnn_layer_sizes=[32]", ["an empty entry between commas"]),
-    ("batch_size=8,", ["an empty entry between commas"]),
+
     ("rnn_layer_sizes=[128,", ["for rnn_layer_sizes", LIST]),
     ("dropout_keep_prob=1.5", ["dropout_keep_prob=1.5 is out of range", UP_TO_1]),
     ("dropout_keep_prob=0", ["dropout_keep_prob=0 is out of range", UP_TO_1]),

@@ -111,20 +111,24 @@ primer_melody = [60]
 def test_missing_manifest(tmp_path: Path) -> None:
     with pytest.raises(ChiptuneError, match="manifest not found"):
         load_manifest(tmp_path / "nope.toml")
-    (tmp_path / "game.toml").write_text("[project]\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'game'\n")
+    with pytest.raises(ChiptuneError, match=r"chiptune\.toml: manifest not found \(create one with"):
+        load_manifest(tmp_path)
+    (tmp_path / "game.toml").write_text("[project]\n[[track]]\nname = 'a'\n")
     with pytest.raises(ChiptuneError, match=r"chiptune\.toml: manifest not found; the folder has game\.toml: give its"):
         load_manifest(tmp_path)
 
 
 def test_keys_outside_any_table_and_format_case(tmp_path: Path) -> None:
-    path = write(tmp_path, 'seed = 3\noutput_dir = "m"\nvolum = 3\n[project]\nformats = ["WAV"]\n'
+    path = write(tmp_path, 'seed = 3\noutput_dir = "m"\nvolum = 3\nformats = ["ogg"]\n[project]\nformats = ["WAV"]\n'
                            '[[track]]\nname = "x"\n')
     problems = problems_of(path)
     assert f"{path}:1: seed: a key outside any table (did you mean to put it under a [[track]]?)" in problems
     assert f"{path}:2: output_dir: a key outside any table (did you mean to put it under [project]?)" in problems
     assert f"{path}:3: volum: a key outside any table" in problems
     assert not any("unknown table" in p for p in problems)
-    assert f"{path}:5: [project] formats: 'WAV' is not one of ogg, wav (did you mean 'wav'?)" in problems
+    assert f"{path}:4: formats: a key outside any table (did you mean to put it under [project]?)" in problems
+    assert f"{path}:6: [project] formats: 'WAV' is not one of ogg, wav (did you mean 'wav'?)" in problems
 
 
 def test_cli_lists_every_problem_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,6 +149,9 @@ def test_build_json_reports_manifest_problems_on_stdout(tmp_path: Path, capsys: 
     report = json.loads(out)
     assert report["ok"] is False and report["manifest"] == str(path) and len(report["errors"]) == 2
     assert all(e.startswith(f"{path}:") for e in report["errors"]) and err.count("\n") == 2
+    assert (report["tracks"], report["seconds"]) == ([], 0.0), "the same fields as a build's report"
+    assert main(["build", str(path), "--json", "--only", "x", "--regenerate", "y"]) == 2
+    assert "not among the --only tracks" in json.loads(capsys.readouterr().out)["errors"][0]
 
 
 def test_init_writes_starter_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,7 @@ import pytest
 from chiptune_forge import plugins
 from chiptune_forge.cli import main
 from chiptune_forge.errors import ChiptuneError
-from chiptune_forge.midi import Note
+from chiptune_forge.midi import Note, Piece
 from chiptune_forge.plugins import PluginCrash, PluginHost, plugin_spec, render_role, role_messages
 
 SR = 32000
@@ -604,3 +604,41 @@ def test_state_and_preset_file_problems_name_their_key_and_line(synth: Path, tmp
         with pytest.raises(ChiptuneError) as info:
             load_preset(path)
         assert str(info.value).startswith(f"{path}:8: roles.lead.{key}: plugin "), str(info.value)
+
+
+def test_a_program_entry_over_a_plugin_role_keeps_the_plugin(synth: Path, tmp_path: Path) -> None:
+    from chiptune_forge.presets import load_preset
+
+    path = write_preset(tmp_path, synth, extra="[programs.33]\nvolume = 0.25\n")
+    preset = load_preset(path)
+    lead = preset.spec_for("lead", 33)
+    assert lead.plugin == preset.roles["lead"].plugin and lead.volume == 0.25
+    assert preset.spec_for("bass", 33).instrument == "builtin:bass"
+
+
+def test_convolution_with_its_file_and_mix_loads_and_a_bad_mix_is_named(tmp_path: Path) -> None:
+    import soundfile as sf
+
+    from chiptune_forge.presets import load_preset
+
+    sf.write(str(tmp_path / "ir.wav"), np.r_[1.0, np.zeros(99)].astype(np.float32), 32000)
+    good = tmp_path / "room.toml"
+    good.write_text('[[effects]]\ntype = "Convolution"\nimpulse_response_filename = "ir.wav"\nmix = 0.5\n')
+    assert load_preset(good).effects[0].type == "Convolution"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[effects]]\ntype = "Reverb"\nroom_size = 0.5\nwet_level = 7.0\n')
+    with pytest.raises(ChiptuneError, match=r"bad\.toml:4: effects\[0\]\.wet_level: Reverb: "):
+        load_preset(bad)
+
+
+def test_a_plugin_stem_that_is_not_numbers_fails_the_render(synth: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from chiptune_forge import render
+    from chiptune_forge.presets import load_preset
+
+    monkeypatch.setattr("chiptune_forge.plugins.render_role",
+                        lambda *a, **k: np.full((3200, 2), np.nan, dtype=np.float32))
+    preset = load_preset(write_preset(tmp_path, synth))
+    with pytest.raises(ChiptuneError, match=r"mixed\.toml: roles\.lead: the plugin or its effects made samples "
+                                            r"that are not numbers"):
+        render.render_piece(Piece([Note(60, 100, 0.0, 0.1)]), preset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,13 @@ def test_effect_enums_are_given_by_name(tmp_path: Path) -> None:
 def test_a_preset_problem_names_its_line(tmp_path: Path, text: str, line: int, key: str) -> None:
     message = error_for(tmp_path, text)
     assert message.startswith(f"{tmp_path / 'broken.toml'}:{line}: {key}: "), message
+
+
+def test_a_program_entry_sets_only_the_mix_of_a_role_without_an_envelope() -> None:
+    shipped = load_preset("snes")
+    text = (shipped_presets_dir() / "snes.toml").read_text() + "\n[programs.33]\nadsr = [15, 7, 7, 0]\nvolume = 0.5\n"
+    mapped = parse_preset(text.encode(), "mapped", None)
+    drums = mapped.spec_for("drums", 33)
+    assert drums == dataclasses.replace(shipped.roles["drums"], volume=0.5), "the kit keeps its own envelopes"
+    env = mapped.spec_for("lead", 33).envelope
+    assert (env.attack, env.decay, env.sustain_level, env.sustain_rate) == (15, 7, 7, 0)

@@ -353,12 +353,15 @@ def train(options: TrainOptions) -> dict:
         step, state = restore_checkpoint(ckpt, model, optimizer)
         if not options.evaluate:
             state.pop("eval", None)  # it described older weights
-        print(f"resuming {run_dir} from step {step}", file=sys.stderr)
+        if options.show_progress:
+            print(f"resuming {run_dir} from step {step}", file=sys.stderr)
     else:
         optimizer.build(model.trainable_variables)
     target = options.num_training_steps
     if target and step >= target:
-        print(f"{run_dir} is already at step {step} (--num-training-steps {target}); nothing to do", file=sys.stderr)
+        if options.show_progress:
+            print(f"{run_dir} is already at step {step} (--num-training-steps {target}); nothing to do",
+                  file=sys.stderr)
         return {"step": step, "nothing_to_do": True, **state}
 
     train_step = make_train_step(model, optimizer)

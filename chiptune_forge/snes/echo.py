@@ -79,7 +79,7 @@ class Mixer:
     def __init__(self, frames: int, echo: EchoSettings | None) -> None:
         self.frames = frames
         self.echo = echo
-        self.clipped = 0  # channel samples the output stage clamped to 16 bits (the voices' sum or the output)
+        self.clipped = 0  # channel samples the output stage clamped to 16 bits (the voices' sum, the output or both)
         self._items: list[tuple[int, int, bool, Signal]] = []
 
     def add(self, start: int, end: int, echo: bool, signal: Signal) -> None:
@@ -125,14 +125,19 @@ class Mixer:
             main = dry[:, :n]
             if fir_step is not None:
                 main += wet[:, pad:pad + n]
-            self.clipped += clamp.counted(main)  # the voices' sum, then MVOL
+            clipped = clamp.out_of_range(main)
+            clamp(main)  # the voices' sum, then MVOL
             _scale(main, master, 7)
             if fir_step is not None:  # the echo, a delay at a time, then EVOL and the output clamp
                 for k in range(0, n, step):
                     fir_step(k, min(k + step, n))
                 _scale(echo_out[:, :n], echo.volume, 7)
                 main += echo_out[:, :n]
-                self.clipped += clamp.counted(main)
+                again = clamp.out_of_range(main)
+                clipped = again if clipped is None else clipped if again is None else clipped | again
+                clamp(main)
+            if clipped is not None:
+                self.clipped += int(np.count_nonzero(clipped))
             out = audio[b:e]
             out[:, 0] = main[0]
             out[:, 1] = main[1]
@@ -155,12 +160,12 @@ class _Clamp:
         np.minimum(x, self.hi[:, :n], out=x)
         np.maximum(x, self.lo[:, :n], out=x)
 
-    def counted(self, x: np.ndarray) -> int:
-        """Clamp, returning how many values were out of range (counted only when there are any)."""
-        over = int(np.count_nonzero(x > 0x7FFF)) if x.max() > 0x7FFF else 0
-        under = int(np.count_nonzero(x < -0x8000)) if x.min() < -0x8000 else 0
-        self(x)
-        return over + under
+    @staticmethod
+    def out_of_range(x: np.ndarray) -> np.ndarray | None:
+        """Where x leaves the 16-bit range, or None when nowhere (the usual case, found by two reductions)."""
+        if x.max() <= 0x7FFF and x.min() >= -0x8000:
+            return None
+        return (x > 0x7FFF) | (x < -0x8000)
 
 
 def _scale(x: np.ndarray, volume: tuple[int, int], shift: int) -> None:
