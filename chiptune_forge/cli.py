@@ -304,14 +304,16 @@ def _run_build(args: argparse.Namespace) -> int:
                                  f"every name after them, so give the manifest first (build {stray[0]} --only ...)"
                                  ) from None
             raise
-    except ChiptuneError as exc:
+    except (ChiptuneError, OSError) as exc:
         if args.json:  # a script reading the report gets one whatever went wrong
-            errors = getattr(exc, "problems", None) or [str(exc)]
-            print(json.dumps({"manifest": str(args.manifest), "ok": False, "seconds": 0.0, "tracks": [],
-                              "errors": errors}, indent=2))
+            from .manifest import manifest_file
+
+            errors = getattr(exc, "problems", None) or [_error_text(exc)]
+            print(json.dumps({"manifest": str(manifest_file(args.manifest).resolve()), "ok": False, "seconds": 0.0,
+                              "tracks": [], "errors": errors}, indent=2))
         if isinstance(exc, UsageError):
             raise  # exit 2, from main
-        print(f"chiptune-forge: error: {exc}", file=sys.stderr)  # e.g. another build holds the folder
+        print(f"chiptune-forge: error: {_error_text(exc)}", file=sys.stderr)  # e.g. another build holds the folder
         return 3
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -394,6 +396,7 @@ def _add_plugins(sub: argparse._SubParsersAction) -> None:
                        description="Look at a VST3 plugin the way a preset sees it. A plugin may be a path or a "
                                    "bundle name found on $CHIPTUNE_FORGE_VST3_PATH or the standard VST3 folders.")
     actions = p.add_subparsers(dest="plugins_command", metavar="ACTION", required=True)
+    p.set_defaults(actions=actions.choices)  # for errors in the action's own words
     info = actions.add_parser("info", help="name, kind, latency and parameters (with ranges and defaults)",
                               description="Load a plugin and list its parameters under the names presets use.")
     info.add_argument("plugin", help="a .vst3 bundle path or bundle name")
@@ -722,8 +725,16 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
         parser.error(str(exc))
     if extras:  # said by the command's own parser, so its usage is the one shown
         command = getattr(args, "commands", {}).get(getattr(args, "command", None) or "", parser)
+        command = getattr(args, "actions", {}).get(getattr(args, "plugins_command", None) or "", command)
         command.error(f"unrecognized arguments: {' '.join(extras)}")
     return args
+
+
+def _error_text(exc: BaseException) -> str:
+    """A user-facing line for an error: an OSError as its file and reason."""
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc.strerror or exc)
+    return str(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -742,8 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chiptune-forge: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a folder that cannot be written, a disk that is full: the file and the reason
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"chiptune-forge: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"chiptune-forge: error: {_error_text(exc)}", file=sys.stderr)
         return getattr(args, "failure_exit", 1)
     except KeyboardInterrupt:
         print("chiptune-forge: interrupted", file=sys.stderr)

@@ -164,10 +164,10 @@ def not_found(path: Path) -> str:
 
 
 def _has_tracks(path: Path) -> bool:
-    """Whether a .toml file looks like a manifest (a [[track]] table), not a preset or pyproject.toml."""
+    """Whether a .toml file is a manifest (it has [[track]] tables), not a preset or pyproject.toml."""
     try:
-        return "[[track]]" in path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError):
+        return isinstance(tomllib.loads(path.read_text(encoding="utf-8-sig")).get("track"), list)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
 
 

@@ -412,9 +412,12 @@ class _Validator:
         defaults = {"instrument": role.instrument, "envelope": role.envelope, "volume": role.volume,
                     "pan": role.pan, "octave": role.octave, "echo": role.echo}
         if "instrument" in table or "plugin" in table or (role.plugin is None and not role.is_kit):
-            if role.plugin is not None:
-                defaults["instrument"] = DEFAULT_ROLES["lead"]["instrument"]  # a plugin role's source is replaced
             return self.role(table, prefix, defaults)
+        # Checked here too, so a mistake is reported whatever the other roles are.
+        for key in PLUGIN_ROLE_KEYS:
+            if key in table and key not in ROLE_KEYS:
+                raise self.fail(f"{prefix}.{key}", "only for a plugin role (set plugin = \"Synth.vst3\")")
+        self.envelope(table, prefix, Envelope())
         return replace(role,
                        volume=float(self.number(table, "volume", prefix, role.volume, 0.0, 1.0)),
                        pan=float(self.number(table, "pan", prefix, role.pan, -1.0, 1.0)),
@@ -526,8 +529,11 @@ class _Validator:
                 if name not in allowed:
                     raise self.fail(f"{key}.{name}", f"unknown parameter for {kind}"
                                                      f"{_did_you_mean(name, allowed)}")
-                if isinstance(value, str) and name.endswith("_filename") and self.folder is not None:
-                    value = str((self.folder / value).resolve())
+                if isinstance(value, str) and name.endswith("_filename"):
+                    if self.folder is not None:
+                        value = str((self.folder / value).resolve())
+                    if not Path(value).is_file():
+                        raise self.fail(f"{key}.{name}", f"no such file: {value}")
                 if not isinstance(value, bool | int | float | str):
                     raise self.fail(f"{key}.{name}", f"expected a number, true/false or a string, got {value!r}")
                 if types[name] in ("float", "int") and (isinstance(value, bool | str) or not math.isfinite(value)):

@@ -48,6 +48,7 @@ SILENCE_LSB = 2  # |sample| at or below this many LSBs ends the tail (the echo c
 EFFECT_SILENCE = 1e-4  # -80 dBFS: where an effect's tail is cut
 REVERB_TAIL_SECONDS = (1.0, 6.0)  # a Reverb's tail: 1 s plus 6 s x room_size
 MAX_EFFECT_TAIL_SECONDS = 10.0
+STEM_LIMIT = 4.0  # a plugin stem beyond +-4 (12 dB over full scale) is clipped before it is mixed
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +90,7 @@ class RenderStats:
         """What to tell a user whose render clipped, and what to change."""
         parts = []
         if self.clipped:
-            parts.append(f"the chip clipped {self.clipped} of its {self.samples} samples "
+            parts.append(f"the chip clipped {self.clipped} of the {self.samples} samples it rendered "
                          f"({100 * self.clipped / max(self.samples, 1):.2g}%) at its 16-bit limit")
         if self.overshoot:
             parts.append(f"{self.overshoot} samples went past full scale after the effects or resampling")
@@ -238,8 +239,10 @@ def _plugin_stem(part: Part, spec: RoleSpec, music_end: int | None) -> _Stem:
         audio = _apply_effects(np.ascontiguousarray(audio), spec.effects, music_end)
     gain = 32768 * spec.volume
     if not np.isfinite(audio).all():  # the int16-scale stem below would turn them into full-scale clicks
-        raise ChiptuneError(f"{spec.plugin.origin}: the plugin or its effects made samples that are not numbers "
-                            "(NaN or infinity); check their parameters")
+        raise ChiptuneError(f"{spec.plugin.where()}: the plugin or its effects made samples that are not "
+                            "numbers (NaN or infinity); check their parameters")
+    # Far past full scale is clipping whatever the volume; bounded, the voices' int32 sum cannot wrap.
+    audio = np.clip(audio, -STEM_LIMIT, STEM_LIMIT)
     left = np.rint(audio[:, 0] * (gain * min(1.0, 1.0 - spec.pan))).astype(np.int32)
     right = np.rint(audio[:, 1] * (gain * min(1.0, 1.0 + spec.pan))).astype(np.int32)
     return _Stem(left, right, spec.echo)

@@ -120,18 +120,20 @@ def _nearest_folder(path: Path) -> Path:
 
 
 def _preset_folders(preset: Path) -> set[Path]:
-    """Folders of the files a preset's plugin roles read (state files, .vstpreset files, plugin binaries)."""
+    """Folders of the files a preset's plugin roles and programs read (state files, .vstpreset files, plugin
+    binaries)."""
     try:
         data = tomllib.loads(preset.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         return set()
-    roles = data.get("roles") if isinstance(data.get("roles"), dict) else {}
     from .plugins import role_folders
 
     folders: set[Path] = set()
-    for table in roles.values():
-        if isinstance(table, dict) and "plugin" in table:
-            folders |= {f.resolve() for f in role_folders(table, preset.parent)}
+    for group in ("roles", "programs"):  # roles, and MIDI programs mapped to plugins
+        tables = data.get(group) if isinstance(data.get(group), dict) else {}
+        for table in tables.values():
+            if isinstance(table, dict) and "plugin" in table:
+                folders |= {f.resolve() for f in role_folders(table, preset.parent)}
     return folders
 
 

@@ -152,6 +152,13 @@ def test_build_json_reports_manifest_problems_on_stdout(tmp_path: Path, capsys: 
     assert (report["tracks"], report["seconds"]) == ([], 0.0), "the same fields as a build's report"
     assert main(["build", str(path), "--json", "--only", "x", "--regenerate", "y"]) == 2
     assert "not among the --only tracks" in json.loads(capsys.readouterr().out)["errors"][0]
+    path.write_text('[project]\nmodel = "default"\n[[track]]\nname = "x"\nbars = 1\n')
+    (tmp_path / ".chiptune").write_text("a file where the build keeps its cache")
+    assert main(["build", str(tmp_path), "--json"]) == 3
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["manifest"] == str(path.resolve()) and report["ok"] is False
+    assert report["errors"][0].startswith(str(tmp_path / ".chiptune")) and err.startswith("chiptune-forge: error: ")
 
 
 def test_init_writes_starter_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -639,6 +640,51 @@ def test_a_plugin_stem_that_is_not_numbers_fails_the_render(synth: Path, tmp_pat
     monkeypatch.setattr("chiptune_forge.plugins.render_role",
                         lambda *a, **k: np.full((3200, 2), np.nan, dtype=np.float32))
     preset = load_preset(write_preset(tmp_path, synth))
-    with pytest.raises(ChiptuneError, match=r"mixed\.toml: roles\.lead: the plugin or its effects made samples "
-                                            r"that are not numbers"):
+    with pytest.raises(ChiptuneError, match=r"mixed\.toml: roles\.lead: plugin .*ForgeTestSynth\.vst3: the plugin "
+                                            r"or its effects made samples that are not numbers"):
         render.render_piece(Piece([Note(60, 100, 0.0, 0.1)]), preset)
+
+
+def test_a_program_entry_is_checked_even_when_every_role_plays_a_plugin_or_the_kit(synth: Path,
+                                                                                   tmp_path: Path) -> None:
+    from chiptune_forge.presets import load_preset
+
+    roles = "".join(f'[roles.{role}]\nplugin = "{synth}"\n' for role in ("lead", "harmony", "bass"))
+    for entry, message in (('state_file = "nope.bin"', "programs.5.state_file: only for a plugin role"),
+                           ("adsr = [15, 7, 7, 0]\ngain = \"direct:100\"", "programs.5.gain: give either adsr or "
+                                                                          "gain"),
+                           ("release = 99", "programs.5.release: 99 is out of range")):
+        path = tmp_path / "all_plugins.toml"
+        path.write_text(f"{roles}[programs.5]\nvolume = 0.5\n{entry}\n")
+        with pytest.raises(ChiptuneError, match=re.escape(message)):
+            load_preset(path)
+
+
+def test_an_effect_file_that_is_missing_is_named_on_its_line(tmp_path: Path) -> None:
+    from chiptune_forge.presets import load_preset
+
+    path = tmp_path / "room.toml"
+    path.write_text('[[effects]]\ntype = "Convolution"\nmix = 0.5\nimpulse_response_filename = "gone.wav"\n')
+    with pytest.raises(ChiptuneError, match=r"room\.toml:4: effects\[0\]\.impulse_response_filename: no such file: "):
+        load_preset(path)
+
+
+def test_an_unknown_flag_of_a_plugins_action_shows_that_actions_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["plugins", "info", "X.vst3", "--bogus"])
+    assert "chiptune-forge plugins info: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_plugin_stem_far_past_full_scale_clips_instead_of_wrapping(synth: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from chiptune_forge import render
+    from chiptune_forge.presets import load_preset
+
+    loud = np.full((3200, 2), 1e9, dtype=np.float32)
+    loud[1600:] = -1e9
+    monkeypatch.setattr("chiptune_forge.plugins.render_role", lambda *a, **k: loud)
+    stats = render.RenderStats()
+    audio = render.render_piece(Piece([Note(60, 100, 0.0, 0.1)]), load_preset(write_preset(tmp_path, synth)),
+                                tail=False, stats=stats)
+    assert audio[:1500].min() > 0 and audio[1700:3100].max() < 0, "a huge stem keeps its sign"
+    assert stats.clipped > 0

@@ -101,9 +101,9 @@ def test_a_render_counts_the_samples_it_clipped(tmp_path: Path, capsys: pytest.C
     assert main(["render", str(write(tmp_path, song(4))), "-o", str(tmp_path / "out.wav"), "--preset",
                  str(loud)]) == 0
     err = capsys.readouterr().err
-    assert re.search(rf"warning: {re.escape(str(tmp_path / 'out.wav'))}: the chip clipped \d+ of its \d+ samples "
-                     rf"\([\d.]+%\) at its 16-bit limit; lower the role or master volumes \(or the effects' gain\) "
-                     rf"in {re.escape(str(loud))}\n", err)
+    assert re.search(rf"warning: {re.escape(str(tmp_path / 'out.wav'))}: the chip clipped \d+ of the \d+ samples it "
+                     rf"rendered \([\d.]+%\) at its 16-bit limit; lower the role or master volumes \(or the "
+                     rf"effects' gain\) in {re.escape(str(loud))}\n", err)
     capsys.readouterr()
     assert main(["render", str(write(tmp_path, song(4))), "-o", str(tmp_path / "ok.wav")]) == 0
     assert "clipped" not in capsys.readouterr().err
