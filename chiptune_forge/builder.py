@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import time
-import tomllib
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
@@ -41,11 +40,20 @@ import numpy as np
 
 from .errors import ChiptuneError, UsageError
 from .loops import godot_import_file
-from .manifest import CACHE_DIR, MANIFEST_NAME, Manifest, TrackSpec, load_manifest
+from .manifest import (
+    CACHE_DIR,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    Manifest,
+    Neighbour,
+    TrackSpec,
+    load_manifest,
+    lock_and_state,
+    neighbours,
+)
 from .presets import Preset, load_preset
 from .workers import held_fds, new_executor, stop_workers
 
-LOCK_NAME = "chiptune.lock"
 ASSET_SUFFIXES = frozenset({".ogg", ".wav", ".json", ".import"})
 """What an export writes: the only kinds of file a build ever deletes."""
 LOCK_VERSION = 2
@@ -202,48 +210,6 @@ def build_lock(cache: Path) -> Iterator[None]:
         finally:
             held_fds.discard(fh.fileno())
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def lock_and_state(manifest_path: Path) -> tuple[Path, Path]:
-    """The lock and build state of a manifest. chiptune.toml has chiptune.lock and .chiptune/state.json;
-    another manifest in the same folder (NAME.toml) has its own NAME.lock and .chiptune/state-NAME.json, so
-    neither takes the other's tracks for removed ones."""
-    root, cache = manifest_path.parent, manifest_path.parent / CACHE_DIR
-    if manifest_path.name == MANIFEST_NAME:
-        return root / LOCK_NAME, cache / "state.json"
-    return root / f"{manifest_path.stem}.lock", cache / f"state-{manifest_path.stem}.json"
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    """Another manifest in the project folder, read leniently (any .toml there: a preset has no tracks)."""
-
-    path: Path
-    tracks: frozenset[str]
-    output_dir: Path | None
-
-    @classmethod
-    def read(cls, path: Path) -> Neighbour:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            data = {}
-        tracks, project = data.get("track"), data.get("project", {})
-        names = {t["name"] for t in tracks if isinstance(t, dict) and isinstance(t.get("name"), str)} \
-            if isinstance(tracks, list) else set()
-        folder = project.get("output_dir", "music") if isinstance(project, dict) else None
-        return cls(path, frozenset(names),
-                   Path(os.path.normpath(path.parent / folder)) if isinstance(folder, str) else None)
-
-    @property
-    def state_path(self) -> Path:
-        return lock_and_state(self.path)[1]
-
-
-def neighbours(manifest_path: Path) -> list[Neighbour]:
-    """The other manifests with tracks in a manifest's folder."""
-    return [n for m in sorted(manifest_path.parent.glob("*.toml")) if m != manifest_path
-            and (n := Neighbour.read(m)).tracks]
 
 
 def _manifest_of_lock(lock: Path) -> Path:

@@ -17,6 +17,7 @@ from .errors import ChiptuneError, UsageError
 
 EXIT_INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL")  # Magenta's --log levels
+CHATTY_LOG_LEVELS = ("DEBUG", "INFO")  # the levels at which progress and summaries are printed
 TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
 
@@ -199,7 +200,7 @@ def _run_train(args: argparse.Namespace) -> int:
                                 given=frozenset(given), num_training_steps=args.num_training_steps,
                                 checkpoint_every=args.checkpoint_every, keep_checkpoints=args.num_checkpoints,
                                 evaluate=args.eval, max_length=args.max_length, seed=args.seed,
-                                log_every=args.summary_frequency, show_progress=args.log in ("INFO", "DEBUG")))
+                                log_every=args.summary_frequency, show_progress=args.log in CHATTY_LOG_LEVELS))
     if result.get("nothing_to_do"):
         return 0
     line = f"step {result['step']}; exported model: {Path(args.run_dir) / 'export'}"
@@ -478,12 +479,19 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_generate)
 
 
-def _run_generate(args: argparse.Namespace) -> int:
+def _single_threaded_blas() -> None:
+    """No BLAS thread pool for this process and those it starts; effective only before numpy loads. For
+    commands whose matrix products are small (generation: one event per step) or absent (rendering), where
+    the pool's threads cost their start-up and hand-offs and gain nothing."""
     import os
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
     import time
 
-    # One event per step on small matrices: BLAS threads only add hand-offs (effective before numpy loads).
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _single_threaded_blas()
     started = time.perf_counter()
     from .generate import GenerationRequest, check_hparams, generate, output_name, parse_int_list, rank, write_outputs
     from .lstm import load_model
@@ -512,7 +520,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     best = rank(pieces)[0]
     events = sum(len(p.events) for p in pieces)
     files = "1 MIDI file" if len(pieces) == 1 else f"{len(pieces)} MIDI files"
-    if args.log in ("INFO", "DEBUG"):
+    if args.log in CHATTY_LOG_LEVELS:
         print(f"wrote {files} and {path} in {time.perf_counter() - started:.2f} s ({events} events); "
               f"best: {output_name(best.index, len(pieces))} (rank score {best.scores['rank_score']:.3f})")
     silent = sum(1 for p in pieces if not len(p.quantized.pitch))
@@ -554,12 +562,8 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 
 def _run_render(args: argparse.Namespace) -> int:
     import math
-    import os
 
-    # The sampler does no matrix products: a BLAS thread pool would only cost its start-up. Set before numpy
-    # loads, for this process and the ones it starts (a plugin role's host, which does no matrix products
-    # either).
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    _single_threaded_blas()
     from .export import TARGET_LUFS, TRUE_PEAK_DB, export_track, file_sha256, sidecar_listed
     from .loops import render_track
     from .manifest import LOUDNESS_RANGE, TRUE_PEAK_RANGE
@@ -630,8 +634,9 @@ def _run_render(args: argparse.Namespace) -> int:
         print(f"chiptune-forge: warning: {', '.join(map(str, stale))} {'does' if one else 'do'} not match this "
               f"render and {'was' if one else 'were'} left as {'it was' if one else 'they were'} (delete "
               f"{'it' if one else 'them'} if no longer needed)", file=sys.stderr)
-    undescribed = [output.parent / f for f in described if normalizing]
-    undescribed = [f for f in undescribed if f not in paths and f.exists() and f not in stale]
+    # A new NAME.json lists only this render's files; point out earlier ones it no longer lists.
+    undescribed = [f for f in (output.parent / name for name in described)
+                   if normalizing and f not in paths and f.exists() and f not in stale]
     if undescribed:
         print(f"chiptune-forge: warning: {sidecar} now describes this render only; {', '.join(map(str, undescribed))} "
               f"from an earlier render {'is' if len(undescribed) == 1 else 'are'} no longer listed in it",

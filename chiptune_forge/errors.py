@@ -1,6 +1,9 @@
-"""The one exception type the CLI turns into a clean one-line message instead of a traceback."""
+"""The one exception type the CLI turns into a clean one-line message instead of a traceback, and the
+did-you-mean hint those messages share."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 
 class ChiptuneError(Exception):
@@ -23,3 +26,13 @@ class MidiError(ChiptuneError):
 class UsageError(ChiptuneError):
     """A request that names what is not there (a missing manifest, an unknown track): exit code 2 where a
     command distinguishes bad requests from failed work."""
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the option closest to a mistyped word (the same word in another case is
+    closest), or "" when none is close."""
+    import difflib
+
+    by_lower = {option.lower(): option for option in options}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""

@@ -317,19 +317,14 @@ def godot_import_agrees(import_file: Path, fmt: str, sample_rate: int, loop: Loo
     Godot's own defaults agree with a clip that does not loop, and a WAV's "detect" mode (0) follows the
     file's smpl chunk, so it agrees with anything export writes. True when the file cannot be read.
     """
+    import configparser
+
+    settings = configparser.ConfigParser(interpolation=None, strict=False)
     try:
-        text = import_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        settings.read_string(import_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, configparser.Error):
         return True
-    params: dict[str, str] = {}
-    section = ""
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            section = line
-        elif section == "[params]" and "=" in line:
-            key, value = line.split("=", 1)
-            params[key.strip()] = value.strip()
+    params = settings["params"] if settings.has_section("params") else {}
     if fmt != "ogg" and params.get("edit/loop_mode", "0") == "0":
         return True
     want = _godot_params(fmt, sample_rate, loop)

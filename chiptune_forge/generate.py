@@ -38,7 +38,6 @@ plain sampling.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -637,10 +636,11 @@ def write_outputs(pieces: Sequence[GeneratedPiece], output_dir: str | Path, requ
     path = out / "generate.json"
     staged.append((out / ".generate.json.partial", path))
     contents = [p.to_piece() for p in pieces] + [json.dumps(result, indent=2) + "\n"]
+    final = out
     try:
         for (tmp, final), content in zip(staged, contents, strict=True):
             if final.is_dir():
-                raise IsADirectoryError(errno.EISDIR, "is a folder", str(final))
+                raise ChiptuneError(f"{final}: cannot write (is a folder)")
             if isinstance(content, str):
                 tmp.write_text(content, encoding="utf-8")
             else:
@@ -648,7 +648,6 @@ def write_outputs(pieces: Sequence[GeneratedPiece], output_dir: str | Path, requ
         for tmp, final in staged:
             os.replace(tmp, final)
     except OSError as exc:
-        final = next((f for t, f in staged if str(exc.filename) in (str(t), str(f))), out)
         raise ChiptuneError(f"{final}: cannot write ({exc.strerror or exc})") from None
     finally:
         for tmp, _ in staged:

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields, replace
-from difflib import get_close_matches
 
-from .errors import ChiptuneError
+from .errors import ChiptuneError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,7 @@ def parse_hparams(text: str | None, base: HParams | None = None) -> tuple[HParam
             raise ChiptuneError(f"--hparams: {item!r} is not name=value")
         name, raw = (s.strip() for s in item.split("=", 1))
         if name not in names:
-            close = get_close_matches(name, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
+            hint = did_you_mean(name, names) or f" (known: {', '.join(names)})"
             raise ChiptuneError(f"--hparams: unknown hyperparameter {name!r}{hint}")
         if name in given:
             raise ChiptuneError(f"--hparams: {name} is given twice")

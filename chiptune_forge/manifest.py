@@ -7,14 +7,14 @@ nothing is built until the whole manifest is valid.
 from __future__ import annotations
 
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from .errors import ChiptuneError, UsageError
+from .errors import ChiptuneError, UsageError, did_you_mean
 from .loops import SAMPLE_RATES, SPLIT_PARTS, split_clip
 
 FORMATS = ("ogg", "wav")
@@ -28,6 +28,7 @@ TRUE_PEAK_RANGE = (-20.0, 0.0)
 LOUDNESS_RANGE = (-70.0, 0.0)
 """LUFS targets accepted: from the BS.1770 absolute gate up to (not including) full scale."""
 MANIFEST_NAME = "chiptune.toml"
+LOCK_NAME = "chiptune.lock"
 GENERATION_KEYS = ("seed", "temperature", "primer_pitches", "primer_melody", "primer_midi", "candidates", "pick",
                    "tempo")
 
@@ -154,21 +155,55 @@ def manifest_file(path: str | Path) -> Path:
     return path / MANIFEST_NAME if path.is_dir() else path
 
 
+def lock_and_state(manifest_path: Path) -> tuple[Path, Path]:
+    """The lock and build state of a manifest. chiptune.toml has chiptune.lock and .chiptune/state.json;
+    another manifest in the same folder (NAME.toml) has its own NAME.lock and .chiptune/state-NAME.json, so
+    neither takes the other's tracks for removed ones."""
+    root, cache = manifest_path.parent, manifest_path.parent / CACHE_DIR
+    if manifest_path.name == MANIFEST_NAME:
+        return root / LOCK_NAME, cache / "state.json"
+    return root / f"{manifest_path.stem}.lock", cache / f"state-{manifest_path.stem}.json"
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """Another manifest in the project folder, read leniently (any .toml there: a preset has no tracks)."""
+
+    path: Path
+    tracks: frozenset[str]
+    output_dir: Path | None
+
+    @classmethod
+    def read(cls, path: Path) -> Neighbour:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            data = {}
+        tracks, project = data.get("track"), data.get("project", {})
+        names = {t["name"] for t in tracks if isinstance(t, dict) and isinstance(t.get("name"), str)} \
+            if isinstance(tracks, list) else set()
+        folder = project.get("output_dir", "music") if isinstance(project, dict) else None
+        return cls(path, frozenset(names),
+                   Path(os.path.normpath(path.parent / folder)) if isinstance(folder, str) else None)
+
+    @property
+    def state_path(self) -> Path:
+        return lock_and_state(self.path)[1]
+
+
+def neighbours(manifest_path: Path) -> list[Neighbour]:
+    """The other manifests with tracks in a manifest's folder."""
+    return [n for m in sorted(manifest_path.parent.glob("*.toml")) if m != manifest_path
+            and (n := Neighbour.read(m)).tracks]
+
+
 def not_found(path: Path) -> str:
     """The message for a missing manifest: the manifests beside it when a folder was given, else how to
     make one."""
-    others = [p.name for p in sorted(path.parent.glob("*.toml")) if path.name == MANIFEST_NAME and _has_tracks(p)]
+    others = [n.path.name for n in neighbours(path)] if path.name == MANIFEST_NAME else []
     if others:
         return f"{path}: manifest not found; the folder has {', '.join(others)}: give its path"
     return f"{path}: manifest not found (create one with 'chiptune-forge init')"
-
-
-def _has_tracks(path: Path) -> bool:
-    """Whether a .toml file is a manifest (it has [[track]] tables), not a preset or pyproject.toml."""
-    try:
-        return isinstance(tomllib.loads(path.read_text(encoding="utf-8-sig")).get("track"), list)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False
 
 
 def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
@@ -183,11 +218,12 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ManifestError([_syntax_error(path, exc)]) from None
+        raise ManifestError([toml_syntax_error(path, exc)]) from None
     return _validate(path.resolve(), data, _Lines(text), check_files)
 
 
-def _syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> str:
+def toml_syntax_error(path: object, exc: tomllib.TOMLDecodeError) -> str:
+    """FILE:LINE:COLUMN: TOML syntax error: what (tomllib gives the position only inside its message)."""
     msg = str(exc)
     m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
     if m:
@@ -208,10 +244,10 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
         if key not in ("project", "track") and not table:
             where = "[project]" if key in PROJECT_KEYS else "a [[track]]" if key in TRACK_KEYS else None
             hint = (f" (did you mean to put it under {where}?)" if where
-                    else _did_you_mean(key, sorted(set(PROJECT_KEYS) | set(TRACK_KEYS))))
+                    else did_you_mean(key, sorted(set(PROJECT_KEYS) | set(TRACK_KEYS))))
             problem(lines.of("", 0, key), "", f"{key}: a key outside any table{hint}")
         elif key not in ("project", "track"):
-            hint = _did_you_mean(key, ["project", "track"])
+            hint = did_you_mean(key, ["project", "track"])
             problem(lines.of(key, 0), "", f"unknown table [{key}]{hint}")
     raw_project = data.get("project", {})
     if not isinstance(raw_project, dict):
@@ -383,7 +419,7 @@ def _check_table(raw: dict[str, Any], schema: dict[str, tuple[Any, str]], line_o
             if elsewhere is not None and key in elsewhere[0] and key != "name":
                 problem(line_of(key), label, f"{key} is a {elsewhere[1]} setting; move it there")
             else:
-                problem(line_of(key), label, f"unknown key {key!r}{_did_you_mean(key, list(schema))}")
+                problem(line_of(key), label, f"unknown key {key!r}{did_you_mean(key, list(schema))}")
             continue
         types, description = schema[key]
         types = types if isinstance(types, tuple) else (types,)
@@ -404,9 +440,8 @@ def _check_formats(value: list, line, label: str, problem) -> tuple[str, ...]:
     formats = []
     for item in value:
         if item not in FORMATS:
-            hint = (f" (did you mean {str(item).lower()!r}?)" if str(item).lower() in FORMATS
-                    else _did_you_mean(str(item), list(FORMATS)))
-            problem(line(), label, f"formats: {item!r} is not one of {', '.join(FORMATS)}{hint}")
+            problem(line(), label, f"formats: {item!r} is not one of {', '.join(FORMATS)}"
+                    f"{did_you_mean(str(item), FORMATS)}")
         elif item not in formats:
             formats.append(item)
     if not value:
@@ -441,11 +476,6 @@ def _inside(path: Path, root: Path) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _did_you_mean(word: str, options: list[str]) -> str:
-    close = get_close_matches(word, options, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 STARTER = '''\

@@ -921,7 +921,7 @@ def _instance(spec: PluginSpec, cache: OrderedDict[tuple, _Instance]) -> _Instan
         except (RuntimeError, ValueError) as exc:
             raise _Problem(f"preset_file was refused ({_reason(exc)})") from None
     instance = _Instance(plugin, dict(plugin.parameters))
-    _apply_parameters(instance, spec.parameters, restored=spec.state is not None or spec.preset_data is not None)
+    _apply_parameters(instance, spec)
     cache[key] = instance
     while len(cache) > INSTANCE_CACHE_SIZE:
         cache.popitem(last=False)
@@ -945,16 +945,16 @@ _TRUE = {"true", "on", "yes", "1"}
 _FALSE = {"false", "off", "no", "0"}
 
 
-def _apply_parameters(instance: _Instance, parameters: Sequence[tuple[str, ParameterValue]],
-                      restored: bool = False) -> None:
-    """Set parameters by name.
+def _apply_parameters(instance: _Instance, spec: PluginSpec) -> None:
+    """Set the spec's parameters by name.
 
-    After a state was `restored` the host's copy of each value is stale (it still holds the value from
+    After the spec's state or preset was restored the host's copy of each value is stale (it still holds the value from
     before the state), so setting that same value again would not reach the plugin: each parameter is
     moved away first. And there a change to exactly raw 0 is dropped too, so the lowest raw value is sent
     as RESTORED_LOWEST_RAW: the same choice of a switch or list, a negligible 1e-6 of a range."""
     known = instance.parameters
-    for name, value in parameters:
+    restored = spec.state is not None or spec.preset_data is not None
+    for name, value in spec.parameters:
         param = known.get(name)
         if param is None:
             close = difflib.get_close_matches(name, list(known), n=1)

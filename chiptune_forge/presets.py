@@ -53,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ChiptuneError
+from .errors import ChiptuneError, did_you_mean
 from .plugins import PRESET_KEYS, PluginSettingError, PluginSpec, preset_plugin
 from .snes.dsp import Envelope
 from .snes.echo import FIR_TAPS, MAX_EDL, EchoSettings
@@ -229,10 +229,8 @@ def load_preset(name_or_path: str | Path, base_dir: Path | None = None) -> Prese
     name = str(name_or_path)
     path = shipped_presets_dir() / f"{name}.toml"
     if not path.is_file():
-        names = shipped_names()
-        hint = (f" (did you mean {name.lower()!r}?)" if name.lower() in names
-                else _did_you_mean(name.lower(), names))
-        raise ChiptuneError(f"unknown preset {name!r}{hint}; give a shipped name or a path to a .toml file")
+        raise ChiptuneError(f"unknown preset {name!r}{did_you_mean(name, shipped_names())}; give a shipped name or "
+                            "a path to a .toml file")
     return parse_preset(path.read_bytes(), name, path)
 
 
@@ -247,11 +245,9 @@ def parse_preset(data: bytes, name: str, path: Path | None) -> Preset:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        at = re.search(r"\s*\(at line (\d+), column (\d+)\)", str(exc))
-        if at is None:
-            raise PresetError(where, "", f"TOML syntax error: {exc}") from None
-        raise PresetError(f"{where}:{at.group(1)}:{at.group(2)}", "",
-                          f"TOML syntax error: {str(exc)[:at.start()]}") from None
+        from .manifest import toml_syntax_error
+
+        raise ChiptuneError(toml_syntax_error(where, exc)) from None
     try:
         return _parse(doc, name, path, where)
     except PresetError as exc:
@@ -308,13 +304,6 @@ def _parse(doc: dict, name: str, path: Path | None, where: object) -> Preset:
     return Preset(name, path, description, roles, programs, echo, master_volume, effects, drums)
 
 
-def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 class _Validator:
     """Reads values out of the parsed TOML, raising PresetError at the first problem."""
 
@@ -332,7 +321,7 @@ class _Validator:
     def keys(self, table: dict, allowed: tuple[str, ...], prefix: str) -> None:
         for key in table:
             if key not in allowed:
-                raise self.fail(self._join(prefix, key), f"unknown key{_did_you_mean(key, allowed)}; "
+                raise self.fail(self._join(prefix, key), f"unknown key{did_you_mean(key, allowed)}; "
                                                          f"expected one of {', '.join(allowed)}")
 
     def table(self, doc: dict, key: str, prefix: str) -> dict:
@@ -387,7 +376,7 @@ class _Validator:
         if instrument not in names:
             spelled = instrument if ":" in instrument else BUILTIN_PREFIX + instrument
             raise self.fail(f"{prefix}.instrument", f"unknown instrument {instrument!r}"
-                                                    f"{_did_you_mean(spelled, names)}")
+                                                    f"{did_you_mean(spelled, names)}")
         kit = instrument == BUILTIN_PREFIX + KIT_NAME
         if kit and ("adsr" in table or "gain" in table or "release" in table):
             key = next(k for k in ("adsr", "gain", "release") if k in table)
@@ -468,7 +457,7 @@ class _Validator:
             raise self.fail(key, f"expected \"direct:0-127\", \"increase:1-31\" or \"bent:1-31\", got {value!r}")
         mode, amount = match.group(1), int(match.group(2))
         if mode not in GAIN_MODES:
-            raise self.fail(key, f"unknown GAIN mode {mode!r}{_did_you_mean(mode, GAIN_MODES)} (decrease "
+            raise self.fail(key, f"unknown GAIN mode {mode!r}{did_you_mean(mode, GAIN_MODES)} (decrease "
                                  f"modes would be silent: a key-on starts the envelope at 0)")
         top = 127 if mode == "direct" else 31
         low = 0 if mode == "direct" else 1
@@ -514,11 +503,11 @@ class _Validator:
             kind = item.get("type")
             if kind is None:
                 for name in item:
-                    if _did_you_mean(name, ["type"]):
+                    if did_you_mean(name, ["type"]):
                         raise self.fail(f"{key}.{name}", "unknown key (did you mean 'type'?)")
                 raise self.fail(f"{key}.type", "missing: the pedalboard effect to use, e.g. type = \"Reverb\"")
             if kind not in kinds:
-                raise self.fail(f"{key}.type", f"unknown effect {kind!r}{_did_you_mean(str(kind), kinds)}")
+                raise self.fail(f"{key}.type", f"unknown effect {kind!r}{did_you_mean(str(kind), kinds)}")
             cls = getattr(pedalboard, kind)
             types = effect_parameters(cls)
             allowed = sorted(types)
@@ -528,7 +517,7 @@ class _Validator:
                     continue
                 if name not in allowed:
                     raise self.fail(f"{key}.{name}", f"unknown parameter for {kind}"
-                                                     f"{_did_you_mean(name, allowed)}")
+                                                     f"{did_you_mean(name, allowed)}")
                 if isinstance(value, str) and name.endswith("_filename"):
                     if self.folder is not None:
                         value = str((self.folder / value).resolve())
@@ -540,7 +529,7 @@ class _Validator:
                     raise self.fail(f"{key}.{name}", f"expected a finite number, got {value!r}")
                 choices = _enum_members(types[name])
                 if choices is not None and value not in choices:
-                    raise self.fail(f"{key}.{name}", f"unknown choice {value!r}{_did_you_mean(str(value), choices)}; "
+                    raise self.fail(f"{key}.{name}", f"unknown choice {value!r}{did_you_mean(str(value), choices)}; "
                                                      f"expected one of {', '.join(choices)}")
                 params.append((name, value))
             spec = EffectSpec(kind, tuple(params))

@@ -82,7 +82,7 @@ def watched_folders(manifest_path: Path, output_dir: Path | None = None) -> set[
     root = manifest_path.parent
     folders = {root}
     try:
-        data = tomllib.loads(manifest_path.read_text(encoding="utf-8"))
+        data = tomllib.loads(manifest_path.read_text(encoding="utf-8-sig"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         return folders
     project = data.get("project", {}) if isinstance(data.get("project"), dict) else {}
@@ -123,7 +123,7 @@ def _preset_folders(preset: Path) -> set[Path]:
     """Folders of the files a preset's plugin roles and programs read (state files, .vstpreset files, plugin
     binaries)."""
     try:
-        data = tomllib.loads(preset.read_text(encoding="utf-8"))
+        data = tomllib.loads(preset.read_text(encoding="utf-8-sig"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         return set()
     from .plugins import role_folders

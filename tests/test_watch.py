@@ -305,6 +305,9 @@ def test_folders_of_presets_and_what_their_plugin_roles_read_are_watched(tmp_pat
     assert {game, sounds, states, plugins} <= folders  # a plugin not installed yet is watched where it will be
     (sounds / "lead.toml").write_text("[roles.lead\n")  # broken: still watched, its side files unknown
     assert {game, sounds} <= watched_folders(game / "chiptune.toml")
+    (sounds / "lead.toml").write_text('\ufeff[programs.5]\nplugin = "../plugins/Later.vst3"\n')
+    (game / "chiptune.toml").write_text("\ufeff" + (game / "chiptune.toml").read_text())
+    assert {game, sounds, plugins} <= watched_folders(game / "chiptune.toml"), "byte-order marks, programs"
 
 
 def test_once_after_ends_by_itself(project: tuple[Path, Path]) -> None:

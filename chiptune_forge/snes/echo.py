@@ -133,8 +133,7 @@ class Mixer:
                     fir_step(k, min(k + step, n))
                 _scale(echo_out[:, :n], echo.volume, 7)
                 main += echo_out[:, :n]
-                again = clamp.out_of_range(main)
-                clipped = again if clipped is None else clipped if again is None else clipped | again
+                clipped = clamp.out_of_range(main, clipped)
                 clamp(main)
             if clipped is not None:
                 self.clipped += int(np.count_nonzero(clipped))
@@ -161,11 +160,13 @@ class _Clamp:
         np.maximum(x, self.lo[:, :n], out=x)
 
     @staticmethod
-    def out_of_range(x: np.ndarray) -> np.ndarray | None:
-        """Where x leaves the 16-bit range, or None when nowhere (the usual case, found by two reductions)."""
+    def out_of_range(x: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray | None:
+        """Where x leaves the 16-bit range, joined with where an earlier clamp `seen` did; None when nowhere
+        (the usual case, found by two reductions)."""
         if x.max() <= 0x7FFF and x.min() >= -0x8000:
-            return None
-        return (x > 0x7FFF) | (x < -0x8000)
+            return seen
+        where = (x > 0x7FFF) | (x < -0x8000)
+        return where if seen is None else where | seen
 
 
 def _scale(x: np.ndarray, volume: tuple[int, int], shift: int) -> None:
