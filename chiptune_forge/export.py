@@ -12,12 +12,14 @@ What each reader takes (see docs/loop-metadata.md in the shared docs):
 Every file of a track is first written under a hidden temporary name that no engine takes for an asset
 (`.NAME.ogg.partial`) and renamed into place only when all of them are complete, so a game watching the
 folder never sees half a track, and a failed export leaves the previous files untouched.
+
+soundfile and mutagen (Ogg), soxr (true peak) and hashlib are imported where they are used: a plain WAV
+render, the commonest call, needs none of them and starts faster without.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -26,15 +28,12 @@ import re
 import signal
 import struct
 import threading
+import wave
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
-import soxr
-from mutagen.ogg import OggPage
-from mutagen.oggvorbis import OggVorbis
 
 from .errors import ChiptuneError
 from .loops import SPLIT_PARTS, TrackAudio, check_sample_rate, godot_import_file, split_clip
@@ -48,6 +47,7 @@ VORBIS_QUALITY = 0.5
 VORBIS_CHUNK_FRAMES = 16384
 """Frames handed to the Vorbis encoder per call: libvorbis allocates its analysis buffer on the stack, and
 one call with minutes of audio overflows it (a segfault; libsndfile issue #1095, python-soundfile #233)."""
+PCM_BLOCK = 16384  # frames converted to 16 bits at a time (128 KiB of float32 pairs)
 
 TRUE_PEAK_OVERSAMPLING = 4
 CEILING_MARGIN_DB = 0.05
@@ -94,6 +94,8 @@ def true_peak_db(audio: np.ndarray, sample_rate: int, loop_start: int | None = N
     For a loop, the first milliseconds of the body are appended after its end, so a peak between the
     last frame and the loop start, which the player interpolates across, counts too. -inf for silence.
     """
+    import soxr
+
     x = np.asarray(audio, dtype=np.float32)
     if loop_start is not None:
         x = np.concatenate([x, x[loop_start:loop_start + sample_rate // 100]])
@@ -187,17 +189,21 @@ def _vorbis(audio: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray, dic
     The encoder is deterministic, so the true-peak check in `fit_ceiling`, the file `write_ogg` writes and
     the peak measured for the sidecar all share one encode of the same samples instead of three.
     """
+    import hashlib
+
+    import soundfile
+
     digest = hashlib.blake2b(np.ascontiguousarray(audio).tobytes(), digest_size=16).digest()
     key = (sample_rate, audio.shape, digest)
     if key not in _last_vorbis:
         buf = io.BytesIO()
         with _interrupt_after():
-            with sf.SoundFile(buf, "w", sample_rate, 2, subtype="VORBIS", format="OGG",
+            with soundfile.SoundFile(buf, "w", sample_rate, 2, subtype="VORBIS", format="OGG",
                               compression_level=1.0 - VORBIS_QUALITY) as f:
                 for i in range(0, audio.shape[0], VORBIS_CHUNK_FRAMES):
                     f.write(audio[i:i + VORBIS_CHUNK_FRAMES])
             data = _with_serial(buf.getvalue(), int.from_bytes(digest[:4], "little"))
-            decoded = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]
+            decoded = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]
         _last_vorbis.clear()
         _last_vorbis[key] = (data, decoded, {})
     return _last_vorbis[key]
@@ -207,6 +213,8 @@ def _with_serial(data: bytes, serial: int) -> bytes:
     """The Ogg stream with every page's serial number set to `serial` (CRCs recomputed by mutagen).
     libsndfile picks a random serial per file, so the same audio would give different bytes on every
     build and show as changed in the game's version control."""
+    from mutagen.ogg import OggPage
+
     src = io.BytesIO(data)
     pages = []
     while src.tell() < len(data):
@@ -240,6 +248,8 @@ def write_ogg(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> No
     if frames != audio.shape[0]:
         raise ChiptuneError(f"{path}: the Vorbis encoder wrote {frames} frames instead of {audio.shape[0]}")
     if loop is not None:
+        from mutagen.oggvorbis import OggVorbis
+
         ogg = OggVorbis(path)
         ogg.tags["LOOPSTART"] = [str(loop[0])]
         ogg.tags["LOOPLENGTH"] = [str(loop[1])]
@@ -259,28 +269,37 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
 
     Converted here rather than by libsndfile, which rounds down (half an LSB of offset) and is several
     times slower on a whole piece. The sampler's output is a 16-bit value / 32768, so it is kept exactly.
+    Converted a cache-sized block at a time: four passes over a whole piece would each go out to memory.
     """
-    pcm = np.multiply(audio, np.float32(0x8000), dtype=np.float32)
-    np.rint(pcm, out=pcm)
-    np.minimum(pcm, 0x7FFF, out=pcm)
-    np.maximum(pcm, -0x8000, out=pcm)
-    return pcm.astype(np.int16)
+    pcm = np.empty(audio.shape, dtype=np.int16)
+    work = np.empty((PCM_BLOCK, *audio.shape[1:]), dtype=np.float32)
+    for b in range(0, len(audio), PCM_BLOCK):
+        part = audio[b:b + PCM_BLOCK]
+        w = work[:len(part)]
+        np.multiply(part, np.float32(0x8000), out=w)
+        np.rint(w, out=w)
+        np.clip(w, -0x8000, 0x7FFF, out=w)
+        pcm[b:b + len(part)] = w
+    return pcm
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> None:
-    """16-bit PCM WAV (written by soundfile) with a `smpl` chunk appended when the clip loops.
+    """16-bit PCM WAV with a `smpl` chunk appended when the clip loops.
 
-    Stereo 16-bit data is always an even number of bytes, so the chunk needs no RIFF pad byte before it.
+    Written by the standard library's wave module: PCM needs no codec, and a render to WAV then never loads
+    libsndfile (a tenth of a plain render's start-up). Stereo 16-bit data is always an even number of bytes,
+    so the chunk needs no RIFF pad byte before it.
     """
-    open(path, "wb").close()  # libsndfile reports a folder it cannot write to only as "System error"
-    with _interrupt_after():
-        sf.write(str(path), pcm16(audio), sample_rate, format="WAV", subtype="PCM_16")
-    if loop is None:
-        return
-    chunk = smpl_chunk(sample_rate, loop[0], loop[0] + loop[1] - 1)
-    with open(path, "r+b") as f:
-        f.seek(0, os.SEEK_END)
-        f.write(chunk)
+    pcm = pcm16(audio)
+    with open(path, "w+b") as f:
+        with wave.open(f, "wb") as w:
+            w.setnchannels(pcm.shape[1])
+            w.setsampwidth(2)
+            w.setframerate(sample_rate)
+            w.writeframes(memoryview(pcm).cast("B"))  # native-order int16, as wave expects
+        if loop is None:
+            return
+        f.write(smpl_chunk(sample_rate, loop[0], loop[0] + loop[1] - 1))
         size = f.tell()
         f.seek(4)
         f.write(struct.pack("<I", size - 8))
@@ -342,6 +361,8 @@ def godot_import_agrees(import_file: Path, fmt: str, sample_rate: int, loop: Loo
 
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file (the sidecar records the source MIDI's)."""
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -353,7 +374,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _decoded(path: Path) -> np.ndarray:
-    return sf.read(str(path), dtype="float32", always_2d=True)[0]
+    import soundfile
+
+    return soundfile.read(str(path), dtype="float32", always_2d=True)[0]
 
 
 def _db_or_none(value: float) -> float | None:

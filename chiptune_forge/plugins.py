@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import bisect
 import difflib
-import hashlib
 import itertools
 import mmap
 import os
@@ -103,6 +102,8 @@ class PluginSpec:
 
 
 def _digest(data: bytes | None) -> str | None:
+    import hashlib  # here: loading OpenSSL's hashes costs every render 3 ms, and only plugin roles need it
+
     return hashlib.sha256(data).hexdigest() if data is not None else None
 
 

@@ -34,7 +34,6 @@ from .snes.dsp import (
     PITCH_ONE,
     Envelope,
     EnvelopeCurves,
-    apply_envelope,
     noise_stream,
     pitch_value,
 )
@@ -293,14 +292,14 @@ class _Outputs:
         """Left and right output (VOLL/VOLR applied) of the voice's first n samples."""
         if voice.source == "noise":
             stream = noise_stream(NOISE_CLOCK, voice.start, n)
-            return _stereo(apply_envelope(stream, self.curves.note(voice.envelope, voice.hold, n)), voice)
+            return _stereo(self.curves.apply(stream, voice.envelope, voice.hold), voice)
         key = (voice.source, voice.pitch, voice.envelope, voice.hold, voice.left, voice.right)
         pair = self.kept.get(key)
         if pair is None or len(pair[0]) < n:
             # the whole note, so that a copy cut short by a steal can share it
             full = max(n, voice.end - voice.start)
             stream = self.stream(voice.source, voice.pitch, full)
-            pair = _stereo(apply_envelope(stream, self.curves.note(voice.envelope, voice.hold, full)), voice)
+            pair = _stereo(self.curves.apply(stream, voice.envelope, voice.hold), voice)
             if self.size + full <= self.LIMIT:
                 self.kept[key] = pair
                 self.size += full

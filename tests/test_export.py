@@ -27,6 +27,7 @@ from chiptune_forge import export
 from chiptune_forge.cli import main
 from chiptune_forge.errors import ChiptuneError
 from chiptune_forge.export import (
+    PCM_BLOCK,
     export_track,
     file_sha256,
     fit_ceiling,
@@ -127,7 +128,8 @@ def test_wav_smpl_chunk(track, exported):
 def test_wav_keeps_16_bit_samples_and_rounds_to_nearest(tmp_path):
     """The sampler's output is a 16-bit value / 32768: a WAV keeps it exactly. Anything else rounds to the
     nearest step (not down, which would offset the signal by half a step), clipped to 16 bits."""
-    samples = np.random.default_rng(3).integers(-32768, 32768, size=(4000, 2)).astype(np.int16)
+    # longer than one conversion block and not a multiple of it: every block boundary keeps its samples
+    samples = np.random.default_rng(3).integers(-32768, 32768, size=(2 * PCM_BLOCK + 77, 2)).astype(np.int16)
     write_wav(tmp_path / "exact.wav", samples.astype(np.float32) / 32768, RATE, None)
     assert np.array_equal(sf.read(str(tmp_path / "exact.wav"), dtype="int16")[0], samples)
     edges = np.array([[1.5, -1.5], [1.0, -1.0], [0.6 / 32768, -0.4 / 32768], [-0.6 / 32768, 2.4 / 32768]],

@@ -152,7 +152,7 @@ def test_attack_15_is_instant_and_sustain_settles_at_its_level() -> None:
 def test_key_off_releases_8_per_sample_to_zero() -> None:
     curves = EnvelopeCurves()
     env = Envelope(15, 7, 7, 0)
-    note = curves.note(env, 100, 400)
+    note = curves.apply(np.full(400, 4096, dtype=np.int32), env, 100) // 2  # 4096 * env >> 11: 2 * env
     level = int(note[99])
     assert note[100:110].tolist() == [level - 8 * k for k in range(1, 11)]
     assert note[99 + -(-level // 8)] == 0 and np.all(note[100 + level // 8:] == 0)
@@ -162,7 +162,7 @@ def test_key_off_releases_8_per_sample_to_zero() -> None:
 def test_gain_release_fades_exponentially_then_keys_off() -> None:
     curves = EnvelopeCurves()
     env = Envelope(15, 7, 7, 0, release=24)  # rate 24: a step every 10 samples
-    note = curves.note(env, 50, 20000)
+    note = curves.apply(np.full(20000, 4096, dtype=np.int32), env, 50) // 2
     level = int(note[49])
     fade = note[50:]
     expected, value = [], level

@@ -330,7 +330,9 @@ class EnvelopeCurves:
         cached = self._hold.get(env)
         if cached is None or len(cached) < n:
             size = max(n, 2 * len(cached) if cached is not None else 0)
-            cached = _hold_states(env, np.arange(size, dtype=np.int64))
+            # int32 runs: the curve's divisions and selects take half as long as in int64 (a hold of
+            # 2**31 samples would be 18 hours)
+            cached = _hold_states(env, np.arange(size, dtype=np.int32))
             self._hold[env] = cached
         return cached[:n]
 
@@ -338,31 +340,29 @@ class EnvelopeCurves:
         """Samples that still sound after a key-off at `level` (the envelope is 0 from the next one)."""
         return len(release_curve(env.release, level))
 
-    def note(self, env: Envelope, hold: int, n: int) -> np.ndarray:
-        """Envelope values for n audible samples of a note whose key-off takes effect at audible sample `hold`.
+    def apply(self, stream: np.ndarray, env: Envelope, hold: int) -> np.ndarray:
+        """A note's output: the interpolated stream scaled by its envelope, (sample * env) >> 11 with bit 0
+        cleared, for a note whose key-off takes effect at audible sample `hold`.
 
         Sample j is scaled by the envelope after run j; the run at the key-off sample is already a release
-        run, so the release starts from the value after run hold - 1.
+        run, so the release starts from the value after run hold - 1. The held and release parts multiply
+        the stream where they are, without assembling the envelope first.
         """
-        if n <= hold:
-            return self.held(env, n)
-        out = np.empty(n, dtype=np.int32)
-        out[:hold] = self.held(env, hold)
-        release = release_curve(env.release, int(out[hold - 1]) if hold > 0 else 0)
-        m = min(len(release), n - hold)
-        out[hold:hold + m] = release[:m]
-        out[hold + m:] = 0
+        n = len(stream)
+        out = np.zeros(n, dtype=np.int32)
+        held = min(hold, n)
+        np.multiply(stream[:held], self.held(env, held), out=out[:held])
+        end = held
+        if n > hold:
+            release = release_curve(env.release, self.level_at(env, hold))
+            end = hold + min(len(release), n - hold)
+            np.multiply(stream[hold:end], release[:end - hold], out=out[hold:end])
+        sounding = out[:end]  # zero after the release
+        sounding >>= 11
+        sounding &= ~1
         return out
 
     def level_at(self, env: Envelope, hold: int) -> int:
         """The envelope value a note has when its key-off takes effect (size `held` first when asking for
         many notes: the curve is computed up to the longest hold asked for)."""
         return int(self.held(env, hold)[hold - 1]) if hold > 0 else 0
-
-
-def apply_envelope(stream: np.ndarray, env: np.ndarray) -> np.ndarray:
-    """Scale the interpolated stream by the envelope: (sample * env) >> 11 with bit 0 cleared."""
-    out = stream * env
-    out >>= 11
-    out &= ~1
-    return out

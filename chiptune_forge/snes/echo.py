@@ -125,16 +125,14 @@ class Mixer:
             main = dry[:, :n]
             if fir_step is not None:
                 main += wet[:, pad:pad + n]
-            clipped = clamp.out_of_range(main)
-            clamp(main)  # the voices' sum, then MVOL
+            clipped = clamp.counting(main)  # the voices' sum, then MVOL
             _scale(main, master, 7)
             if fir_step is not None:  # the echo, a delay at a time, then EVOL and the output clamp
                 for k in range(0, n, step):
                     fir_step(k, min(k + step, n))
                 _scale(echo_out[:, :n], echo.volume, 7)
                 main += echo_out[:, :n]
-                clipped = clamp.out_of_range(main, clipped)
-                clamp(main)
+                clipped = clamp.counting(main, clipped)
             if clipped is not None:
                 self.clipped += int(np.count_nonzero(clipped))
             out = audio[b:e]
@@ -159,13 +157,13 @@ class _Clamp:
         np.minimum(x, self.hi[:, :n], out=x)
         np.maximum(x, self.lo[:, :n], out=x)
 
-    @staticmethod
-    def out_of_range(x: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray | None:
-        """Where x leaves the 16-bit range, joined with where an earlier clamp `seen` did; None when nowhere
-        (the usual case, found by two reductions)."""
+    def counting(self, x: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray | None:
+        """Clamp x in place; returns where it left the 16-bit range, joined with where an earlier clamp
+        `seen` did (None: nowhere). The usual window is in range, found by two reductions, and not touched."""
         if x.max() <= 0x7FFF and x.min() >= -0x8000:
             return seen
         where = (x > 0x7FFF) | (x < -0x8000)
+        self(x)
         return where if seen is None else where | seen
 
 
