@@ -3,13 +3,14 @@
 Baseline (as in ../shared/docs/anchors.md): one-hot input (259 wide), three keras.layers.LSTM(128,
 return_sequences=True), Dense(259), Adam with clipnorm 5, batches of 64 x 512 events, compiled the way Keras
 compiles by default. Ours: the trainer's own step with batch_size=64, rnn_layer_sizes=[128,128,128] on
-chunks of at most 512 events bucketed by length. Both train on the same real sequences (from
+chunks of at most 512 events bucketed by length, with the matrix-product precision `train` picks on this
+machine (bfloat16 on CPUs with AMX; --matmul-precision to choose). Both train on the same real sequences (from
 ../shared/corpus/vgmidi when present, else synthetic ones), one step of each in turn so that both see the same
 load from whatever else runs on the machine. Steps that compile a new batch shape are left out of the rates.
 Both models are then scored on the same held-out sequences the same way (windows of at most 512 events
 from a fresh state), after the same number of steps.
 
-Run: .venv/bin/python bench/train_speed.py [--steps N] [--corpus DIR] [--files N]
+Run: .venv/bin/python bench/train_speed.py [--steps N] [--corpus DIR] [--files N] [--matmul-precision P]
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40, help="training steps of each model (default 40)")
     parser.add_argument("--corpus", type=Path, default=Path(__file__).resolve().parents[2] / "shared/corpus/vgmidi")
     parser.add_argument("--files", type=int, default=100, help="corpus files to read (default 100)")
+    parser.add_argument("--matmul-precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="our trainer's large matrix products, as `train --matmul-precision` (default auto)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -106,11 +109,18 @@ def main() -> int:
 
     from chiptune_forge.model.framework import keras
     from chiptune_forge.model.network import LOOP_GROUPS, build_model
-    from chiptune_forge.model.train import BatchSchedule, make_chunks, make_optimizer, make_train_step
+    from chiptune_forge.model.train import (
+        BatchSchedule,
+        make_chunks,
+        make_optimizer,
+        make_train_step,
+        resolve_matmul_precision,
+    )
 
     keras.utils.set_random_seed(0)
     hparams = HParams(batch_size=BATCH, rnn_layer_sizes=(UNITS,) * 3)
-    model = build_model(hparams)
+    precision = resolve_matmul_precision(args.matmul_precision)
+    model = build_model(hparams, precision)
     optimizer = make_optimizer(hparams)
     optimizer.build(model.trainable_variables)
     contestants = {"ours": (model, make_train_step(model, optimizer), set())}
@@ -147,7 +157,8 @@ def main() -> int:
 
     base_rate, base_step_s = rate(*stats["baseline"])
     base_loss = held_out_loss(lambda x: base(eye[x], training=False), held_out)
-    print(f"machine: {os.cpu_count()} CPUs, recurrent loops in {LOOP_GROUPS} parallel row groups")
+    print(f"machine: {os.cpu_count()} CPUs, recurrent loops in {LOOP_GROUPS} parallel row groups; ours: large "
+          f"matrix products in {precision}")
     print(f"baseline (Keras LSTM, one-hot, 64 x 512): {base_rate:8.0f} events/s  {base_step_s:.3f} s/step  "
           f"held-out loss after {args.steps} steps {base_loss:.4f}")
     for name, (model, _, _) in contestants.items():

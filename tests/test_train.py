@@ -192,33 +192,69 @@ def test_exported_weights_give_the_keras_logits(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.asarray(reloaded(events, training=False)), keras_logits, atol=1e-6, rtol=0)
 
 
-def test_training_gradients_match_plain_autodiff() -> None:
-    """The hand-written backward pass of the LSTM equals TensorFlow's own differentiation of the same math."""
-    from chiptune_forge.model.network import lstm_time_major
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
+def test_training_gradients_match_plain_autodiff(matmul_dtype: str) -> None:
+    """The hand-written backward pass of an LSTM layer equals TensorFlow's own differentiation of the same
+    math, for the inputs and every weight: exactly in float32, to bfloat16's precision with its products."""
+    from chiptune_forge.model.network import lstm_layer
 
-    def reference(xproj, recurrent):
+    def reference(x, kernel, bias, recurrent):
         def step(carry, zx):
             h, c = carry
             zi, zf, zg, zo = tf.split(zx + h @ recurrent, 4, axis=-1)
             c = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zg)
             return tf.sigmoid(zo) * tf.tanh(c), c
 
-        zeros = tf.zeros([xproj.shape[1], recurrent.shape[0]])
-        return tf.scan(step, xproj, initializer=(zeros, zeros))[0]
+        zeros = tf.zeros([x.shape[1], recurrent.shape[0]])
+        return tf.scan(step, tf.einsum("tbi,ij->tbj", x, kernel) + bias, initializer=(zeros, zeros))[0]
 
     rng = np.random.default_rng(2)
-    xproj = tf.constant(rng.normal(size=(9, 3, 20)).astype(np.float32))
+    x = tf.constant(rng.normal(size=(9, 3, 6)).astype(np.float32))
+    kernel = tf.constant(rng.normal(0, 0.5, size=(6, 20)).astype(np.float32))
+    bias = tf.constant(rng.normal(0, 0.5, size=(20,)).astype(np.float32))
     recurrent = tf.constant(rng.normal(0, 0.5, size=(5, 20)).astype(np.float32))
     weights = tf.constant(rng.normal(size=(9, 3, 5)).astype(np.float32))
     results = []
-    for fn in (lstm_time_major, reference):
+    for fn in (lambda *args: lstm_layer(*args, matmul_dtype=matmul_dtype), reference):
         with tf.GradientTape() as tape:
-            tape.watch([xproj, recurrent])
-            out = fn(xproj, recurrent)
+            tape.watch([x, kernel, bias, recurrent])
+            out = fn(x, kernel, bias, recurrent)
             loss = tf.reduce_sum(out * weights)
-        results.append([out, *tape.gradient(loss, [xproj, recurrent])])
+        results.append([out, *tape.gradient(loss, [x, kernel, bias, recurrent])])
     for ours, expected in zip(results[0], results[1], strict=True):
-        np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=1e-5)
+        scale = np.abs(expected.numpy()).max()
+        tolerance = 1e-5 if matmul_dtype == "float32" else 0.02 * scale  # bfloat16 keeps 8 significant bits
+        np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=tolerance, rtol=0)
+
+
+def test_bfloat16_products_are_picked_only_where_the_cpu_has_amx(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(train_module, "CPUINFO", cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_int8\n")
+    assert not train_module.hardware_bfloat16(), "AVX-512 bfloat16 alone is no faster than float32 here"
+    assert train_module.resolve_matmul_precision("auto") == "float32"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n")
+    assert train_module.hardware_bfloat16()
+    assert train_module.resolve_matmul_precision("auto") == "bfloat16"
+    assert train_module.resolve_matmul_precision("float32") == "float32", "a given precision is kept"
+    cpuinfo.unlink()
+    assert not train_module.hardware_bfloat16(), "no /proc/cpuinfo (not Linux): float32"
+
+
+def test_the_matmul_precision_of_a_run_is_recorded(dataset: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    for precision in ("bfloat16", "float32"):
+        run = tmp_path / precision
+        assert main(["train", "--run-dir", str(run), "--dataset", str(dataset), "--hparams",
+                     "rnn_layer_sizes=[8],batch_size=4", "--num-training-steps", "3",
+                     "--matmul-precision", precision]) == 0
+        description = json.loads((run / "export" / "model.json").read_text())
+        assert description.get("matmul_precision", "float32") == precision
+        card = model_card(description)
+        assert ("large matrix products in bfloat16" in card) == (precision == "bfloat16")
+        err = capsys.readouterr().err
+        assert ("large matrix products in bfloat16" in err) == (precision == "bfloat16")
 
 
 def test_model_card_carries_the_recorded_numbers(trained_run: tuple[Path, dict, dict]) -> None:

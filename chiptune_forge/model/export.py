@@ -104,7 +104,9 @@ def model_card(description: dict, default: bool = False) -> str:
         "## Training",
         f"- steps: {description['training_steps']}, each a batch of {hp.batch_size} chunks of at most "
         f"{description.get('max_length', '?')} events cut from the training sequences (Adam, masked loss)",
-        f"- training time: {hours:.2f} h on {description.get('machine', 'a CPU machine')}",
+        f"- training time: {hours:.2f} h on {description.get('machine', 'a CPU machine')}"
+        + (f", large matrix products in {description['matmul_precision']}" if description.get("matmul_precision")
+           else ""),
     ]
     if default:
         lines.append("- reproduce: `scripts/train_default_model.sh`")
