@@ -316,7 +316,6 @@ def plugin_spec(
     return PluginSpec(path, origin, params, state, preset_data, max_tail)
 
 
-PRESET_KEYS = ("plugin", "parameters", "preset_file", "state_file", "max_tail")
 MAX_TAIL_LIMIT = 60.0
 
 

@@ -51,13 +51,15 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ChiptuneError, did_you_mean
-from .plugins import PRESET_KEYS, PluginSettingError, PluginSpec, preset_plugin
 from .snes.dsp import Envelope
 from .snes.echo import FIR_TAPS, MAX_EDL, EchoSettings
 from .snes.instruments import BUILTIN_PREFIX, INSTRUMENTS, KIT_NAME, instrument_names
+
+if TYPE_CHECKING:
+    from .plugins import PluginSpec
 
 ROLES = ("lead", "harmony", "bass", "drums")
 DEFAULT_PRESET = "snes"
@@ -65,7 +67,9 @@ FINGERPRINT_VERSION = 1
 ECHO_STEP_MS = 16
 TOP_KEYS = ("description", "arrange", "roles", "programs", "echo", "master", "effects")
 ROLE_KEYS = ("instrument", "adsr", "gain", "release", "volume", "pan", "octave", "echo")
-PLUGIN_ROLE_KEYS = (*PRESET_KEYS, "effects", "volume", "pan", "octave", "echo")
+PLUGIN_KEYS = ("plugin", "parameters", "preset_file", "state_file", "max_tail")
+"""A plugin role's keys that say which plugin plays and how it is set up (read by plugins.preset_plugin)."""
+PLUGIN_ROLE_KEYS = (*PLUGIN_KEYS, "effects", "volume", "pan", "octave", "echo")
 ECHO_KEYS = ("delay_ms", "feedback", "fir", "volume")
 GAIN_MODES = ("direct", "increase", "bent")
 # Pedalboard classes that are containers or hosts, not effects a preset can name.
@@ -418,6 +422,9 @@ class _Validator:
         if "instrument" in table:
             raise self.fail(f"{prefix}.instrument", "give instrument or plugin, not both")
         self.keys(table, PLUGIN_ROLE_KEYS, prefix)
+        # Only here: a preset of built-in instruments never loads the plugin host's modules.
+        from .plugins import PluginSettingError, preset_plugin
+
         try:
             plugin = preset_plugin(table, f"{self.where}: {prefix}", self.folder)
         except PluginSettingError as exc:  # located like every other preset problem (by its key, then its line)

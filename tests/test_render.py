@@ -191,6 +191,21 @@ def test_rendering_never_imports_tensorflow() -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_a_plain_wav_render_loads_only_what_it_uses(tmp_path: Path) -> None:
+    """Start-up is most of a render's time: the command leaves out the Ogg, resampling, plugin, manifest and
+    model modules when it writes a WAV at the chip's rate."""
+    midi = tmp_path / "tune.mid"
+    write_midi(Piece([Note(60, 100, 0.0, 0.5), Note(64, 90, 0.5, 1.0)]), midi)
+    code = ("import sys\n"
+            "from chiptune_forge.cli import main\n"
+            f"assert main(['render', {str(midi)!r}, '-o', {str(tmp_path / 'tune.wav')!r}]) == 0\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('soundfile', 'mutagen', 'soxr', 'pedalboard',"
+            " 'tensorflow', 'keras') or m in ('chiptune_forge.plugins', 'chiptune_forge.manifest')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "tune.wav").is_file()
+
+
 def test_a_corpus_piece_renders(corpus_dir: Path) -> None:
     piece = read_midi(corpus_dir / "Chrono_SNES_Chrono Trigger_Secret of the Forest.mid")
     audio = render_piece(piece, load_preset("snes"))
