@@ -112,6 +112,10 @@ def test_loss_falls_and_resume_continues_the_step_count(trained_run: tuple[Path,
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "ckpt-00000003.npz", "ckpt-00000025.npz", "ckpt-00000050.npz", "ckpt-00000060.npz"][-3:]
     assert any((run / "train").iterdir()) and any((run / "eval").iterdir())
+    logged = {event.step for path in (run / "train").iterdir()
+              for event in tf.compat.v1.train.summary_iterator(str(path))
+              if any(value.tag == "loss" for value in event.summary.value)}
+    assert logged == {3, 28, 53, 60}, "every 25 steps of each session and at its end, the last one included"
     config = json.loads((run / "hparams.json").read_text())
     assert config["encoding"] == ENCODING_VERSION and config["hparams"] == TINY.to_dict()
 
