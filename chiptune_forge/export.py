@@ -264,23 +264,25 @@ def smpl_chunk(sample_rate: int, start: int, end_inclusive: int) -> bytes:
     return b"smpl" + struct.pack("<I", len(body)) + body
 
 
-def pcm16(audio: np.ndarray) -> np.ndarray:
-    """Float audio in [-1, 1] as 16-bit samples: x * 32768 rounded to nearest, clipped to 16 bits.
+def pcm16_blocks(audio: np.ndarray) -> Iterator[np.ndarray]:
+    """Float audio in [-1, 1] as 16-bit samples, x * 32768 rounded to nearest and clipped to 16 bits, a
+    block of PCM_BLOCK frames at a time (each block is only valid until the next is made).
 
     Converted here rather than by libsndfile, which rounds down (half an LSB of offset) and is several
     times slower on a whole piece. The sampler's output is a 16-bit value / 32768, so it is kept exactly.
-    Converted a cache-sized block at a time: four passes over a whole piece would each go out to memory.
+    Block by block, the four passes stay in the cache, and the file is written without a copy of the whole
+    piece in 16 bits.
     """
-    pcm = np.empty(audio.shape, dtype=np.int16)
     work = np.empty((PCM_BLOCK, *audio.shape[1:]), dtype=np.float32)
+    pcm = np.empty(work.shape, dtype=np.int16)
     for b in range(0, len(audio), PCM_BLOCK):
         part = audio[b:b + PCM_BLOCK]
-        w = work[:len(part)]
+        w, out = work[:len(part)], pcm[:len(part)]
         np.multiply(part, np.float32(0x8000), out=w)
         np.rint(w, out=w)
         np.clip(w, -0x8000, 0x7FFF, out=w)
-        pcm[b:b + len(part)] = w
-    return pcm
+        out[...] = w
+        yield out
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> None:
@@ -290,13 +292,14 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> No
     libsndfile (a tenth of a plain render's start-up). Stereo 16-bit data is always an even number of bytes,
     so the chunk needs no RIFF pad byte before it.
     """
-    pcm = pcm16(audio)
     with open(path, "w+b") as f:
         with wave.open(f, "wb") as w:
-            w.setnchannels(pcm.shape[1])
+            w.setnchannels(audio.shape[1])
             w.setsampwidth(2)
             w.setframerate(sample_rate)
-            w.writeframes(memoryview(pcm).cast("B"))  # native-order int16, as wave expects
+            w.setnframes(len(audio))  # the header is right from the start, not patched after every block
+            for block in pcm16_blocks(audio):
+                w.writeframesraw(memoryview(block).cast("B"))  # native-order int16, as wave expects
         if loop is None:
             return
         f.write(smpl_chunk(sample_rate, loop[0], loop[0] + loop[1] - 1))

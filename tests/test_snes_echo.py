@@ -73,6 +73,9 @@ def test_fir_tap_0_reads_the_oldest_sample_and_feedback_repeats() -> None:
     EchoSettings(1, 90, (0, 0, 0, 0, 24, 40, 40, 24), (60, 60)),
     EchoSettings(2, -70, (10, -20, 30, 40, 30, -20, 10, 50), (90, -90)),  # surround-style negative EVOL
     EchoSettings(1, 127, (127, 127, 127, 127, 127, 127, 127, -128), (127, 127)),  # overflowing FIR
+    EchoSettings(1, 44, (0, 0, 0, 0, 0, 0, 64, 64), (36, 36)),  # two plain taps: summed in one step
+    EchoSettings(1, 100, (64, 64, 0, 32, 0, 0, -16, 64), (80, 70)),  # overflowing, shifts and plain taps
+    EchoSettings(1, 60, (0, 0, 0, 0, 0, 0, 0, 0), (80, 80)),  # no taps: the FIR output is silence
 ])
 @pytest.mark.parametrize("window", [32768, 1024])  # the second mixes in several windows
 def test_block_wise_echo_matches_the_per_sample_model(echo: EchoSettings, window: int,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dsp import DSP_RATE, wrap16
+from .dsp import DSP_RATE
 
 FRAMES_PER_EDL = 512  # 2 KiB of echo RAM per EDL step, 4 bytes per stereo frame: 16 ms
 MAX_EDL = 15
@@ -187,9 +187,10 @@ class _FirStep:
     written by earlier blocks.
 
     A block is a dozen numpy operations on a few thousand samples, and a piece has a block every
-    16-240 ms, so Python's share counts: the views a block works on are made once per position in the
-    window (the buffers are reused window after window), a power-of-two coefficient 2**j is a shift,
-    (h * 2**j) >> 6 == h >> (6 - j), and a coefficient of 64 adds the history itself.
+    16-240 ms, so Python's share counts: each position in the window gets, once, the list of operations
+    its block runs, with their views and scalars bound (the buffers are reused window after window); a
+    power-of-two coefficient 2**j is a shift, (h * 2**j) >> 6 == h >> (6 - j), and a coefficient of 64
+    adds the history itself.
     """
 
     def __init__(self, echo: EchoSettings, wet: np.ndarray, out: np.ndarray) -> None:
@@ -202,52 +203,66 @@ class _FirStep:
         self.overflow = sum(abs(c) for c in echo.fir) > 128
         self.clamp = _Clamp(echo.delay)
         self.work = np.zeros((2, echo.delay), dtype=np.int32)
-        self.views: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self.plans: dict[tuple[int, int], list[tuple[np.ufunc, tuple, np.ndarray]]] = {}
 
-    def _views(self, b: int, e: int) -> tuple[np.ndarray, ...]:
-        views = self.views.get((b, e))
-        if views is None:
-            n, start = e - b, self.echo.history
-            views = (self.out[:, b:e], self.work[:, :n], self.wet[:, start + b:start + e],
-                     self.clamp.lo[:, :n], self.clamp.hi[:, :n],
-                     *(self.wet[:, b + i:b + i + n] for i, _, _ in self.taps))
-            self.views[(b, e)] = views
-        return views
+    def _plan(self, b: int, e: int) -> list[tuple[np.ufunc, tuple, np.ndarray]]:
+        """The operations, each (ufunc, inputs, output), of the block at window samples b..e."""
+        n, start = e - b, self.echo.history
+        fir, work, sent = self.out[:, b:e], self.work[:, :n], self.wet[:, start + b:start + e]
+        lo, hi = self.clamp.lo[:, :n], self.clamp.hi[:, :n]
+        ops: list[tuple[np.ufunc, tuple, np.ndarray]] = []
+
+        def wrap(x: np.ndarray) -> None:  # to signed 16 bits, as a C cast to int16_t
+            ops.extend([(np.add, (x, 0x8000), x), (np.bitwise_and, (x, 0xFFFF), x), (np.subtract, (x, 0x8000), x)])
+
+        def tap(target: np.ndarray, h: np.ndarray, c: int, shift: int | None) -> None:  # (h * c) >> 6
+            if shift is None:
+                ops.extend([(np.multiply, (h, c), target), (np.right_shift, (target, 6), target)])
+            else:
+                ops.append((np.right_shift, (h, shift), target))
+
+        # (tap index, coefficient, shift, history view); tap 7 of an overflowing FIR wraps on its own
+        taps = [(i, c, shift, self.wet[:, b + i:b + i + n]) for i, c, shift in self.taps]
+        plain = [shift == 0 and not (self.overflow and i == FIR_TAPS - 1) for i, _, shift, _ in taps]
+        if not taps:
+            ops.append((np.multiply, (fir, 0), fir))
+        elif len(taps) > 1 and plain[0] and plain[1]:
+            ops.append((np.add, (taps[0][3], taps[1][3]), fir))  # two histories summed in one step
+            taps, plain = taps[1:], plain[1:]  # (the second is done; the loop skips index 0)
+        else:
+            _, c, shift, h = taps[0]
+            tap(fir, h, c, shift)  # the first tap is written straight into the sum
+            if self.overflow and taps[0][0] == FIR_TAPS - 1:
+                wrap(fir)
+        for (i, c, shift, h), simple in zip(taps[1:], plain[1:], strict=True):
+            if self.overflow and i == FIR_TAPS - 1:  # taps 0-6 wrap as a sum, tap 7 on its own
+                wrap(fir)
+                tap(work, h, c, shift)
+                wrap(work)
+                ops.append((np.add, (fir, work), fir))
+            elif simple:
+                ops.append((np.add, (fir, h), fir))
+            else:
+                tap(work, h, c, shift)
+                ops.append((np.add, (fir, work), fir))
+        if self.overflow:
+            if self.echo.fir[-1] == 0:
+                wrap(fir)
+            ops.extend([(np.minimum, (fir, hi), fir), (np.maximum, (fir, lo), fir)])
+        ops.append((np.bitwise_and, (fir, ~1), fir))
+        if self.echo.feedback:
+            ops.extend([(np.multiply, (fir, self.echo.feedback), work), (np.right_shift, (work, 7), work),
+                        (np.add, (sent, work), sent)])
+        ops.extend([(np.minimum, (sent, hi), sent), (np.maximum, (sent, lo), sent), (np.right_shift, (sent, 1), sent)])
+        return ops
 
     def __call__(self, b: int, e: int) -> None:
         """Echo for window samples b..e: writes the FIR output to out[:, b:e] and the echo buffer."""
-        fir, work, sent, lo, hi, *history = self._views(b, e)
-        if not self.taps:
-            fir.fill(0)
-        for k, ((i, c, shift), h) in enumerate(zip(self.taps, history, strict=True)):
-            wraps = self.overflow and i == FIR_TAPS - 1  # taps 0-6 wrap as a sum, tap 7 on its own
-            if k and shift == 0 and not wraps:
-                fir += h
-                continue
-            tap = work if k else fir  # the first tap is written straight into the sum
-            if shift is None:
-                np.multiply(h, c, out=tap)
-                tap >>= 6
-            else:
-                np.right_shift(h, shift, out=tap)
-            if wraps:
-                fir[:] = wrap16(fir)
-                if k:
-                    fir += wrap16(work)
-            elif k:
-                fir += work
-        if self.overflow:
-            if self.echo.fir[-1] == 0:
-                fir[:] = wrap16(fir)
-            self.clamp(fir)
-        fir &= ~1
-        if self.echo.feedback:
-            np.multiply(fir, self.echo.feedback, out=work)
-            work >>= 7
-            sent += work
-        np.minimum(sent, hi, out=sent)
-        np.maximum(sent, lo, out=sent)
-        sent >>= 1
+        plan = self.plans.get((b, e))
+        if plan is None:
+            plan = self.plans[(b, e)] = self._plan(b, e)
+        for ufunc, inputs, out in plan:
+            ufunc(*inputs, out=out)
 
 
 def _tap_shift(c: int) -> int | None:
