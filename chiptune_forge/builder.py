@@ -318,22 +318,36 @@ def midi_from_events(events: np.ndarray, track: TrackSpec) -> bytes:
     return buf.getvalue()
 
 
-def midi_from_file(track: TrackSpec) -> bytes:
-    """A given MIDI file, transposed if asked (re-written so the render sees exactly the hashed bytes)."""
+def midi_from_file(track: TrackSpec, manifest: Path, sample_rate: int) -> bytes:
+    """A given MIDI file, transposed if asked (re-written so the render sees exactly the hashed bytes).
+
+    The file and the track's bars are checked here, before any rendering, so that a problem is reported on
+    the manifest key it comes from (`midi`, `transpose`, `bars`).
+    """
     import io
 
+    from .loops import check_request
     from .midi import Piece, build_midifile, read_midi
 
-    piece = read_midi(track.midi)  # a broken file is reported under its own name, not the cache copy's
+    try:
+        piece = read_midi(track.midi)  # a broken file is reported under its own name, not the cache copy's
+    except ChiptuneError as exc:
+        raise ChiptuneError(f"{track.at(manifest, 'midi')}{exc}") from None
     if not piece.notes:
-        raise ChiptuneError(f"{track.midi}: no notes to render")
+        raise ChiptuneError(f"{track.at(manifest, 'midi')}{track.midi}: no notes to render")
+    try:
+        check_request(piece, sample_rate, track.loop, track.intro_bars, track.bars)
+    except ChiptuneError as exc:
+        key = "bars" if "bars" in track.key_lines or "intro_bars" not in track.key_lines else "intro_bars"
+        raise ChiptuneError(f"{track.at(manifest, key)}{exc} in {track.midi.name}") from None
     if not track.transpose:
         return track.midi.read_bytes()
     notes = []
     for n in piece.notes:
         pitch = n.pitch if n.is_drum else n.pitch + track.transpose
         if not 0 <= pitch <= 127:
-            raise ChiptuneError(f"{track.midi}: transpose {track.transpose} moves note {n.pitch} outside 0..127")
+            raise ChiptuneError(f"{track.at(manifest, 'transpose')}{track.transpose} moves note {n.pitch} of "
+                                f"{track.midi.name} outside 0..127")
         notes.append(replace(n, pitch=pitch))
     buf = io.BytesIO()
     build_midifile(Piece(notes, piece.tempos, piece.time_signatures, piece.track_names, piece.controls)).save(file=buf)
@@ -879,7 +893,7 @@ class Builder:
     def _take_and_midi(self, track: TrackSpec, plan: dict[str, Any], lock: dict, rep: TrackReport) -> Path:
         midi_path = self.cache / "midi" / f"{track.name}-{plan['midi_key'][:16]}.mid"
         if track.midi is not None:
-            data = midi_from_file(track)
+            data = midi_from_file(track, self.m.path, self.m.project.sample_rate)
             if sha256_file(track.midi) != plan["midi_inputs"]["midi_file"]:
                 raise ChiptuneError(f"{track.midi}: changed while the build was running; build again")
         else:

@@ -76,6 +76,12 @@ class TrackSpec:
     formats: tuple[str, ...] | None = None
     loop: bool = True
     midi: Path | None = None
+    key_lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def at(self, manifest: Path, key: str) -> str:
+        """Where one of this track's keys is written, as the start of a problem found while building:
+        `FILE:LINE: track 'NAME': KEY: ` (the [[track]] header's line when the key is left out)."""
+        return f"{manifest}:{self.key_lines.get(key, self.line)}: track {self.name!r}: {key}: "
 
 
 @dataclass
@@ -406,7 +412,7 @@ def _validate_track(raw: dict[str, Any], index: int, root: Path, lines: _Lines, 
         primer_pitches=tuple(values["primer_pitches"]) if "primer_pitches" in values else None,
         primer_melody=tuple(values["primer_melody"]) if "primer_melody" in values else None,
         primer_midi=primer_midi, candidates=int(candidates), pick=pick, preset=preset, formats=formats,
-        loop=bool(values.get("loop", True)), midi=midi)
+        loop=bool(values.get("loop", True)), midi=midi, key_lines={key: at(key) for key in raw})
 
 
 def _check_table(raw: dict[str, Any], schema: dict[str, tuple[Any, str]], line_of, label: str,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from midi_factory import simple_song
+from midi_factory import notes_track, simple_song, tempo, time_signature, write_song
 
 from chiptune_forge.builder import CACHE_DIR, LOCK_NAME, build
 from chiptune_forge.cli import main
@@ -427,7 +427,32 @@ def test_track_problems_found_while_building_name_the_file(tmp_path: Path) -> No
     errors = {t.name: t.error for t in build(tmp_path / "chiptune.toml").tracks}
     assert errors["primed"].startswith(f"{tmp_path / 'song.mid'}: the primer is ")
     assert errors["primed"].endswith(", longer than the 1 bar (16 steps) to generate")
-    assert errors["silent"] == f"{tmp_path / 'empty.mid'}: no notes to render"
+    assert errors["silent"] == (f"{tmp_path / 'chiptune.toml'}:12: track 'silent': midi: {tmp_path / 'empty.mid'}: "
+                                "no notes to render")
+
+
+def test_a_given_midi_files_problems_are_put_on_their_manifest_keys(tmp_path: Path) -> None:
+    """A file that is not MIDI, bars past its end and a transposition out of range are found before any
+    rendering and reported on the line of the key that asked for them."""
+    simple_song(tmp_path / "song.mid", bars=3)
+    write_song(tmp_path / "high.mid", [[tempo(0, 120.0), time_signature(0, 4, 4)],
+                                       notes_track([(60, 0, 16), (120, 16, 32)])])
+    (tmp_path / "notes.txt").write_text("not music\n")
+    manifest = tmp_path / "chiptune.toml"
+    manifest.write_text('[project]\nsample_rate = 32000\n\n'
+                        '[[track]]\nname = "text"\nmidi = "notes.txt"\n\n'  # midi: line 6
+                        '[[track]]\nname = "long"\nmidi = "song.mid"\nbars = 4\n\n'  # bars: line 11
+                        '[[track]]\nname = "jingle"\nmidi = "song.mid"\nloop = false\nbars = 9\n\n'  # line 17
+                        '[[track]]\nname = "high"\nmidi = "high.mid"\ntranspose = 12\n')  # transpose: line 22
+    errors = {t.name: t.error for t in build(manifest).tracks}
+    assert errors["text"] == (f"{manifest}:6: track 'text': midi: {tmp_path / 'notes.txt'}: not a MIDI file "
+                              "(no MThd header)")
+    assert errors["long"] == (f"{manifest}:11: track 'long': bars: loop of 0 intro + 4 body bars is longer than the "
+                              "piece (3 bars) in song.mid")
+    assert errors["jingle"] == (f"{manifest}:17: track 'jingle': bars: jingle of 9 bars: the piece has 3 bars "
+                                "in song.mid")
+    assert errors["high"] == f"{manifest}:22: track 'high': transpose: 12 moves note 120 of high.mid outside 0..127"
+    assert not (tmp_path / "music").exists() or not any((tmp_path / "music").iterdir()), "nothing was rendered"
 
 
 def test_a_removed_track_takes_its_assets_along(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
