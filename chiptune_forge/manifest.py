@@ -152,7 +152,10 @@ class _Lines:
     def of(self, table: str, index: int, key: str | None = None) -> int:
         if key is not None and (table, index, key) in self.keys:
             return self.keys[(table, index, key)]
-        return self.tables.get((table, index), 1)
+        if (table, index) in self.tables:
+            return self.tables[(table, index)]
+        # a table made only by its subtables' headers ([tracks.boss] makes [tracks]): the first of those
+        return min((line for (name, _), line in self.tables.items() if name.startswith(f"{table}.")), default=1)
 
 
 def manifest_file(path: str | Path) -> Path:

@@ -131,6 +131,11 @@ def test_keys_outside_any_table_and_format_case(tmp_path: Path) -> None:
     assert f"{path}:6: [project] formats: 'WAV' is not one of ogg, wav (did you mean 'wav'?)" in problems
 
 
+def test_a_table_made_by_its_subtables_is_located_at_the_first_of_them(tmp_path: Path) -> None:
+    path = write(tmp_path, '[project]\noutput_dir = "music"\n\n[tracks.boss]\nmidi = "boss.mid"\n')
+    assert f"{path}:4: unknown table [tracks] (did you mean 'track'?)" in problems_of(path)
+
+
 def test_cli_lists_every_problem_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "[project]\nbogus = 1\n[[track]]\nname = \"x\"\nbars = 0\n")
     assert main(["build", str(path)]) == 2
