@@ -87,9 +87,12 @@ class PluginSpec:
     state: bytes | None = None
     preset_data: bytes | None = None
     max_tail: float = DEFAULT_MAX_TAIL
+    # where a preset sets each parameter, "FILE:LINE: roles.lead.parameters.NAME", for problems found on load
+    parameter_origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
-    def where(self) -> str:
-        return f"{self.origin}: plugin {self.path}" if self.origin else str(self.path)
+    def where(self, parameter: str | None = None) -> str:
+        origin = dict(self.parameter_origins).get(parameter or "") or self.origin
+        return f"{origin}: plugin {self.path}" if origin else str(self.path)
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides the sound, for build caches: the setup, and the plugin binary's size and time (so
@@ -525,7 +528,8 @@ class PluginHost:
             if status == "loaded":
                 status, payload = self._receive(spec, doing)
             if status == "error":
-                raise ChiptuneError(f"{spec.where()}: {payload}")
+                reason, parameter = payload
+                raise ChiptuneError(f"{spec.where(parameter)}: {reason}")
             if not audio:
                 return payload
             frames, capacity, region = payload
@@ -765,7 +769,11 @@ def save_state(path: str, assignments: Sequence[str], output: Path, host: Plugin
 
 
 class _Problem(Exception):
-    """A plugin problem the worker reports as a one-line reason."""
+    """A plugin problem the worker reports as a one-line reason, with the parameter it is about if any."""
+
+    def __init__(self, reason: str, parameter: str | None = None) -> None:
+        super().__init__(reason)
+        self.parameter = parameter
 
 
 @dataclass
@@ -846,7 +854,7 @@ def worker_main(fd: int) -> None:
         try:
             _serve(conn, sock, request, cache, regions)
         except Exception as exc:  # report it and keep serving: the instance cache stays warm
-            conn.send(("error", _reason(exc)))
+            conn.send(("error", (_reason(exc), getattr(exc, "parameter", None))))
     # Skip plugin destructors: some plugins assert or crash on teardown, and the process is ending anyway.
     sys.stdout.flush()
     os._exit(0)
@@ -959,7 +967,7 @@ def _apply_parameters(instance: _Instance, spec: PluginSpec) -> None:
         if param is None:
             close = difflib.get_close_matches(name, list(known), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise _Problem(f"unknown parameter {name!r} ({hint}parameters: {', '.join(known) or 'none'})")
+            raise _Problem(f"unknown parameter {name!r} ({hint}parameters: {', '.join(known) or 'none'})", name)
         try:
             raw = param.get_raw_value_for(_coerce(name, param, value))
             if restored:
@@ -967,7 +975,7 @@ def _apply_parameters(instance: _Instance, spec: PluginSpec) -> None:
                 raw = max(raw, RESTORED_LOWEST_RAW)
             param.raw_value = raw
         except ValueError as exc:
-            raise _Problem(f"parameter {name!r}: {_reason(exc)}") from None
+            raise _Problem(f"parameter {name!r}: {_reason(exc)}", name) from None
 
 
 def _coerce(name: str, param: Any, value: ParameterValue) -> ParameterValue:
@@ -976,26 +984,26 @@ def _coerce(name: str, param: Any, value: ParameterValue) -> ParameterValue:
         if isinstance(value, str):
             word = value.strip().lower()
             if word not in _TRUE | _FALSE:
-                raise _Problem(f"parameter {name!r} is on/off, got {value!r}")
+                raise _Problem(f"parameter {name!r} is on/off, got {value!r}", name)
             return word in _TRUE
         return bool(value)
     if param.type is str:
         text = str(value)
         if text not in param.valid_values:
             choices = ", ".join(str(v) for v in param.valid_values)
-            raise _Problem(f"parameter {name!r} must be one of {choices}, got {value!r}")
+            raise _Problem(f"parameter {name!r} must be one of {choices}, got {value!r}", name)
         return text
     if isinstance(value, bool):
-        raise _Problem(f"parameter {name!r} expects a number, got {str(value).lower()}")
+        raise _Problem(f"parameter {name!r} expects a number, got {str(value).lower()}", name)
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            raise _Problem(f"parameter {name!r} expects a number, got {value!r}") from None
+            raise _Problem(f"parameter {name!r} expects a number, got {value!r}", name) from None
     number = float(value)
     lo, hi = param.min_value, param.max_value
     if lo is not None and hi is not None and not lo - 1e-9 <= number <= hi + 1e-9:
-        raise _Problem(f"parameter {name!r} must be within {lo:g}..{hi:g}, got {number:g}")
+        raise _Problem(f"parameter {name!r} must be within {lo:g}..{hi:g}, got {number:g}", name)
     return number
 
 

@@ -253,7 +253,7 @@ def parse_preset(data: bytes, name: str, path: Path | None) -> Preset:
 
         raise ChiptuneError(toml_syntax_error(where, exc)) from None
     try:
-        return _parse(doc, name, path, where)
+        return _parse(doc, name, path, where, text)
     except PresetError as exc:
         if not exc.key or exc.path is not where:
             raise
@@ -278,11 +278,14 @@ def _line_of(text: str, key: str) -> int:
         return lines.keys[(table, index, rest[0])]
     if (key, 0) in lines.tables:  # the key names a table
         return lines.tables[(key, 0)]
+    parent, _, name = table.rpartition(".")
+    if (table, index) not in lines.tables and (parent, 0, name) in lines.keys:  # inside an inline table
+        return lines.keys[(parent, 0, name)]
     return lines.of(table, index)
 
 
-def _parse(doc: dict, name: str, path: Path | None, where: object) -> Preset:
-    v = _Validator(where, path.parent if path is not None else None)
+def _parse(doc: dict, name: str, path: Path | None, where: object, text: str) -> Preset:
+    v = _Validator(where, path.parent if path is not None else None, text)
     v.keys(doc, TOP_KEYS, "")
     description = v.string(doc, "description", "", "")
     arrange = v.table(doc, "arrange", "")
@@ -311,9 +314,10 @@ def _parse(doc: dict, name: str, path: Path | None, where: object) -> Preset:
 class _Validator:
     """Reads values out of the parsed TOML, raising PresetError at the first problem."""
 
-    def __init__(self, where: object, folder: Path | None) -> None:
+    def __init__(self, where: object, folder: Path | None, text: str) -> None:
         self.where = where
         self.folder = folder
+        self.text = text  # for the lines of problems found later, when a plugin loads
 
     def fail(self, key: str, reason: str) -> PresetError:
         return PresetError(self.where, key, reason)
@@ -429,6 +433,11 @@ class _Validator:
             plugin = preset_plugin(table, f"{self.where}: {prefix}", self.folder)
         except PluginSettingError as exc:  # located like every other preset problem (by its key, then its line)
             raise self.fail(self._join(prefix, exc.key), exc.reason) from None
+        # A parameter the plugin turns out not to have is only found when it loads: its line is kept for then.
+        keys = [f"{prefix}.parameters.{name}" for name, _ in plugin.parameters]
+        plugin = replace(plugin, parameter_origins=tuple(
+            (name, f"{self.where}:{_line_of(self.text, key)}: {key}") for (name, _), key in zip(plugin.parameters, keys,
+                                                                                               strict=True)))
         return RoleSpec(
             instrument=f"plugin:{plugin.path.name}",
             envelope=None,

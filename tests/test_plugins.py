@@ -452,6 +452,23 @@ def song(tmp_path: Path):
     return read_midi(simple_song(tmp_path / "song.mid", bars=2))
 
 
+def test_a_parameter_the_plugin_lacks_is_put_on_its_preset_line(synth: Path, cli_host: PluginHost,
+                                                                 tmp_path: Path, song) -> None:
+    """The plugin's parameters are only known once it loads, and the problem still names the preset line."""
+    from chiptune_forge.presets import load_preset
+    from chiptune_forge.render import render_piece
+
+    inline = write_preset(tmp_path, synth, parameters="dutty = 0.3")  # parameters = { ... } is on line 6
+    with pytest.raises(ChiptuneError, match=rf"^{re.escape(str(inline))}:6: roles.lead.parameters.dutty: plugin "
+                                            r".*unknown parameter 'dutty' \(did you mean 'duty'\?"):
+        render_piece(song, load_preset(inline), 32000)
+    table = tmp_path / "table.toml"
+    table.write_text(f'[roles.lead]\nplugin = "{synth}"\n\n[roles.lead.parameters]\nwaveform = "sine"\nduty = 0.5\n')
+    with pytest.raises(ChiptuneError, match=rf"^{re.escape(str(table))}:5: roles.lead.parameters.waveform: plugin "
+                                            r".*'waveform' must be one of pulse, triangle, saw, got 'sine'"):
+        render_piece(song, load_preset(table), 32000)
+
+
 def test_a_preset_mixing_builtin_and_plugin_roles_renders(synth: Path, cli_host: PluginHost, tmp_path: Path,
                                                          song) -> None:
     from chiptune_forge.presets import load_preset
