@@ -326,7 +326,7 @@ def midi_from_file(track: TrackSpec, manifest: Path, sample_rate: int) -> bytes:
     """
     import io
 
-    from .loops import check_request
+    from .loops import RequestError, check_request
     from .midi import Piece, build_midifile, read_midi
 
     try:
@@ -337,9 +337,8 @@ def midi_from_file(track: TrackSpec, manifest: Path, sample_rate: int) -> bytes:
         raise ChiptuneError(f"{track.at(manifest, 'midi')}{track.midi}: no notes to render")
     try:
         check_request(piece, sample_rate, track.loop, track.intro_bars, track.bars)
-    except ChiptuneError as exc:
-        key = "bars" if "bars" in track.key_lines or "intro_bars" not in track.key_lines else "intro_bars"
-        raise ChiptuneError(f"{track.at(manifest, key)}{exc} in {track.midi.name}") from None
+    except RequestError as exc:
+        raise ChiptuneError(f"{track.at(manifest, exc.key)}{exc} in {track.midi.name}") from None
     if not track.transpose:
         return track.midi.read_bytes()
     notes = []

@@ -82,6 +82,15 @@ TAIL_SCAN_FRAMES = 1 << 15
 """Frames read at a time when searching a jingle's tail backwards for where it falls quiet."""
 
 
+class RequestError(ChiptuneError):
+    """A render request that does not fit its piece; `key` is the track setting it comes from (`bars`,
+    `intro_bars`, `midi`, `sample_rate`), for a build to report it on that manifest key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 @dataclass(frozen=True)
 class TrackAudio:
     """Rendered audio of one track and where its loop is.
@@ -170,7 +179,7 @@ def bar_lines(piece: Piece, last_beat: float) -> list[float]:
 def piece_bar_lines(piece: Piece) -> list[float]:
     """Every bar line of the piece, the last one at or after its last note's end (within a 64th note)."""
     if not piece.notes:
-        raise ChiptuneError("the piece has no notes")
+        raise RequestError("midi", "the piece has no notes")
     end_beat = float(piece.seconds_to_beats(piece.end_time))
     lines = bar_lines(piece, end_beat - BAR_TOLERANCE_BEATS)
     if len(lines) < 2:
@@ -214,7 +223,7 @@ def _signature_at(piece: Piece, beat: float) -> TimeSignature:
 def check_sample_rate(sample_rate: int) -> None:
     if sample_rate not in SAMPLE_RATES:
         supported = ", ".join(str(r) for r in SAMPLE_RATES)
-        raise ChiptuneError(f"unsupported sample rate {sample_rate} Hz (use one of {supported})")
+        raise RequestError("sample_rate", f"unsupported sample rate {sample_rate} Hz (use one of {supported})")
 
 
 def _bars(n: int) -> str:
@@ -224,7 +233,8 @@ def _bars(n: int) -> str:
 def _whole_bars(value: float | int, what: str) -> int:
     """Bar counts must be whole: a fractional intro would end off a bar line."""
     if isinstance(value, bool) or not float(value).is_integer():
-        raise ChiptuneError(f"{what} of {value!r} bars does not end on a bar line (give whole bars)")
+        raise RequestError("intro_bars" if what == "intro" else "bars",
+                           f"{what} of {value!r} bars does not end on a bar line (give whole bars)")
     return int(value)
 
 
@@ -236,26 +246,26 @@ def plan_loop(piece: Piece, sample_rate: int, intro_bars: int = 0, bars: int | N
     check_sample_rate(sample_rate)
     intro = _whole_bars(intro_bars, "intro")
     if intro < 0:
-        raise ChiptuneError(f"intro of {intro} bars: the intro cannot be negative")
+        raise RequestError("intro_bars", f"intro of {intro} bars: the intro cannot be negative")
     lines = piece_bar_lines(piece)
     total = len(lines) - 1
     if bars is None:
         body = total - intro
         if body < 1:
-            raise ChiptuneError(f"an intro of {_bars(intro)} leaves no body: the piece has {_bars(total)}")
+            raise RequestError("intro_bars", f"an intro of {_bars(intro)} leaves no body: the piece has {_bars(total)}")
     else:
         body = _whole_bars(bars, "body")
         if body < 1:
-            raise ChiptuneError(f"body of {body} bars: a loop needs at least 1 bar")
+            raise RequestError("bars", f"body of {body} bars: a loop needs at least 1 bar")
         if intro + body > total:
-            raise ChiptuneError(f"loop of {intro} intro + {body} body bars is longer than the piece "
+            raise RequestError("bars", f"loop of {intro} intro + {body} body bars is longer than the piece "
                                 f"({_bars(total)})")
     b0, b1 = lines[intro], lines[intro + body]
     t0 = float(piece.beats_to_seconds(b0))
     body_seconds = beats_to_seconds_span(piece, b0, b1)
     body_frames = round(body_seconds * sample_rate)
     if body_frames < 1:
-        raise ChiptuneError(f"body of {_bars(body)} is shorter than one sample at {sample_rate} Hz")
+        raise RequestError("bars", f"body of {_bars(body)} is shorter than one sample at {sample_rate} Hz")
     copies = 2 + max(1, math.ceil(WARMUP_SECONDS / body_seconds))
     return LoopPlan(b0, b1, t0, float(piece.beats_to_seconds(b1)), round(t0 * sample_rate), body_frames,
                     copies, intro, body)
@@ -404,7 +414,8 @@ def check_request(piece: Piece, sample_rate: int, loop: bool = True, intro_bars:
         return
     check_sample_rate(sample_rate)
     if _whole_bars(intro_bars, "intro") != 0:
-        raise ChiptuneError(f"an intro of {_bars(int(intro_bars))} needs a looping track (a jingle has none)")
+        raise RequestError("intro_bars",
+                           f"an intro of {_bars(int(intro_bars))} needs a looping track (a jingle has none)")
     piece, _ = _jingle_piece(piece, bars)
     _check_length(piece, piece.end_time)
 
@@ -434,7 +445,7 @@ def _jingle_piece(piece: Piece, bars: int | None) -> tuple[Piece, int]:
         return piece, total
     count = _whole_bars(bars, "jingle")
     if not 1 <= count <= total:
-        raise ChiptuneError(f"jingle of {_bars(count)}: the piece has {_bars(total)}")
+        raise RequestError("bars", f"jingle of {_bars(count)}: the piece has {_bars(total)}")
     end_seconds = float(piece.beats_to_seconds(lines[count]))
     onsets = piece.seconds_to_beats(np.array([n.start for n in piece.notes]))
     notes = [_cut(n, end_seconds) for n, onset in zip(piece.notes, onsets, strict=True)
@@ -459,7 +470,7 @@ def _render_jingle(piece: Piece, render: RenderFn, sample_rate: int, bars: int |
 def _check_length(piece: Piece, seconds: float) -> None:
     if seconds > MAX_MUSIC_SECONDS:
         last = max(piece.notes, key=lambda n: n.end)
-        raise ChiptuneError(f"{seconds:.0f} s of music to render (the last note, pitch {last.pitch}, ends at "
+        raise RequestError("bars", f"{seconds:.0f} s of music to render (the last note, pitch {last.pitch}, ends at "
                             f"{last.end:.0f} s); at most {MAX_MUSIC_SECONDS / 60:.0f} minutes are rendered")
 
 

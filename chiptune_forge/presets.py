@@ -433,11 +433,16 @@ class _Validator:
             plugin = preset_plugin(table, f"{self.where}: {prefix}", self.folder)
         except PluginSettingError as exc:  # located like every other preset problem (by its key, then its line)
             raise self.fail(self._join(prefix, exc.key), exc.reason) from None
-        # A parameter the plugin turns out not to have is only found when it loads: its line is kept for then.
-        keys = [f"{prefix}.parameters.{name}" for name, _ in plugin.parameters]
-        plugin = replace(plugin, parameter_origins=tuple(
-            (name, f"{self.where}:{_line_of(self.text, key)}: {key}") for (name, _), key in zip(plugin.parameters, keys,
-                                                                                               strict=True)))
+        # A parameter the plugin turns out not to have is only found when it loads: its line is kept for then
+        # (where the line scan finds it; a dotted or quoted key falls back to the role).
+        lines = self.text.splitlines()
+        origins = []
+        for name, _ in plugin.parameters:
+            key = f"{prefix}.parameters.{name}"
+            line = _line_of(self.text, key)
+            if line <= len(lines) and name in lines[line - 1]:
+                origins.append((name, f"{self.where}:{line}: {key}"))
+        plugin = replace(plugin, parameter_origins=tuple(origins))
         return RoleSpec(
             instrument=f"plugin:{plugin.path.name}",
             envelope=None,

@@ -443,7 +443,8 @@ def test_a_given_midi_files_problems_are_put_on_their_manifest_keys(tmp_path: Pa
                         '[[track]]\nname = "text"\nmidi = "notes.txt"\n\n'  # midi: line 6
                         '[[track]]\nname = "long"\nmidi = "song.mid"\nbars = 4\n\n'  # bars: line 11
                         '[[track]]\nname = "jingle"\nmidi = "song.mid"\nloop = false\nbars = 9\n\n'  # line 17
-                        '[[track]]\nname = "high"\nmidi = "high.mid"\ntranspose = 12\n')  # transpose: line 22
+                        '[[track]]\nname = "high"\nmidi = "high.mid"\ntranspose = 12\n\n'  # transpose: line 22
+                        '[[track]]\nname = "intro"\nmidi = "song.mid"\nintro_bars = 3\n')  # intro_bars: line 27
     errors = {t.name: t.error for t in build(manifest).tracks}
     assert errors["text"] == (f"{manifest}:6: track 'text': midi: {tmp_path / 'notes.txt'}: not a MIDI file "
                               "(no MThd header)")
@@ -452,6 +453,8 @@ def test_a_given_midi_files_problems_are_put_on_their_manifest_keys(tmp_path: Pa
     assert errors["jingle"] == (f"{manifest}:17: track 'jingle': bars: jingle of 9 bars: the piece has 3 bars "
                                 "in song.mid")
     assert errors["high"] == f"{manifest}:22: track 'high': transpose: 12 moves note 120 of high.mid outside 0..127"
+    assert errors["intro"] == (f"{manifest}:27: track 'intro': intro_bars: an intro of 3 bars leaves no body: the "
+                               "piece has 3 bars in song.mid")
     assert not (tmp_path / "music").exists() or not any((tmp_path / "music").iterdir()), "nothing was rendered"
 
 

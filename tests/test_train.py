@@ -231,6 +231,23 @@ def test_training_gradients_match_plain_autodiff(matmul_dtype: str) -> None:
         np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=tolerance, rtol=0)
 
 
+def test_row_groups_may_be_empty_and_batches_change_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More row groups than rows (a last batch of 2 on a 4-core machine) after a bigger batch: the
+    compiled loops, retraced for any batch size, still run forward and back."""
+    from chiptune_forge.model import network
+
+    monkeypatch.setattr(network, "LOOP_GROUPS", 4)
+    rng = np.random.default_rng(3)
+    kernel, bias, recurrent = (tf.constant(rng.normal(0, 0.5, size=s).astype(np.float32))
+                               for s in ((6, 20), (20,), (5, 20)))
+    for rows in (3, 2, 9, 1):
+        x = tf.constant(rng.normal(size=(7, rows, 6)).astype(np.float32))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = network.lstm_layer(x, kernel, bias, recurrent)
+        assert out.shape == (7, rows, 5) and tape.gradient(out, x).shape == (7, rows, 6)
+
+
 def test_bfloat16_products_are_picked_only_where_the_cpu_has_amx(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     cpuinfo = tmp_path / "cpuinfo"
@@ -259,6 +276,12 @@ def test_the_matmul_precision_of_a_run_is_recorded(dataset: Path, tmp_path: Path
         assert ("large matrix products in bfloat16" in card) == (precision == "bfloat16")
         err = capsys.readouterr().err
         assert ("large matrix products in bfloat16" in err) == (precision == "bfloat16")
+    # a run resumed in the other precision says it used both
+    assert main(["train", "--run-dir", str(tmp_path / "float32"), "--dataset", str(dataset), "--num-training-steps",
+                 "4", "--matmul-precision", "bfloat16"]) == 0
+    description = json.loads((tmp_path / "float32" / "export" / "model.json").read_text())
+    assert description["matmul_precision"] == "float32 and bfloat16"
+    assert "large matrix products in float32 and bfloat16" in model_card(description)
 
 
 def test_model_card_carries_the_recorded_numbers(trained_run: tuple[Path, dict, dict]) -> None:

@@ -41,8 +41,9 @@ def _split_gates(z: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tens
     return tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
 
 
-def _zeros(like: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
-    return tf.zeros(tf.stack([tf.shape(like)[1], width]), dtype=like.dtype)
+def _zeros(like: tf.Tensor, width: tf.Tensor, dtype: tf.DType | None = None) -> tf.Tensor:
+    """[rows of `like` [T, B, ...], width] zeros, sized at run time."""
+    return tf.zeros(tf.stack([tf.shape(like)[1], width]), dtype=dtype or like.dtype)
 
 
 def _gate_scale(units: tf.Tensor) -> tf.Tensor:
@@ -74,7 +75,8 @@ def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group
     """
     units = tf.shape(recurrent)[0]
     scale = _gate_scale(units)
-    zeros = tf.zeros(tf.stack([tf.shape(_rows(xproj, group, groups))[1], units]))
+    rows = _rows(xproj, group, groups)
+    zeros = _zeros(rows, units, tf.float32)
 
     def step(carry, zx):
         h, c, _ = carry
@@ -83,8 +85,7 @@ def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group
         c = (0.5 * tf_ + 0.5) * c + (0.5 * ti + 0.5) * tg
         return (0.5 * to + 0.5) * tf.tanh(c), c, tf.concat([t, c], axis=-1)
 
-    _, _, kept = tf.scan(step, _rows(xproj, group, groups),
-                         initializer=(zeros, zeros, tf.zeros(tf.stack([tf.shape(zeros)[0], 5 * units]))))
+    _, _, kept = tf.scan(step, rows, initializer=(zeros, zeros, _zeros(rows, 5 * units, tf.float32)))
     hs = (0.5 * kept[..., 3 * units:4 * units] + 0.5) * tf.tanh(kept[..., 4 * units:])
     if xproj.dtype == tf.float32:
         return hs, kept
@@ -106,9 +107,10 @@ def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, recurrent: tf.Tensor, group:
     i, f, o = 0.5 * ti + 0.5, 0.5 * tf_ + 0.5, 0.5 * to + 0.5
     c_prev = tf.concat([tf.zeros_like(cs[:1]), cs[:-1]], axis=0)
     tc = tf.tanh(cs)
-    per_step = (_rows(dhs, group, groups), o * (1.0 - tc * tc), f, g * i * (1.0 - i), c_prev * f * (1.0 - f),
-                i * (1.0 - g * g), tc * o * (1.0 - o))
-    zeros = tf.zeros_like(cs[0])
+    dh_rows = _rows(dhs, group, groups)
+    per_step = (dh_rows, o * (1.0 - tc * tc), f, g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g),
+                tc * o * (1.0 - o))
+    zeros = _zeros(dh_rows, units)  # sized at run time, as the rows of a relaxed trace are
     recurrent_t = tf.transpose(recurrent)
 
     def back(carry, elems):
@@ -119,8 +121,7 @@ def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, recurrent: tf.Tensor, group:
         dz = tf.concat([dc * di, dc * df, dc * dg, dh * do], axis=-1)
         return tf.matmul(dz, recurrent_t), dc * forget, dz
 
-    _, _, dz = tf.scan(back, per_step, initializer=(zeros, zeros, tf.zeros_like(kept[0, :, :4 * units])),
-                       reverse=True)
+    _, _, dz = tf.scan(back, per_step, initializer=(zeros, zeros, _zeros(dh_rows, 4 * units)), reverse=True)
     return tf.cast(dz, dtype), tf.reduce_sum(dz, axis=[0, 1])
 
 

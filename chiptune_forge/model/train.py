@@ -383,7 +383,9 @@ def train(options: TrainOptions) -> dict:
             print(f"resuming {run_dir} from step {step}", file=sys.stderr)
     else:
         optimizer.build(model.trainable_variables)
-    state["matmul_precision"] = precision
+    # What the whole run used: checkpoints from before the choice existed were trained in float32.
+    used = state.get("matmul_precision", "float32" if step else precision)
+    state["matmul_precision"] = precision if used == precision else "float32 and bfloat16"
     target = options.num_training_steps
     if target and step >= target:
         if options.show_progress:
