@@ -180,10 +180,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order of a new run (default 0)")
     add_flag(p, "eval", False, "evaluate on the eval split at every checkpoint (recorded in the export)")
     p.add_argument(*option("matmul-precision"), dest="matmul_precision", choices=("auto", "float32", "bfloat16"),
-                   default="auto", help="operands of the large matrix products (input projections, output layer, "
-                                        "weight gradients); weights, recurrent loops and evaluation stay float32. "
-                                        "auto: bfloat16 on CPUs with AMX, where it is several times faster, "
-                                        "else float32 (default auto)")
+                   default="auto", help="operands of the LSTM layers' large matrix products (input projections, "
+                                        "weight gradients); weights, recurrent loops, the output layer and "
+                                        "evaluation stay float32. auto: bfloat16 on CPUs with AMX, where it is "
+                                        "several times faster, else float32 (default auto)")
     p.set_defaults(func=_run_train)
 
 
