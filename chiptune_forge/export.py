@@ -23,7 +23,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import re
 import signal
 import struct
@@ -37,9 +36,14 @@ import numpy as np
 
 from .errors import ChiptuneError
 from .loops import SPLIT_PARTS, TrackAudio, check_sample_rate, godot_import_file, split_clip
+from .staging import StagedFiles
 
 TARGET_LUFS = -16.0
 TRUE_PEAK_DB = -1.0
+LOUDNESS_RANGE = (-70.0, 0.0)
+"""LUFS targets accepted: from the BS.1770 absolute gate up to (not including) full scale."""
+TRUE_PEAK_RANGE = (-20.0, 0.0)
+"""dBTP ceilings accepted: below -20 a track would be normalized to near silence."""
 FORMATS = ("ogg", "wav")
 VORBIS_QUALITY = 0.5
 """libvorbis quality 0..1 (0.5 is about 160 kbit/s stereo at 44.1 kHz)."""
@@ -53,7 +57,6 @@ TRUE_PEAK_OVERSAMPLING = 4
 CEILING_MARGIN_DB = 0.05
 CEILING_TRIES = 8
 LOUDNESS_BLOCK_SECONDS = 0.4
-PARTIAL_SUFFIX = ".partial"
 
 _GODOT_UID = re.compile(r'^uid="(uid://[0-9a-z]+)"\s*$', re.MULTILINE)
 _NAME = re.compile(r"^[^./\\][^/\\]*$")
@@ -63,6 +66,20 @@ Loop = tuple[int, int] | None
 
 
 # -------------------------------------------------------------------------------------------- loudness
+
+
+def loudness_problem(lufs: float) -> str | None:
+    """Why a loudness target cannot be used (None: it can), for the option or key that gave it."""
+    if LOUDNESS_RANGE[0] <= lufs < LOUDNESS_RANGE[1]:
+        return None
+    return f"{lufs:g} LUFS is out of range (use {LOUDNESS_RANGE[0]:g} up to below 0, e.g. {TARGET_LUFS:g})"
+
+
+def true_peak_problem(dbtp: float) -> str | None:
+    """Why a true-peak ceiling cannot be used (None: it can), for the option or key that gave it."""
+    if TRUE_PEAK_RANGE[0] <= dbtp <= TRUE_PEAK_RANGE[1]:
+        return None
+    return f"{dbtp:g} dBTP is out of range (use {TRUE_PEAK_RANGE[0]:g} to 0, e.g. {TRUE_PEAK_DB:g})"
 
 
 def measure_loudness(track: TrackAudio) -> float:
@@ -468,20 +485,7 @@ def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[
         clips.append((split_clip(name, "loop"), track.audio[s:s + n], (0, n)))
         split_names = {part: [f"{split_clip(name, part)}.{fmt}" for fmt in fmts]
                        for part in (SPLIT_PARTS if s else SPLIT_PARTS[1:])}
-    staged: list[tuple[Path, Path]] = []
-
-    def stage(final: Path, write: Callable[[Path], None]) -> Path:
-        if final.is_dir():  # found before anything is renamed into place, so no file of the set changes
-            raise ChiptuneError(f"{final}: is a folder; cannot write the file there")
-        tmp = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
-        staged.append((tmp, final))
-        try:
-            write(tmp)
-        except OSError as exc:
-            raise ChiptuneError(f"{final}: cannot write ({exc.strerror or exc})") from None
-        return tmp
-
-    try:
+    with StagedFiles() as files:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -490,31 +494,21 @@ def export_track(track: TrackAudio, out_dir: Path, name: str, formats: Sequence[
         for clip, audio, loop in clips:
             for fmt in fmts:
                 final = out_dir / f"{clip}.{fmt}"
-                tmp = stage(final, lambda p, a=audio, lp=loop, f=fmt: WRITERS[f](p, a, rate, lp))
+                tmp = files.write(final, lambda p, a=audio, lp=loop, f=fmt: WRITERS[f](p, a, rate, lp))
                 if clip == name and sidecar:
                     peak = max(peak, _vorbis_true_peak_db(audio, rate, track.loop_start) if fmt == "ogg"
                                else true_peak_db(_decoded(tmp), rate, track.loop_start))
                 if godot_import:
                     imp = godot_import_file(final)
                     text = godot_import_text(fmt, rate, loop, _existing_uid(imp))
-                    stage(imp, lambda p, t=text: p.write_text(t, encoding="utf-8"))
+                    files.write(imp, lambda p, t=text: p.write_text(t, encoding="utf-8"))
         if sidecar:
-            files = [f"{name}.{fmt}" for fmt in fmts]
+            names = [f"{name}.{fmt}" for fmt in fmts]
             loudness = measure_loudness(track) if loudness_lufs is None else loudness_lufs
-            data = _sidecar(track, name, files, loudness, peak, sidecar_info, split_names)
+            data = _sidecar(track, name, names, loudness, peak, sidecar_info, split_names)
             text = json.dumps(data, indent=2) + "\n"
-            stage(out_dir / f"{name}.json", lambda p: p.write_text(text, encoding="utf-8"))
-        for tmp, final in staged:
-            try:
-                os.replace(tmp, final)
-            except OSError as exc:
-                raise ChiptuneError(f"{final}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):  # a read-only folder has nothing of ours to remove
-                tmp.unlink(missing_ok=True)
-        raise
-    return [final for _, final in staged]
+            files.write(out_dir / f"{name}.json", lambda p: p.write_text(text, encoding="utf-8"))
+        return files.commit()
 
 
 def _existing_uid(import_file: Path) -> str | None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -64,6 +63,7 @@ from .midi import (
     write_midi,
 )
 from .scores import piece_statistics
+from .staging import StagedFiles
 
 STEPS_PER_BAR = 4 * STEPS_PER_QUARTER
 DEFAULT_NUM_STEPS = 128
@@ -611,10 +611,8 @@ def write_outputs(pieces: Sequence[GeneratedPiece], output_dir: str | Path, requ
     previous = _listed_outputs(out / "generate.json")
     places = {p.index: place for place, p in enumerate(rank(pieces), start=1)}
     outputs = []
-    staged: list[tuple[Path, Path]] = []  # every file is written aside, then all are renamed into place
     for p in pieces:
         name = output_name(p.index, len(pieces))
-        staged.append((out / f".{name}.partial", out / name))
         q = p.quantized
         outputs.append({
             "file": name, "index": p.index, "seed": p.seed, "rank": places[p.index],
@@ -634,25 +632,11 @@ def write_outputs(pieces: Sequence[GeneratedPiece], output_dir: str | Path, requ
         "outputs": outputs,
     }
     path = out / "generate.json"
-    staged.append((out / ".generate.json.partial", path))
-    contents = [p.to_piece() for p in pieces] + [json.dumps(result, indent=2) + "\n"]
-    final = out
-    try:
-        for (tmp, final), content in zip(staged, contents, strict=True):
-            if final.is_dir():
-                raise ChiptuneError(f"{final}: cannot write (is a folder)")
-            if isinstance(content, str):
-                tmp.write_text(content, encoding="utf-8")
-            else:
-                write_midi(content, tmp)
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    except OSError as exc:
-        raise ChiptuneError(f"{final}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        for tmp, _ in staged:
-            if tmp.is_file():
-                tmp.unlink()
+    with StagedFiles() as files:  # no output changes unless all can be written
+        for p, entry in zip(pieces, outputs, strict=True):
+            files.write(out / entry["file"], lambda tmp, piece=p: write_midi(piece.to_piece(), tmp))
+        files.write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8"))
+        files.commit()
     for name in previous - {o["file"] for o in outputs}:  # an earlier run's outputs that this one did not replace
         (out / name).unlink(missing_ok=True)
     return path

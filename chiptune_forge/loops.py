@@ -398,10 +398,9 @@ def render_track(piece: Piece, render: RenderFn, sample_rate: int, loop: bool = 
     For a jingle `intro_bars` must be 0 and `bars`, if given, keeps only the first `bars` bars.
     Every request is checked before `render` is called, so a bad one costs nothing.
     """
-    check_request(piece, sample_rate, loop, intro_bars, bars)
     if loop:
-        return _render_loop(piece, render, sample_rate, plan_loop(piece, sample_rate, intro_bars, bars))
-    return _render_jingle(piece, render, sample_rate, bars)
+        return _render_loop(piece, render, sample_rate, _checked_loop(piece, sample_rate, intro_bars, bars))
+    return _render_jingle(*_checked_jingle(piece, sample_rate, intro_bars, bars), render, sample_rate)
 
 
 def check_request(piece: Piece, sample_rate: int, loop: bool = True, intro_bars: int = 0,
@@ -409,15 +408,38 @@ def check_request(piece: Piece, sample_rate: int, loop: bool = True, intro_bars:
     """Raise what render_track would for this request, without rendering (a build checks a given MIDI
     file's bars this way, where the problem can still be put on its manifest key)."""
     if loop:
-        plan = plan_loop(piece, sample_rate, intro_bars, bars)
-        _check_length(piece, (plan.intro_frames + plan.body_frames) / sample_rate)
-        return
+        _checked_loop(piece, sample_rate, intro_bars, bars)
+    else:
+        _checked_jingle(piece, sample_rate, intro_bars, bars)
+
+
+def _checked_loop(piece: Piece, sample_rate: int, intro_bars: int, bars: int | None) -> LoopPlan:
+    plan = plan_loop(piece, sample_rate, intro_bars, bars)
+    _check_length(piece, (plan.intro_frames + plan.body_frames) / sample_rate)
+    return plan
+
+
+def _checked_jingle(piece: Piece, sample_rate: int, intro_bars: int, bars: int | None) -> tuple[Piece, int]:
+    """The part of the piece a jingle plays (its first `bars` bars, or all of it) and its bar count."""
     check_sample_rate(sample_rate)
     if _whole_bars(intro_bars, "intro") != 0:
         raise RequestError("intro_bars",
                            f"an intro of {_bars(int(intro_bars))} needs a looping track (a jingle has none)")
-    piece, _ = _jingle_piece(piece, bars)
+    lines = piece_bar_lines(piece)
+    total = len(lines) - 1
+    if bars is not None:
+        count = _whole_bars(bars, "jingle")
+        if not 1 <= count <= total:
+            raise RequestError("bars", f"jingle of {_bars(count)}: the piece has {_bars(total)}")
+        end_seconds = float(piece.beats_to_seconds(lines[count]))
+        onsets = piece.seconds_to_beats(np.array([n.start for n in piece.notes]))
+        notes = [_cut(n, end_seconds) for n, onset in zip(piece.notes, onsets, strict=True)
+                 if onset < lines[count] - ONSET_TOLERANCE_BEATS]
+        controls = [c for c in piece.controls if c.time < end_seconds]
+        piece = Piece(notes, piece.tempos, piece.time_signatures, piece.track_names, controls)
+        total = count
     _check_length(piece, piece.end_time)
+    return piece, total
 
 
 def _render_loop(piece: Piece, render: RenderFn, sample_rate: int, plan: LoopPlan) -> TrackAudio:
@@ -437,25 +459,8 @@ def _render_loop(piece: Piece, render: RenderFn, sample_rate: int, plan: LoopPla
                       plan.intro_bars)
 
 
-def _jingle_piece(piece: Piece, bars: int | None) -> tuple[Piece, int]:
-    """The part of the piece a jingle plays (its first `bars` bars, or all of it) and its bar count."""
-    lines = piece_bar_lines(piece)
-    total = len(lines) - 1
-    if bars is None:
-        return piece, total
-    count = _whole_bars(bars, "jingle")
-    if not 1 <= count <= total:
-        raise RequestError("bars", f"jingle of {_bars(count)}: the piece has {_bars(total)}")
-    end_seconds = float(piece.beats_to_seconds(lines[count]))
-    onsets = piece.seconds_to_beats(np.array([n.start for n in piece.notes]))
-    notes = [_cut(n, end_seconds) for n, onset in zip(piece.notes, onsets, strict=True)
-             if onset < lines[count] - ONSET_TOLERANCE_BEATS]
-    controls = [c for c in piece.controls if c.time < end_seconds]
-    return Piece(notes, piece.tempos, piece.time_signatures, piece.track_names, controls), count
-
-
-def _render_jingle(piece: Piece, render: RenderFn, sample_rate: int, bars: int | None) -> TrackAudio:
-    piece, total = _jingle_piece(piece, bars)
+def _render_jingle(piece: Piece, total: int, render: RenderFn, sample_rate: int) -> TrackAudio:
+    """Render a checked jingle: `piece` is already cut to its `total` bars."""
     music_end = round(piece.end_time * sample_rate)
     fade = max(1, round(JINGLE_FADE_SECONDS * sample_rate))
     audio = _stereo(render(piece, sample_rate), music_end + fade)

@@ -15,18 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChiptuneError, UsageError, did_you_mean
+from .export import FORMATS, TARGET_LUFS, TRUE_PEAK_DB, loudness_problem, true_peak_problem
 from .loops import SAMPLE_RATES, SPLIT_PARTS, split_clip
 
-FORMATS = ("ogg", "wav")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 CACHE_DIR = ".chiptune"
 """The build cache's folder beside the manifest."""
 MAX_BARS = 512
 MAX_CANDIDATES = 256
-TRUE_PEAK_RANGE = (-20.0, 0.0)
-"""dBTP ceilings accepted: below -20 a track would be normalized to near silence."""
-LOUDNESS_RANGE = (-70.0, 0.0)
-"""LUFS targets accepted: from the BS.1770 absolute gate up to (not including) full scale."""
 MANIFEST_NAME = "chiptune.toml"
 LOCK_NAME = "chiptune.lock"
 GENERATION_KEYS = ("seed", "temperature", "primer_pitches", "primer_melody", "primer_midi", "candidates", "pick",
@@ -48,8 +44,8 @@ class ProjectSettings:
     preset: str = "snes"
     formats: tuple[str, ...] = ("ogg",)
     sample_rate: int = 44100
-    loudness_lufs: float = -16.0
-    true_peak_db: float = -1.0
+    loudness_lufs: float = TARGET_LUFS
+    true_peak_db: float = TRUE_PEAK_DB
     same_gain: bool = False
     godot_import: bool = False
     split: bool = False
@@ -154,8 +150,11 @@ class _Lines:
             return self.keys[(table, index, key)]
         if (table, index) in self.tables:
             return self.tables[(table, index)]
+        parent, _, name = table.rpartition(".")
+        if (parent, 0, name) in self.keys:  # an inline table: the line of its key in the table around it
+            return self.keys[(parent, 0, name)]
         # a table made only by its subtables' headers ([tracks.boss] makes [tracks]): the first of those
-        return min((line for (name, _), line in self.tables.items() if name.startswith(f"{table}.")), default=1)
+        return min((line for (header, _), line in self.tables.items() if header.startswith(f"{table}.")), default=1)
 
 
 def manifest_file(path: str | Path) -> Path:
@@ -302,17 +301,15 @@ def _validate(path: Path, data: dict[str, Any], lines: _Lines, check_files: bool
         output_dir=output_dir, model=model if model == "default" else str((root / model).expanduser()),
         preset=preset, formats=formats,
         sample_rate=int(project_values.get("sample_rate", 44100)),
-        loudness_lufs=float(project_values.get("loudness_lufs", -16.0)),
-        true_peak_db=float(project_values.get("true_peak_db", -1.0)),
+        loudness_lufs=float(project_values.get("loudness_lufs", TARGET_LUFS)),
+        true_peak_db=float(project_values.get("true_peak_db", TRUE_PEAK_DB)),
         same_gain=bool(project_values.get("same_gain", False)),
         godot_import=bool(project_values.get("godot_import", False)),
         split=bool(project_values.get("split", False)))
-    if not TRUE_PEAK_RANGE[0] <= settings.true_peak_db <= TRUE_PEAK_RANGE[1]:
-        problem(lines.of("project", 0, "true_peak_db"), "[project] ",
-                f"true_peak_db: {settings.true_peak_db:g} is out of range (use {TRUE_PEAK_RANGE[0]:g} to 0, e.g. -1)")
-    if not LOUDNESS_RANGE[0] <= settings.loudness_lufs < LOUDNESS_RANGE[1]:
-        problem(lines.of("project", 0, "loudness_lufs"), "[project] ",
-                f"loudness_lufs: {settings.loudness_lufs:g} is out of range (use -70 up to below 0, e.g. -16)")
+    for key, reason in (("true_peak_db", true_peak_problem(settings.true_peak_db)),
+                        ("loudness_lufs", loudness_problem(settings.loudness_lufs))):
+        if reason:
+            problem(lines.of("project", 0, key), "[project] ", f"{key}: {reason}")
 
     raw_tracks = data.get("track", [])
     if not isinstance(raw_tracks, list) or not all(isinstance(t, dict) for t in raw_tracks):

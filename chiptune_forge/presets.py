@@ -59,6 +59,7 @@ from .snes.echo import FIR_TAPS, MAX_EDL, EchoSettings
 from .snes.instruments import BUILTIN_PREFIX, INSTRUMENTS, KIT_NAME, instrument_names
 
 if TYPE_CHECKING:
+    from .manifest import _Lines
     from .plugins import PluginSpec
 
 ROLES = ("lead", "harmony", "bass", "drums")
@@ -257,14 +258,19 @@ def parse_preset(data: bytes, name: str, path: Path | None) -> Preset:
     except PresetError as exc:
         if not exc.key or exc.path is not where:
             raise
-        raise PresetError(f"{where}:{_line_of(text, exc.key)}", exc.key, exc.reason) from None
+        raise PresetError(f"{where}:{_line_of(_key_lines(text), exc.key)}", exc.key, exc.reason) from None
 
 
-def _line_of(text: str, key: str) -> int:
-    """The line of a dotted key as the validator names it (`roles.lead.volume`, `effects[1].type`): the
-    key's own line, else its table's header."""
+def _key_lines(text: str) -> _Lines:
+    """Where each key of a preset's text sits (the manifest's scanner, loaded only when a line is asked for)."""
     from .manifest import _Lines
 
+    return _Lines(text)
+
+
+def _line_of(lines: _Lines, key: str) -> int:
+    """The line of a dotted key as the validator names it (`roles.lead.volume`, `effects[1].type`): the
+    key's own line, else its table's header."""
     parts = key.split(".")
     indexed = [i for i, part in enumerate(parts) if part.endswith("]") and "[" in part]
     if indexed:
@@ -273,14 +279,10 @@ def _line_of(text: str, key: str) -> int:
         table, index, rest = ".".join([*parts[:k], table]), int(index), parts[k + 1:]
     else:
         table, index, rest = ".".join(parts[:-1]), 0, parts[-1:]
-    lines = _Lines(text)
     if rest and (table, index, rest[0]) in lines.keys:
         return lines.keys[(table, index, rest[0])]
     if (key, 0) in lines.tables:  # the key names a table
         return lines.tables[(key, 0)]
-    parent, _, name = table.rpartition(".")
-    if (table, index) not in lines.tables and (parent, 0, name) in lines.keys:  # inside an inline table
-        return lines.keys[(parent, 0, name)]
     return lines.of(table, index)
 
 
@@ -435,12 +437,12 @@ class _Validator:
             raise self.fail(self._join(prefix, exc.key), exc.reason) from None
         # A parameter the plugin turns out not to have is only found when it loads: its line is kept for then
         # (where the line scan finds it; a dotted or quoted key falls back to the role).
-        lines = self.text.splitlines()
+        text_lines, key_lines = self.text.splitlines(), _key_lines(self.text)
         origins = []
         for name, _ in plugin.parameters:
             key = f"{prefix}.parameters.{name}"
-            line = _line_of(self.text, key)
-            if line <= len(lines) and name in lines[line - 1]:
+            line = _line_of(key_lines, key)
+            if line <= len(text_lines) and name in text_lines[line - 1]:
                 origins.append((name, f"{self.where}:{line}: {key}"))
         plugin = replace(plugin, parameter_origins=tuple(origins))
         return RoleSpec(

@@ -472,7 +472,7 @@ def test_a_generate_that_cannot_write_one_output_changes_none(model_dir: Path, t
     (out / "output_04.mid").mkdir()
     assert main([*base, "--num-outputs", "4", "--seed", "2", "--log", "ERROR"]) == 1
     err = capsys.readouterr().err
-    assert err == f"chiptune-forge: error: {out / 'output_04.mid'}: cannot write (is a folder)\n"
+    assert err == f"chiptune-forge: error: {out / 'output_04.mid'}: is a folder; cannot write the file there\n"
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before, "the seed-1 set is intact"
     assert main([*base, "--num-outputs", "2", "--log", "ERROR"]) == 0
     assert capsys.readouterr().out == "", "--log ERROR prints only warnings and errors"

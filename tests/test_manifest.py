@@ -179,7 +179,7 @@ def test_a_model_folder_without_a_model_and_a_loudness_out_of_range(tmp_path: Pa
     problems = problems_of(path)
     assert len(problems) == 2
     assert ":2: [project] model:" in problems[0] and "not a model folder" in problems[0]
-    assert ":3: [project] loudness_lufs: 5 is out of range" in problems[1]
+    assert ":3: [project] loudness_lufs: 5 LUFS is out of range" in problems[1]
     assert not (tmp_path / ".chiptune").exists(), "nothing is written"
     (tmp_path / "empty_model" / "model.json").write_text("{}")
     assert "has no weights.npz" in problems_of(path)[0]
@@ -223,7 +223,7 @@ name = ".hidden"
 """)
     expected = [
         f"1: [project] output_dir: {(tmp_path / 'music').resolve()} is a file, not a folder",
-        "2: [project] true_peak_db: -80 is out of range (use -20 to 0, e.g. -1)",
+        "2: [project] true_peak_db: -80 dBTP is out of range (use -20 to 0, e.g. -1)",
         "7: track 'a': bars: must be within 1..512, got 100000",
         "8: track 'a': candidates: must be within 1..256, got 1000000",
         "9: track 'a': temperature: must be a finite number greater than 0, got inf",

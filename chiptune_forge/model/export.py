@@ -8,14 +8,13 @@ The model card of a shipped model is rendered from the same JSON, so its numbers
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..encoding import ENCODING_VERSION, NUM_CLASSES
-from ..errors import ChiptuneError
 from ..hparams import HParams
+from ..staging import StagedFiles
 
 FORMAT = "chiptune-forge-lstm-1"
 
@@ -42,7 +41,7 @@ def weight_arrays(model) -> dict[str, np.ndarray]:
 
 
 def write_export(arrays: dict[str, np.ndarray], hparams: HParams, out_dir: str | Path, info: dict) -> Path:
-    """Write model.json and weights.npz, each replaced atomically so a reader never sees half a model."""
+    """Write model.json and weights.npz, renamed into place together."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     description = {
@@ -57,18 +56,17 @@ def write_export(arrays: dict[str, np.ndarray], hparams: HParams, out_dir: str |
         "math": MATH,
         **{k: v for k, v in info.items() if k != "training_steps"},
     }
-    for name, write in (("weights.npz", lambda fh: np.savez(fh, **arrays)),
-                        ("model.json", lambda fh: fh.write(json.dumps(description, indent=2).encode() + b"\n"))):
-        final, tmp = out_dir / name, out_dir / f"{name}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                write(fh)
-            os.replace(tmp, final)
-        except OSError as exc:
-            if tmp.is_file():
-                tmp.unlink()
-            raise ChiptuneError(f"{final}: cannot write ({exc.strerror or exc})") from None
+    with StagedFiles() as files:  # a reader never sees half a model, nor weights of another model.json
+        files.write(out_dir / "weights.npz", lambda tmp: _write_npz(tmp, arrays))
+        files.write(out_dir / "model.json",
+                    lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8"))
+        files.commit()
     return out_dir
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:  # a file object: given a name without .npz, numpy would add it
+        np.savez(fh, **arrays)
 
 
 def export_weights(model, hparams: HParams, out_dir: str | Path, info: dict) -> Path:

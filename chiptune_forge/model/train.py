@@ -15,6 +15,7 @@ Run folder layout:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -414,52 +415,50 @@ def train(options: TrainOptions) -> dict:
 
     if options.show_progress and precision != "float32":
         print(f"large matrix products in {precision} (--matmul-precision float32 to keep float32)", file=sys.stderr)
-    try:
-        progress = bar(target or None, desc="train", unit="step", initial=step, disable=not options.show_progress)
-        window_loss = window_acc = 0.0
-        window_steps = window_events = 0
-        window_start = time.perf_counter()
-        last_saved = step
-        with _StopRequest() as stop:
-            while not stop.requested and (not target or step < target):
-                x, y, mask = schedule.batch(step)
-                t0 = time.perf_counter()
-                loss, acc = train_step(x, y, mask)
-                loss, acc = float(loss), float(acc)
-                state["train_seconds"] += time.perf_counter() - t0
-                if not math.isfinite(loss):
-                    raise ChiptuneError(f"the loss became {loss} at step {step + 1}; try a lower learning_rate "
-                                        "or clip_norm in --hparams")
-                events = int(mask.sum())
-                step += 1
-                state["events"] += events
-                window_loss += loss
-                window_acc += acc
-                window_steps += 1
-                window_events += events
-                progress.update(1)
-                if window_steps == options.log_every or (target and step == target):
-                    elapsed = time.perf_counter() - window_start
-                    mean_loss, mean_acc = window_loss / window_steps, window_acc / window_steps
-                    rate, ev_rate = window_steps / elapsed, window_events / elapsed
-                    log_scalars("train", {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0)),
-                                          "accuracy": mean_acc, "steps_per_sec": rate, "events_per_sec": ev_rate})
-                    progress.set_postfix(loss=f"{mean_loss:.3f}", steps_s=f"{rate:.2f}", refresh=False)
-                    if progress.disable and options.show_progress:
-                        print(f"step {step}: loss {mean_loss:.4f}, accuracy {mean_acc:.4f}, {rate:.3f} steps/s, "
-                              f"{ev_rate:.0f} events/s", file=sys.stderr, flush=True)
-                    window_loss = window_acc = 0.0
-                    window_steps = window_events = 0
-                    window_start = time.perf_counter()
-                if step % options.checkpoint_every == 0:
-                    checkpoint()
-                    last_saved = step
-            progress.close()
-            if step != last_saved or latest_checkpoint(run_dir) is None or (options.evaluate and "eval" not in state):
+    progress = bar(target or None, desc="train", unit="step", initial=step, disable=not options.show_progress)
+    window_loss = window_acc = 0.0
+    window_steps = window_events = 0
+    window_start = time.perf_counter()
+    last_saved = step
+    with _StopRequest() as stop, contextlib.ExitStack() as closing:
+        for writer in writers.values():  # the summaries since their last flush, however the run ends
+            closing.callback(writer.close)
+        while not stop.requested and (not target or step < target):
+            x, y, mask = schedule.batch(step)
+            t0 = time.perf_counter()
+            loss, acc = train_step(x, y, mask)
+            loss, acc = float(loss), float(acc)
+            state["train_seconds"] += time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise ChiptuneError(f"the loss became {loss} at step {step + 1}; try a lower learning_rate "
+                                    "or clip_norm in --hparams")
+            events = int(mask.sum())
+            step += 1
+            state["events"] += events
+            window_loss += loss
+            window_acc += acc
+            window_steps += 1
+            window_events += events
+            progress.update(1)
+            if window_steps == options.log_every or (target and step == target):
+                elapsed = time.perf_counter() - window_start
+                mean_loss, mean_acc = window_loss / window_steps, window_acc / window_steps
+                rate, ev_rate = window_steps / elapsed, window_events / elapsed
+                log_scalars("train", {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0)),
+                                      "accuracy": mean_acc, "steps_per_sec": rate, "events_per_sec": ev_rate})
+                progress.set_postfix(loss=f"{mean_loss:.3f}", steps_s=f"{rate:.2f}", refresh=False)
+                if progress.disable and options.show_progress:
+                    print(f"step {step}: loss {mean_loss:.4f}, accuracy {mean_acc:.4f}, {rate:.3f} steps/s, "
+                          f"{ev_rate:.0f} events/s", file=sys.stderr, flush=True)
+                window_loss = window_acc = 0.0
+                window_steps = window_events = 0
+                window_start = time.perf_counter()
+            if step % options.checkpoint_every == 0:
                 checkpoint()
-    finally:  # the summaries written since the writers' last flush, whatever ended the run
-        for writer in writers.values():
-            writer.close()
+                last_saved = step
+        progress.close()
+        if step != last_saved or latest_checkpoint(run_dir) is None or (options.evaluate and "eval" not in state):
+            checkpoint()
     if stop.requested:
         print(f"stopped at step {step}; checkpoint and export written to {run_dir}", file=sys.stderr)
     return {"step": step, "stopped": stop.requested, **state}
