@@ -13,8 +13,13 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ChiptuneError, UsageError
+
+if TYPE_CHECKING:
+    from .presets import Preset
+    from .render import RenderStats
 
 EXIT_INTERRUPTED = 130  # what a shell reports for a command stopped by Ctrl-C
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL")  # Magenta's --log levels
@@ -568,6 +573,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_render(args: argparse.Namespace) -> int:
+    import contextlib
     import math
 
     _single_threaded_blas()
@@ -579,11 +585,12 @@ def _run_render(args: argparse.Namespace) -> int:
         loudness_problem,
         sidecar_listed,
         true_peak_problem,
+        write_jingle_wav,
     )
-    from .loops import render_track
+    from .loops import jingle_piece, render_track
     from .midi import read_midi
     from .presets import load_preset
-    from .render import RenderStats, check_output_path, check_sample_rate, render_piece
+    from .render import DSP_RATE, RenderStats, check_output_path, check_sample_rate, chip_blocks, render_piece
 
     output = check_output_path(args.output)
     check_sample_rate(args.sample_rate)
@@ -606,13 +613,28 @@ def _run_render(args: argparse.Namespace) -> int:
     piece = read_midi(args.input)
     if not piece.notes:
         raise ChiptuneError(f"{args.input}: no notes to render")
+    stats = RenderStats()
+    fmt = output.suffix[1:].lower()
+    rate = args.sample_rate
+    if (fmt == "wav" and not normalizing and not args.loop and not args.godot_import and not preset.effects
+            and rate == DSP_RATE):
+        # the chip's own output, written as it is mixed: the file the general path below writes, without
+        # holding the piece
+        try:
+            jingle, _ = jingle_piece(piece, rate, args.intro_bars, args.bars)
+        except ChiptuneError as exc:
+            raise ChiptuneError(f"{args.input}: {exc}") from None
+        with contextlib.closing(chip_blocks(jingle, preset, stats, parallel=True)) as blocks:
+            frames, peak = write_jingle_wav(output, blocks, round(jingle.end_time * rate), rate)
+        paths, loop = [output], None
+        level = "silent" if peak == 0 else f"the chip's level (sample peak {20 * math.log10(peak):.1f} dBFS)"
+        _report_render(output, normalizing, described, paths, frames, rate, preset, loop, level, stats)
+        return 0
     try:
-        stats = RenderStats()
-        track = render_track(piece, lambda p, rate: render_piece(p, preset, rate, stats=stats), args.sample_rate,
+        track = render_track(piece, lambda p, rate: render_piece(p, preset, rate, stats=stats, parallel=True), rate,
                              loop=args.loop, intro_bars=args.intro_bars, bars=args.bars)
     except ChiptuneError as exc:
         raise ChiptuneError(f"{args.input}: {exc}") from None
-    fmt = output.suffix[1:].lower()
     if normalizing:
         from .export import measure_loudness, normalize
 
@@ -631,14 +653,23 @@ def _run_render(args: argparse.Namespace) -> int:
         level = "silent" if peak == 0 else f"the chip's level (sample peak {20 * math.log10(peak):.1f} dBFS)"
         paths = export_track(track, output.parent, output.stem, (fmt,), godot_import=args.godot_import,
                              sidecar=False)
-    rate = args.sample_rate
-    loop = (f"loop {track.loop_start / rate:.3f} s + {track.loop_length / rate:.3f} s "
-            f"(LOOPSTART={track.loop_start}, LOOPLENGTH={track.loop_length})" if track.looping else "jingle")
-    print(f"{paths[0]}: {track.frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {loop}, {level}; "
+    loop = (track.loop_start, track.loop_length) if track.looping else None
+    _report_render(output, normalizing, described, paths, track.frames, rate, preset, loop, level, stats)
+    return 0
+
+
+def _report_render(output: Path, normalizing: bool, described: list[str], paths: list[Path], frames: int, rate: int,
+                   preset: Preset, loop: tuple[int, int] | None, level: str, stats: RenderStats) -> None:
+    """What a render wrote, and warnings: clipping, and side files from earlier renders it leaves behind
+    (`described`: the files the NAME.json there listed before the render)."""
+    what = (f"loop {loop[0] / rate:.3f} s + {loop[1] / rate:.3f} s (LOOPSTART={loop[0]}, LOOPLENGTH={loop[1]})"
+            if loop is not None else "jingle")
+    print(f"{paths[0]}: {frames / rate:.2f} s at {rate} Hz (preset {preset.name}), {what}, {level}; "
           f"wrote {', '.join(p.name for p in paths)}")
     if stats.clipped or stats.overshoot:
         print(f"chiptune-forge: warning: {paths[0]}: {stats.warning(preset)}", file=sys.stderr)
-    stale = _stale_side_files(paths, fmt, rate, (track.loop_start, track.loop_length) if track.looping else None)
+    sidecar = output.with_name(f"{output.stem}.json")
+    stale = _stale_side_files(paths, output.suffix[1:].lower(), rate, loop)
     if not normalizing and output.name in described:  # it described the file this render replaced
         stale.append(sidecar)
     if stale:
@@ -653,7 +684,6 @@ def _run_render(args: argparse.Namespace) -> int:
         print(f"chiptune-forge: warning: {sidecar} now describes this render only; {', '.join(map(str, undescribed))} "
               f"from an earlier render {'is' if len(undescribed) == 1 else 'are'} no longer listed in it",
               file=sys.stderr)
-    return 0
 
 
 def _stale_side_files(written: list[Path], fmt: str, rate: int, loop: tuple[int, int] | None) -> list[Path]:

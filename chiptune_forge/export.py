@@ -28,14 +28,14 @@ import signal
 import struct
 import threading
 import wave
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ChiptuneError
-from .loops import SPLIT_PARTS, TrackAudio, check_sample_rate, godot_import_file, split_clip
+from .loops import SPLIT_PARTS, TrackAudio, check_sample_rate, godot_import_file, jingle_ending, split_clip
 from .staging import StagedFiles
 
 TARGET_LUFS = -16.0
@@ -323,6 +323,52 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> No
         size = f.tell()
         f.seek(4)
         f.write(struct.pack("<I", size - 8))
+
+
+def write_jingle_wav(final: Path, blocks: Iterable[np.ndarray], music_end: int, sample_rate: int
+                     ) -> tuple[int, float]:
+    """Write a jingle as a 16-bit WAV from the chip's output a block at a time (int32 (2, n) 16-bit values,
+    as render.chip_blocks gives them): the same file as export_track(render_track(..., loop=False)) writes
+    without a sidecar, made without holding the piece.
+
+    Frames before `music_end` go to the file as they come; what rings on after is held and ended as
+    loops.jingle_ending ends it. The file is staged and renamed into place like every export. Returns the
+    frames written and their sample peak (a fraction of full scale).
+    """
+    def write(path: Path) -> None:
+        with open(path, "w+b") as f, wave.open(f, "wb") as w:  # the header's sizes are set when it closes
+            w.setnchannels(2)
+            w.setsampwidth(2)
+            w.setframerate(sample_rate)
+            pcm = np.empty((0, 2), dtype=np.int16)
+            peak, done, ringing = 0, 0, []
+            for block in blocks:
+                n = block.shape[1]
+                music = min(n, max(music_end - done, 0))
+                if music:
+                    part = block[:, :music]
+                    peak = max(peak, int(part.max()), -int(part.min()))
+                    if len(pcm) < music:
+                        pcm = np.empty((music, 2), dtype=np.int16)
+                    out = pcm[:music]
+                    out[:, 0] = part[0]
+                    out[:, 1] = part[1]
+                    w.writeframesraw(memoryview(out).cast("B"))
+                if music < n:  # 16-bit values / 32768, as render_piece gives them
+                    ringing.append(np.ascontiguousarray(block[:, music:].T, dtype=np.float32) * np.float32(1 / 0x8000))
+                done += n
+            tail = np.concatenate(ringing) if ringing else np.zeros((0, 2), dtype=np.float32)
+            ending = jingle_ending(tail, peak / 32768, sample_rate)
+            for out in pcm16_blocks(ending):
+                w.writeframesraw(memoryview(out).cast("B"))
+            result.append((min(done, music_end) + len(ending),
+                           max(peak / 32768, float(np.abs(ending).max(initial=0.0)))))
+
+    result: list[tuple[int, float]] = []
+    with StagedFiles() as files:
+        files.write(final, write)
+        files.commit()
+    return result[0]
 
 
 WRITERS: dict[str, Callable[[Path, np.ndarray, int, Loop], None]] = {"ogg": write_ogg, "wav": write_wav}

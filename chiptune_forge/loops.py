@@ -400,7 +400,7 @@ def render_track(piece: Piece, render: RenderFn, sample_rate: int, loop: bool = 
     """
     if loop:
         return _render_loop(piece, render, sample_rate, _checked_loop(piece, sample_rate, intro_bars, bars))
-    return _render_jingle(*_checked_jingle(piece, sample_rate, intro_bars, bars), render, sample_rate)
+    return _render_jingle(*jingle_piece(piece, sample_rate, intro_bars, bars), render, sample_rate)
 
 
 def check_request(piece: Piece, sample_rate: int, loop: bool = True, intro_bars: int = 0,
@@ -410,7 +410,7 @@ def check_request(piece: Piece, sample_rate: int, loop: bool = True, intro_bars:
     if loop:
         _checked_loop(piece, sample_rate, intro_bars, bars)
     else:
-        _checked_jingle(piece, sample_rate, intro_bars, bars)
+        jingle_piece(piece, sample_rate, intro_bars, bars)
 
 
 def _checked_loop(piece: Piece, sample_rate: int, intro_bars: int, bars: int | None) -> LoopPlan:
@@ -419,8 +419,9 @@ def _checked_loop(piece: Piece, sample_rate: int, intro_bars: int, bars: int | N
     return plan
 
 
-def _checked_jingle(piece: Piece, sample_rate: int, intro_bars: int, bars: int | None) -> tuple[Piece, int]:
-    """The part of the piece a jingle plays (its first `bars` bars, or all of it) and its bar count."""
+def jingle_piece(piece: Piece, sample_rate: int, intro_bars: int = 0, bars: int | None = None) -> tuple[Piece, int]:
+    """The part of the piece a jingle plays (its first `bars` bars, or all of it) and its bar count;
+    RequestError if the request cannot be rendered."""
     check_sample_rate(sample_rate)
     if _whole_bars(intro_bars, "intro") != 0:
         raise RequestError("intro_bars",
@@ -462,14 +463,31 @@ def _render_loop(piece: Piece, render: RenderFn, sample_rate: int, plan: LoopPla
 def _render_jingle(piece: Piece, total: int, render: RenderFn, sample_rate: int) -> TrackAudio:
     """Render a checked jingle: `piece` is already cut to its `total` bars."""
     music_end = round(piece.end_time * sample_rate)
-    fade = max(1, round(JINGLE_FADE_SECONDS * sample_rate))
-    audio = _stereo(render(piece, sample_rate), music_end + fade)
-    peak = max(float(audio.max()), -float(audio.min()))
-    end = min(audio.shape[0], _sounding_until(audio, music_end, peak * 10 ** (JINGLE_SILENCE_DB / 20)) + fade)
-    out = audio[:end]
+    audio = _stereo(render(piece, sample_rate), music_end + jingle_fade(sample_rate))
+    music = audio[:music_end]
+    peak = max(float(music.max(initial=0.0)), -float(music.min(initial=0.0)))
+    ending = jingle_ending(audio[music_end:], peak, sample_rate)  # faded in place: long enough to need no pad
+    return TrackAudio(audio[:music_end + len(ending)], sample_rate, None, None, piece.qpm, total, 0)
+
+
+def jingle_fade(sample_rate: int) -> int:
+    """Frames of a jingle's closing fade-out."""
+    return max(1, round(JINGLE_FADE_SECONDS * sample_rate))
+
+
+def jingle_ending(ringing: np.ndarray, music_peak: float, sample_rate: int) -> np.ndarray:
+    """How a jingle ends: what rings on after its music (float32 (frames, 2), faded in place when long
+    enough) is cut once it stays JINGLE_SILENCE_DB below the whole jingle's peak (`music_peak` is the
+    music's) and faded out over JINGLE_FADE_SECONDS; it is padded with silence to at least the fade."""
+    fade = jingle_fade(sample_rate)
+    if len(ringing) < fade:
+        ringing = np.concatenate((ringing, np.zeros((fade - len(ringing), 2), np.float32)))
+    peak = max(music_peak, float(ringing.max(initial=0.0)), -float(ringing.min(initial=0.0)))
+    end = min(len(ringing), _sounding_until(ringing, 0, peak * 10 ** (JINGLE_SILENCE_DB / 20)) + fade)
+    out = ringing[:end]
     ramp = 0.5 * (1 + np.cos(np.linspace(0.0, np.pi, fade)))
     out[end - fade:] *= ramp[:, None].astype(np.float32)
-    return TrackAudio(out, sample_rate, None, None, piece.qpm, total, 0)
+    return out
 
 
 def _check_length(piece: Piece, seconds: float) -> None:

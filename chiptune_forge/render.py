@@ -15,7 +15,8 @@ TensorFlow is never imported here; pedalboard and soxr only when a preset or rat
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -98,14 +99,45 @@ class RenderStats:
 
 
 def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: bool = True,
-                 stats: RenderStats | None = None) -> np.ndarray:
+                 stats: RenderStats | None = None, parallel: bool = False) -> np.ndarray:
     """Render the whole piece: float32, shape (frames, 2), values in [-1, 1].
 
     With `tail` the audio runs on past the last note's end until releases, echo and effects have died
     away; without it, it is exactly round(piece.end_time * sample_rate) frames. Deterministic: the same
     piece and preset give identical samples. `stats`, when given, gets the render's clip count added.
+    `parallel` mixes the voices in a second process where it can (Mixer.blocks): for a process that has a
+    core to spare, not for one of several workers.
     """
     check_sample_rate(sample_rate)
+    mixer, music_end = _chip(piece, preset, tail)
+    audio = mixer.output(preset.master_volume, parallel)
+    if stats is not None:
+        stats.clipped += mixer.clipped
+        stats.samples += audio.size
+    del mixer
+    if tail:
+        audio = audio[:_sounding_end(audio, music_end, SILENCE_LSB / 32768)]
+    if preset.effects:
+        audio = _apply_effects(audio, preset.effects, music_end if tail else None)
+    if sample_rate != DSP_RATE:
+        import soxr
+
+        audio = soxr.resample(audio, DSP_RATE, sample_rate, quality="HQ").astype(np.float32, copy=False)
+    if preset.effects and not np.isfinite(audio).all():
+        raise ChiptuneError(f"{preset.path or preset.name}: the effects made samples that are not numbers (NaN "
+                            "or infinity); check their parameters")
+    if preset.effects or sample_rate != DSP_RATE:  # effects and resampling can overshoot; the DSP cannot
+        if stats is not None:
+            stats.overshoot += int(np.count_nonzero(np.abs(audio) > 1.0))
+        np.clip(audio, -1.0, 1.0, out=audio)
+    if not tail:
+        audio = _fit_length(audio, round(piece.end_time * sample_rate))
+    return audio
+
+
+def _chip(piece: Piece, preset: Preset, tail: bool) -> tuple[Mixer, int]:
+    """The piece's parts scheduled on the chip's mixer (sampler voices and plugin stems), and the sample
+    where the music ends; with `tail` the mixer runs on until releases and echo can have died away."""
     music_end = round(piece.end_time * DSP_RATE)
     curves = EnvelopeCurves()
     parts = arrange(piece, drums=preset.drums)
@@ -127,29 +159,39 @@ def render_piece(piece: Piece, preset: Preset, sample_rate: int = 32000, tail: b
         if assignment is not None:  # the note sounds until its own end or until its voice is taken
             length = assignment.end - voice.start
             mixer.add(voice.start, assignment.end, voice.echo, partial(outputs.get, voice, length))
-    audio = mixer.output(preset.master_volume)
+    return mixer, music_end
+
+
+def chip_blocks(piece: Piece, preset: Preset, stats: RenderStats | None = None, parallel: bool = False
+                ) -> Iterator[np.ndarray]:
+    """render_piece(piece, preset) x 32768 for a preset without effects (32 kHz, with the tail), a block at
+    a time: int32 (2, n) 16-bit values, in order, each valid only until the next is asked for.
+
+    The music is passed on as the mixer makes it, so memory does not grow with the piece; only what rings
+    on after the music's end is held, to be cut where it falls silent, and comes last as one block (a block
+    never spans the music's end). `stats` is updated once the last block has been taken; `parallel` is
+    render_piece's.
+    """
+    if preset.effects:
+        raise ValueError("effects run over the whole piece: use render_piece")
+    mixer, music_end = _chip(piece, preset, tail=True)
+    done, ringing = 0, []
+    for block in mixer.blocks(preset.master_volume, parallel):
+        n = block.shape[1]
+        head = min(n, max(music_end - done, 0))
+        if head:
+            yield block[:, :head]
+        if head < n:
+            ringing.append(block[:, head:].copy())
+        done += n
     if stats is not None:
         stats.clipped += mixer.clipped
-        stats.samples += audio.size
-    del mixer, outputs
-    if tail:
-        audio = audio[:_sounding_end(audio, music_end, SILENCE_LSB / 32768)]
-    if preset.effects:
-        audio = _apply_effects(audio, preset.effects, music_end if tail else None)
-    if sample_rate != DSP_RATE:
-        import soxr
-
-        audio = soxr.resample(audio, DSP_RATE, sample_rate, quality="HQ").astype(np.float32, copy=False)
-    if preset.effects and not np.isfinite(audio).all():
-        raise ChiptuneError(f"{preset.path or preset.name}: the effects made samples that are not numbers (NaN "
-                            "or infinity); check their parameters")
-    if preset.effects or sample_rate != DSP_RATE:  # effects and resampling can overshoot; the DSP cannot
-        if stats is not None:
-            stats.overshoot += int(np.count_nonzero(np.abs(audio) > 1.0))
-        np.clip(audio, -1.0, 1.0, out=audio)
-    if not tail:
-        audio = _fit_length(audio, round(piece.end_time * sample_rate))
-    return audio
+        stats.samples += 2 * mixer.frames
+    if ringing:
+        tail = np.concatenate(ringing, axis=1)
+        loud = np.flatnonzero((np.abs(tail) > SILENCE_LSB).any(axis=0))
+        if loud.size:
+            yield tail[:, :int(loud[-1]) + 1]
 
 
 def plan_voices(parts: Sequence[Part], preset: Preset, curves: EnvelopeCurves | None = None
@@ -262,8 +304,11 @@ class _Outputs:
 
     A sampled note's output depends only on its instrument, pitch value, envelope, key-off point and
     volumes (every key-on restarts the voice), and music repeats itself, so most notes are copies of
-    earlier ones; interpolated streams likewise depend only on instrument and pitch. Both are kept for
-    the length of one render. Noise notes depend on when they play and are not shared.
+    earlier ones; interpolated streams likewise depend only on instrument and pitch. The render's notes
+    are all known beforehand, so each output is kept only while a later note will use it, and each stream
+    until the last note at its pitch has been made: what is let go is memory the next ones reuse, where
+    fresh memory costs the kernel a page fault per 4 KiB. Noise notes depend on when they play and are not
+    shared.
     """
 
     LIMIT = 1 << 22  # samples of note outputs kept at most (32 MiB of left/right pairs)
@@ -273,11 +318,14 @@ class _Outputs:
         self.curves = curves
         self.kept: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.size = 0
+        self.uses: Counter[tuple] = Counter()  # notes still to be made, per output and per stream
         self.longest: dict[tuple[str, int], int] = {}  # each stream is made once, as long as it is needed
         for voice, assignment in zip(voices, assignments, strict=True):
             if assignment is not None and voice.source != "noise":
                 key = (voice.source, voice.pitch)
                 self.longest[key] = max(self.longest.get(key, 0), voice.end - voice.start)
+                self.uses[key] += 1
+                self.uses[_output_key(voice)] += 1
         self.streams: dict[tuple[str, int], np.ndarray] = {}
 
     def stream(self, source: str, pitch: int, n: int) -> np.ndarray:
@@ -289,29 +337,47 @@ class _Outputs:
         return out[:n]
 
     def get(self, voice: VoiceNote, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Left and right output (VOLL/VOLR applied) of the voice's first n samples."""
+        """Left and right output (VOLL/VOLR applied) of the voice's first n samples (each note's once)."""
         if voice.source == "noise":
             stream = noise_stream(NOISE_CLOCK, voice.start, n)
             return _stereo(self.curves.apply(stream, voice.envelope, voice.hold), voice)
-        key = (voice.source, voice.pitch, voice.envelope, voice.hold, voice.left, voice.right)
+        key = _output_key(voice)
+        later = self._used(key)
         pair = self.kept.get(key)
         if pair is None or len(pair[0]) < n:
-            # the whole note, so that a copy cut short by a steal can share it
-            full = max(n, voice.end - voice.start)
+            # a note used again is made whole, so that a copy cut short by a steal can share it
+            full = max(n, voice.end - voice.start) if later else n
             stream = self.stream(voice.source, voice.pitch, full)
             pair = _stereo(self.curves.apply(stream, voice.envelope, voice.hold), voice)
-            if self.size + full <= self.LIMIT:
+            if later and self.size + full <= self.LIMIT:
+                self.size += full - (len(self.kept[key][0]) if key in self.kept else 0)
                 self.kept[key] = pair
-                self.size += full
+        if not later and key in self.kept:
+            self.size -= len(self.kept.pop(key)[0])
+        if not self._used((voice.source, voice.pitch)):
+            self.streams.pop((voice.source, voice.pitch), None)
         return pair[0][:n], pair[1][:n]
+
+    def _used(self, key: tuple) -> int:
+        """Count one use of `key`; how many notes will still use it."""
+        self.uses[key] -= 1
+        return self.uses[key]
+
+
+def _output_key(voice: VoiceNote) -> tuple:
+    """What a sampled note's output depends on."""
+    return (voice.source, voice.pitch, voice.envelope, voice.hold, voice.left, voice.right)
 
 
 def _stereo(out: np.ndarray, voice: VoiceNote) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the voice's VOLL/VOLR: (out * vol) >> 7 per side (one array when they are equal)."""
+    """Apply the voice's VOLL/VOLR: (out * vol) >> 7 per side (one array when they are equal). `out` is
+    the voice's own (it is scaled in place)."""
+    if voice.right == voice.left:
+        out *= voice.left
+        out >>= 7
+        return out, out
     left = out * voice.left
     left >>= 7
-    if voice.right == voice.left:
-        return left, left
     out *= voice.right
     out >>= 7
     return left, out

@@ -16,9 +16,11 @@ import soundfile
 from chiptune_forge.arrange import arrange
 from chiptune_forge.cli import main
 from chiptune_forge.errors import ChiptuneError
+from chiptune_forge.export import export_track, write_jingle_wav
+from chiptune_forge.loops import jingle_fade, jingle_piece, render_track
 from chiptune_forge.midi import Note, Piece, read_midi, write_midi
 from chiptune_forge.presets import Preset, RoleSpec, load_preset, shipped_names
-from chiptune_forge.render import RenderStats, plan_voices, render_piece
+from chiptune_forge.render import RenderStats, chip_blocks, plan_voices, render_piece
 from chiptune_forge.snes.dsp import OUTPUT_DELAY, PITCH_MAX, PITCH_ONE
 from chiptune_forge.snes.instruments import INSTRUMENTS
 
@@ -211,3 +213,32 @@ def test_a_corpus_piece_renders(corpus_dir: Path) -> None:
     audio = render_piece(piece, load_preset("snes"))
     assert piece.end_time * 32000 < len(audio) < (piece.end_time + 10) * 32000
     assert np.isfinite(audio).all() and 0.05 < np.abs(audio).max() < 1.0
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_names() if not load_preset(n).effects])
+@pytest.mark.parametrize("bars", [None, 1])
+def test_a_jingle_written_as_it_is_mixed_is_the_file_a_whole_render_writes(name: str, bars: int | None,
+                                                                          tmp_path: Path) -> None:
+    """The render command streams a plain WAV: the bytes must be those of the general path."""
+    preset = load_preset(name)
+    piece, _ = jingle_piece(song(2), 32000, bars=bars)
+    track = render_track(piece, lambda p, rate: render_piece(p, preset, rate), 32000, loop=False)
+    whole = export_track(track, tmp_path, "whole", ("wav",), sidecar=False)[0]
+    stats = RenderStats()
+    frames, peak = write_jingle_wav(tmp_path / "streamed.wav", chip_blocks(piece, preset, stats),
+                                    round(piece.end_time * 32000), 32000)
+    assert (tmp_path / "streamed.wav").read_bytes() == whole.read_bytes()
+    assert frames == track.frames and peak == np.abs(track.audio).max()
+    assert stats.samples > 2 * round(piece.end_time * 32000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed.wav", "whole.wav"]  # nothing left aside
+
+
+def test_a_jingle_whose_sound_stops_with_the_music_still_gets_its_fade(tmp_path: Path) -> None:
+    piece = Piece([Note(60, 100, 0.0, 0.5)])
+    blocks = [np.full((2, 16000), 1000, dtype=np.int32)]  # the music only: nothing rings on after it
+    frames, peak = write_jingle_wav(tmp_path / "j.wav", iter(blocks), 16000, 32000)
+    track = render_track(piece, lambda p, rate: np.full((16000, 2), 1000 / 32768, np.float32), 32000, loop=False)
+    assert frames == track.frames == 16000 + jingle_fade(32000)
+    export_track(track, tmp_path, "k", ("wav",), sidecar=False)
+    assert (tmp_path / "j.wav").read_bytes() == (tmp_path / "k.wav").read_bytes()
+    assert peak == 1000 / 32768

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
 from chiptune_forge.presets import parse_preset
 from chiptune_forge.snes import echo as echo_module
 from chiptune_forge.snes.echo import EchoSettings, Mixer
+from chiptune_forge.workers import run_ahead
 
 
 def clamp(x: int) -> int:
@@ -106,3 +110,35 @@ def test_delay_ms_maps_to_edl_steps_of_16_ms() -> None:
 def test_tail_length_covers_the_decay() -> None:
     assert EchoSettings(4, 64, (127, 0, 0, 0, 0, 0, 0, 0), (50, 50)).tail_frames() > 4 * 2048
     assert EchoSettings(4, 0, (127, 0, 0, 0, 0, 0, 0, 0), (0, 0)).tail_frames() == 0
+
+
+needs_fork = pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                                reason="the voices run ahead in a forked process on Linux with two cores")
+
+
+@needs_fork
+@pytest.mark.filterwarnings("ignore:.*fork:DeprecationWarning")  # other tests leave threads (TensorFlow's)
+@pytest.mark.parametrize("echo", [None, EchoSettings(2, 70, (0, 0, 0, 0, 0, 0, 64, 64), (60, 50))])
+def test_mixing_the_voices_in_a_second_process_gives_the_same_samples(echo: EchoSettings | None,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(echo_module, "WINDOW", 2048)  # many windows, so the ring of buses wraps round
+    monkeypatch.setattr(echo_module, "can_run_ahead", lambda: True)  # whatever threads earlier tests left
+    forks = []
+    monkeypatch.setattr(echo_module, "run_ahead", lambda *a: forks.append(1) or run_ahead(*a))
+    rng = np.random.default_rng(3)
+    frames = 40000
+    notes = [(int(start), int(start + length), bool(sends), rng.integers(-12000, 12000, (int(length), 2)))
+             for start, length, sends in zip(rng.integers(0, frames, 60), rng.integers(1, 9000, 60),
+                                             rng.random(60) < 0.5, strict=True)]
+
+    def output(parallel: bool) -> tuple[np.ndarray, int]:
+        mixer = Mixer(frames, echo)
+        for start, end, sends, x in notes:
+            mixer.add(start, end, sends, lambda x=x: (x[:, 0].astype(np.int32), x[:, 1].astype(np.int32)))
+        return mixer.output((120, 100), parallel), mixer.clipped
+
+    sequential, clipped = output(False)
+    parallel, clipped_parallel = output(True)
+    assert forks == [1]
+    assert clipped > 0 and clipped_parallel == clipped  # the random sums overflow here and there
+    assert np.array_equal(parallel, sequential)

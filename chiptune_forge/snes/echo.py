@@ -13,11 +13,12 @@ echo is EDL 1, 16 ms.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..workers import can_run_ahead, run_ahead, shared_array
 from .dsp import DSP_RATE
 
 FRAMES_PER_EDL = 512  # 2 KiB of echo RAM per EDL step, 4 bytes per stereo frame: 16 ms
@@ -26,6 +27,7 @@ FIR_TAPS = 8
 MAX_TAIL_SECONDS = 10.0
 WINDOW = 32768  # frames mixed at a time (a whole number of echo delays when there is echo)
 SCALE = np.float32(1 / 32768)
+AHEAD = 3  # windows the voices may run ahead of the output stage in parallel
 
 
 @dataclass(frozen=True)
@@ -87,29 +89,73 @@ class Mixer:
         if end > start and start < self.frames:
             self._items.append((start, end, echo, signal))
 
-    def output(self, master: tuple[int, int]) -> np.ndarray:
+    def output(self, master: tuple[int, int], parallel: bool = False) -> np.ndarray:
         """The DSP's final output as float32 (frames, 2) in [-1, 1): main x MVOL plus echo x EVOL, clamped
         to 16 bits, divided by 32768."""
         audio = np.empty((self.frames, 2), dtype=np.float32)
+        b = 0
+        for block in self.blocks(master, parallel):
+            to_float(block, audio[b:b + block.shape[1]])
+            b += block.shape[1]
+        return audio
+
+    def blocks(self, master: tuple[int, int], parallel: bool = False) -> Iterator[np.ndarray]:
+        """The DSP's final output a window at a time, in order: int32 (2, n) 16-bit values (what output()
+        divides by 32768), each valid only until the next is asked for. Nothing the size of the piece is
+        held, so a consumer that writes blocks out as they come renders in constant memory.
+
+        The mix has two halves: the voices summed into the main and echo buses, and the output stage (the
+        echo unit, volumes, clamps). With `parallel`, where the platform can fork (workers.can_run_ahead),
+        the voices run in a second process a few windows ahead of the output stage; the samples are the
+        same either way.
+        """
         echo = self.echo if any(item[2] for item in self._items) else None
         if echo is not None and echo.volume == (0, 0):
             echo = None
         step = echo.delay if echo is not None else WINDOW
         window = step * max(1, WINDOW // step)
         pad = echo.history if echo is not None else 0
-        dry = np.zeros((2, window), dtype=np.int32)
+        if parallel and can_run_ahead():
+            buses = shared_array((AHEAD, 2, 2, window), np.int32)
+            sizes = run_ahead(self._buses(buses, echo is not None), AHEAD)
+        else:
+            buses = np.zeros((1, 2, 2, window), dtype=np.int32)
+            sizes = self._buses(buses, echo is not None)
         wet = np.zeros((2, pad + window), dtype=np.int32)  # echo history, then this window's echo input
         echo_out = np.zeros((2, window), dtype=np.int32)
         fir_step = _FirStep(echo, wet, echo_out) if echo is not None else None
         clamp = _Clamp(window)
+        for k, n in enumerate(sizes):
+            main, sent = buses[k % len(buses), :, :, :n]
+            if fir_step is not None:
+                wet[:, pad:pad + n] = sent
+                main += sent
+            clipped = clamp.counting(main)  # the voices' sum, then MVOL
+            _scale(main, master, 7)
+            if fir_step is not None:  # the echo, a delay at a time, then EVOL and the output clamp
+                for j in range(0, n, step):
+                    fir_step(j, min(j + step, n))
+                _scale(echo_out[:, :n], echo.volume, 7)
+                main += echo_out[:, :n]
+                clipped = clamp.counting(main, clipped)
+            if clipped is not None:
+                self.clipped += int(np.count_nonzero(clipped))
+            yield main
+            if pad:
+                wet[:, :pad] = wet[:, n:n + pad].copy()  # the echo history the next window reads
+
+    def _buses(self, buses: np.ndarray, echo: bool) -> Iterator[int]:
+        """Sum the signals into the main and echo buses (the echo's only when `echo`), a window at a time:
+        window k into buses[k % len(buses)] (main, echo) x (left, right), yielding its length."""
+        window = buses.shape[-1]
         items = sorted(self._items, key=lambda item: item[0])
         active: list[tuple[int, int, bool, np.ndarray, np.ndarray]] = []
         nxt = 0
-        for b in range(0, self.frames, window):
+        for k, b in enumerate(range(0, self.frames, window)):
             e = min(b + window, self.frames)
             n = e - b
-            dry[:, :n] = 0
-            wet[:, pad:pad + n] = 0
+            out = buses[k % len(buses)]
+            out[:, :, :n] = 0
             while nxt < len(items) and items[nxt][0] < e:
                 start, end, sends, signal = items[nxt]
                 left, right = signal()
@@ -118,30 +164,19 @@ class Mixer:
             for start, end, sends, left, right in active:
                 lo, hi = max(start, b), min(end, e)
                 if hi > lo:
-                    buf, offset = (wet, pad - b) if sends and echo is not None else (dry, -b)
-                    buf[0, lo + offset:hi + offset] += left[lo - start:hi - start]
-                    buf[1, lo + offset:hi + offset] += right[lo - start:hi - start]
+                    bus = out[1 if sends and echo else 0]
+                    bus[0, lo - b:hi - b] += left[lo - start:hi - start]
+                    bus[1, lo - b:hi - b] += right[lo - start:hi - start]
             active = [a for a in active if a[1] > e]
-            main = dry[:, :n]
-            if fir_step is not None:
-                main += wet[:, pad:pad + n]
-            clipped = clamp.counting(main)  # the voices' sum, then MVOL
-            _scale(main, master, 7)
-            if fir_step is not None:  # the echo, a delay at a time, then EVOL and the output clamp
-                for k in range(0, n, step):
-                    fir_step(k, min(k + step, n))
-                _scale(echo_out[:, :n], echo.volume, 7)
-                main += echo_out[:, :n]
-                clipped = clamp.counting(main, clipped)
-            if clipped is not None:
-                self.clipped += int(np.count_nonzero(clipped))
-            out = audio[b:e]
-            out[:, 0] = main[0]
-            out[:, 1] = main[1]
-            out *= SCALE
-            if pad:
-                wet[:, :pad] = wet[:, n:n + pad].copy()  # the echo history the next window reads
-        return audio
+            yield n
+
+
+def to_float(block: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """A (2, n) block of 16-bit values as float32 frames (n, 2) in [-1, 1), written into `out`."""
+    out[:, 0] = block[0]
+    out[:, 1] = block[1]
+    out *= SCALE
+    return out
 
 
 class _Clamp:
