@@ -113,3 +113,11 @@ def test_smooth_signals_never_wrap(amps: list[float], period: int) -> None:
     wave = sum(a * np.sin(2 * np.pi * (k + 1) * t / period) for k, a in enumerate(amps)) / 3
     decoded = encode_brr(wave).decode()[:len(t)] / (2 * REAL_MAX)
     assert np.max(np.abs(decoded - wave)) < 0.1
+
+
+@pytest.mark.parametrize("loop", [None, 0, 32])
+def test_what_the_encoder_decoded_is_what_the_bytes_decode_to(loop: int | None) -> None:
+    rng = np.random.default_rng(11)
+    wave = np.clip(np.cumsum(rng.normal(0, 0.08, 96)) * 0.3, -1, 1)  # wide swings: shifts get raised
+    brr = encode_brr(wave, loop_start=loop)
+    assert brr.decoded is not None and np.array_equal(brr.decode(), decode_brr(brr.data))

@@ -15,6 +15,7 @@ from chiptune_forge.snes.dsp import (
     SampleSource,
     gaussian_table,
     interpolate,
+    interpolation_table,
     lfsr_states,
     noise_stream,
     pitch_value,
@@ -197,3 +198,12 @@ def test_noise_voice_outputs_the_register_doubled_and_steps_at_the_clock_rate() 
     assert LFSR_PERIOD < 40000
     steps = (np.arange(5, 40005) + 1) % LFSR_PERIOD
     assert fast.tolist() == (((states[steps] * 2 + 0x8000) & 0xFFFF) - 0x8000).tolist()
+
+
+def test_the_interpolation_table_is_the_interpolator_at_every_position() -> None:
+    rng = np.random.default_rng(5)
+    ext = rng.integers(-0x8000, 0x8000, 64 + 3).astype(np.int32) & ~1
+    ext[:8] = [0x7FFE, 0x7FFE, 0x7FFE, 0x7FFE, -0x8000, -0x8000, -0x8000, -0x8000]  # sums that wrap and clamp
+    table = interpolation_table(ext, 64)
+    assert table.dtype == np.int32
+    assert np.array_equal(table, interpolate(ext, np.arange(64 * 256, dtype=np.int64) << 4))

@@ -11,7 +11,7 @@ as plain sequential Python: the prediction filters are recursive and the wrap ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,10 +26,15 @@ REAL_MAX = 16383
 
 @dataclass(frozen=True)
 class BrrSample:
-    """An encoded sample: the raw BRR bytes plus the block the end block jumps back to (None = one-shot)."""
+    """An encoded sample: the raw BRR bytes plus the block the end block jumps back to (None = one-shot).
+
+    The encoder runs the exact decoder on every block it writes, so it keeps what it decoded
+    (`decoded`, which decode() then returns instead of decoding the bytes again).
+    """
 
     data: bytes
     loop_block: int | None
+    decoded: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_blocks(self) -> int:
@@ -45,6 +50,8 @@ class BrrSample:
 
     def decode(self) -> np.ndarray:
         """Every block decoded in order, as the DSP's 16-bit doubled values (int32 array)."""
+        if self.decoded is not None:
+            return np.array(self.decoded, dtype=np.int32)
         return decode_brr(self.data)
 
 
@@ -115,13 +122,14 @@ def _choose_parameters(target: np.ndarray, forced_zero: set[int]) -> tuple[np.nd
 
 
 def _encode_block(target: list[int], filt: int, shift: int, h1: int, h2: int
-                  ) -> tuple[list[int], int, bool, int, int]:
+                  ) -> tuple[list[int], int, bool, list[int]]:
     """Quantize one block with the exact decoder in the loop.
 
     Returns the nibbles, the squared error, whether any nibble had to be clipped to -8..7 (the shift was too
-    small for the real residual), and the decoder state after the block.
+    small for the real residual), and the decoded samples (the last two are the decoder's state after it).
     """
     nibbles = []
+    decoded = []
     err = 0
     clipped = False
     step = 1 << shift
@@ -136,7 +144,8 @@ def _encode_block(target: list[int], filt: int, shift: int, h1: int, h2: int
         h1, h2 = got, h1
         err += (got - 2 * want) ** 2
         nibbles.append(nib & 0x0F)
-    return nibbles, err, clipped, h1, h2
+        decoded.append(got)
+    return nibbles, err, clipped, decoded
 
 
 def encode_brr(samples: np.ndarray, loop_start: int | None = None) -> BrrSample:
@@ -163,6 +172,7 @@ def encode_brr(samples: np.ndarray, loop_start: int | None = None) -> BrrSample:
     forced = {0} if loop_block is None else {0, loop_block}
     filters, shifts = _choose_parameters(target, forced)
     out = bytearray()
+    decoded: list[int] = []
     h1 = h2 = 0
     for b in range(blocks):
         want = target[b * BLOCK_SAMPLES:(b + 1) * BLOCK_SAMPLES].tolist()
@@ -176,10 +186,12 @@ def encode_brr(samples: np.ndarray, loop_start: int | None = None) -> BrrSample:
             trial = _encode_block(want, filt, tried, h1, h2)
             if trial[1] < best[1]:
                 best, shift = trial, tried
-        nibbles, _, _, h1, h2 = best
+        nibbles, _, _, block = best
+        decoded += block
+        h1, h2 = block[-1], block[-2]
         flags = 0
         if b == blocks - 1:
             flags = END_FLAG | (LOOP_FLAG if loop_block is not None else 0)
         out.append((shift << 4) | (filt << 2) | flags)
         out.extend((nibbles[i] << 4) | nibbles[i + 1] for i in range(0, BLOCK_SAMPLES, 2))
-    return BrrSample(bytes(out), loop_block)
+    return BrrSample(bytes(out), loop_block, tuple(decoded))

@@ -103,6 +103,23 @@ def interpolate(ext: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return out
 
 
+def interpolation_table(ext: np.ndarray, n: int) -> np.ndarray:
+    """interpolate(ext, pos) for every position counter value pos = t << 4 with t < n * 256 (sample t >> 8,
+    phase t & 255), as int32: each of the four taps is an outer product of a sample column and a phase row,
+    which is the same arithmetic done a whole table at once."""
+    g = gaussian_table()
+    phase = np.arange(256)
+    rows = np.arange(n)
+    out = np.multiply.outer(ext[rows], g[255 - phase]) >> 11
+    out += np.multiply.outer(ext[rows + 1], g[511 - phase]) >> 11
+    out += np.multiply.outer(ext[rows + 2], g[256 + phase]) >> 11
+    out = wrap16(out)
+    out += np.multiply.outer(ext[rows + 3], g[phase]) >> 11
+    clamp16(out)
+    out &= ~1
+    return out.reshape(-1).astype(np.int32, copy=False)
+
+
 class SampleSource:
     """A decoded BRR sample prepared for playback at any pitch (immutable once made, so it can be shared).
 
@@ -125,7 +142,7 @@ class SampleSource:
             self.cut = None
         self.table: np.ndarray | None = None
         if n <= self.TABLE_MAX_SAMPLES:
-            self.table = interpolate(self.ext, np.arange(n * 256, dtype=np.int64) << 4).astype(np.int32)
+            self.table = interpolation_table(self.ext, n)
 
     def audible_samples(self, pitch: int) -> int | None:
         """How many output samples a one-shot sample lasts at this pitch (None: it loops forever)."""

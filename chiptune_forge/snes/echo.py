@@ -141,12 +141,14 @@ class Mixer:
             if clipped is not None:
                 self.clipped += int(np.count_nonzero(clipped))
             yield main
+            buses[k % len(buses), :, :, :n] = 0  # ready for the window after next (zeroed here, off the voices' side)
             if pad:
                 wet[:, :pad] = wet[:, n:n + pad].copy()  # the echo history the next window reads
 
     def _buses(self, buses: np.ndarray, echo: bool) -> Iterator[int]:
         """Sum the signals into the main and echo buses (the echo's only when `echo`), a window at a time:
-        window k into buses[k % len(buses)] (main, echo) x (left, right), yielding its length."""
+        window k into buses[k % len(buses)] (main, echo) x (left, right), which must be zero, yielding its
+        length."""
         window = buses.shape[-1]
         items = sorted(self._items, key=lambda item: item[0])
         active: list[tuple[int, int, bool, np.ndarray, np.ndarray]] = []
@@ -154,8 +156,7 @@ class Mixer:
         for k, b in enumerate(range(0, self.frames, window)):
             e = min(b + window, self.frames)
             n = e - b
-            out = buses[k % len(buses)]
-            out[:, :, :n] = 0
+            out = buses[k % len(buses)]  # zeroed by the output stage once it is done with it
             while nxt < len(items) and items[nxt][0] < e:
                 start, end, sends, signal = items[nxt]
                 left, right = signal()
