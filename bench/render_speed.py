@@ -8,7 +8,9 @@ Four processes are timed on the same MIDI file, alternating, several times each 
           16-bit WAV: the cost of the sampler itself, without what the command adds around it
   fluid   `fluidsynth -ni -q -F OUT.wav -r 32000 SOUNDFONT IN.mid` with a Debian General MIDI SoundFont
 Targets: cli at most 0.5 x FluidSynth's wall time, peak memory at most 250 MB. Each process's CPU time
-(user + system) is printed too: on a busy machine it moves less than wall time.
+(user + system, with the processes it waited for) is printed too: on a busy machine it moves less than wall
+time. On Linux with two cores the command mixes the voices in a second process, so its CPU time exceeds its
+wall time; its peak is that of its largest process.
 
 The piece is `Chrono_SNES_Chrono Trigger_Secret of the Forest.mid` from ../shared/corpus/vgmidi, or a
 generated 2-minute stand-in where that is absent. The package is byte-compiled first, as an installed

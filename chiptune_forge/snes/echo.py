@@ -74,8 +74,8 @@ class Mixer:
     Each signal (a sampler note, or a stem rendered by other means) is scheduled with its start and end and
     made only when the mix reaches its start, and dropped once past its end, so only the voices sounding
     now are held. The buses cover one window (a whole number of echo delays, around a second), one row per
-    channel, so every addition and every step of the output stage works on contiguous data in cache; only
-    the float result spans the piece.
+    channel, so every addition and every step of the output stage works on contiguous data in cache.
+    blocks() hands the output on a window at a time; output() gathers it into one float array.
     """
 
     def __init__(self, frames: int, echo: EchoSettings | None) -> None:
@@ -141,7 +141,7 @@ class Mixer:
             if clipped is not None:
                 self.clipped += int(np.count_nonzero(clipped))
             yield main
-            buses[k % len(buses), :, :, :n] = 0  # ready for the window after next (zeroed here, off the voices' side)
+            buses[k % len(buses), :, :, :n] = 0  # cleared for a later window here, where there is time to spare
             if pad:
                 wet[:, :pad] = wet[:, n:n + pad].copy()  # the echo history the next window reads
 
