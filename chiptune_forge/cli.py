@@ -622,11 +622,13 @@ def _run_render(args: argparse.Namespace) -> int:
         # holding the piece
         try:
             jingle, _ = jingle_piece(piece, rate, args.intro_bars, args.bars)
+            blocks = chip_blocks(jingle, preset, stats, parallel=True)  # plugin parts render here
         except ChiptuneError as exc:
             raise ChiptuneError(f"{args.input}: {exc}") from None
-        with contextlib.closing(chip_blocks(jingle, preset, stats, parallel=True)) as blocks:
-            frames, peak = write_jingle_wav(output, blocks, round(jingle.end_time * rate), rate)
-        paths, loop = [output], None
+        final = output.with_name(f"{output.stem}.{fmt}")  # named as export_track names it
+        with contextlib.closing(blocks):
+            frames, peak = write_jingle_wav(final, blocks, round(jingle.end_time * rate), rate)
+        paths, loop = [final], None
         level = "silent" if peak == 0 else f"the chip's level (sample peak {20 * math.log10(peak):.1f} dBFS)"
         _report_render(output, normalizing, described, paths, frames, rate, preset, loop, level, stats)
         return 0

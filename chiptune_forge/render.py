@@ -167,16 +167,21 @@ def chip_blocks(piece: Piece, preset: Preset, stats: RenderStats | None = None, 
     """render_piece(piece, preset) x 32768 for a preset without effects (32 kHz, with the tail), a block at
     a time: int32 (2, n) 16-bit values, in order, each valid only until the next is asked for.
 
-    The music is passed on as the mixer makes it, so memory does not grow with the piece; only what rings
-    on after the music's end is held, to be cut where it falls silent, and comes last as one block (a block
-    never spans the music's end). `stats` is updated once the last block has been taken; `parallel` is
-    render_piece's.
+    The music is passed on as the mixer makes it, so memory does not grow with the piece (a plugin role's
+    part excepted: it is rendered whole, here, before this returns); only what rings on after the music's
+    end is held, to be cut where it falls silent, and comes last as one block (a block never spans the
+    music's end). `stats` is updated once the mix is done; `parallel` is render_piece's.
     """
     if preset.effects:
         raise ValueError("effects run over the whole piece: use render_piece")
     mixer, music_end = _chip(piece, preset, tail=True)
+    return _chip_stream(mixer, music_end, preset.master_volume, stats, parallel)
+
+
+def _chip_stream(mixer: Mixer, music_end: int, master: tuple[int, int], stats: RenderStats | None,
+                 parallel: bool) -> Iterator[np.ndarray]:
     done, ringing = 0, []
-    for block in mixer.blocks(preset.master_volume, parallel):
+    for block in mixer.blocks(master, parallel):
         n = block.shape[1]
         head = min(n, max(music_end - done, 0))
         if head:
@@ -321,7 +326,8 @@ class _Outputs:
         self.uses: Counter[tuple] = Counter()  # notes still to be made, per output and per stream
         self.longest: dict[tuple[str, int], int] = {}  # each stream is made once, as long as it is needed
         for voice, assignment in zip(voices, assignments, strict=True):
-            if assignment is not None and voice.source != "noise":
+            # a note that sounds (one stolen before it is heard is never asked for)
+            if assignment is not None and assignment.end > voice.start and voice.source != "noise":
                 key = (voice.source, voice.pitch)
                 self.longest[key] = max(self.longest.get(key, 0), voice.end - voice.start)
                 self.uses[key] += 1

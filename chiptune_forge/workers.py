@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import ChiptuneError
+
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
 
@@ -71,14 +73,48 @@ def stop_workers(executor: ProcessPoolExecutor) -> None:
 
 _ITEM = struct.Struct("<q")  # what the producer sends per item: the item (>= 0), or one of these
 _DONE, _FAILED = -1, -2
-MESSAGE_LIMIT = 2048  # bytes of a producer's error passed on (well within what a pipe holds unread)
+MAX_AHEAD = 4096  # each free slot is a byte waiting in a pipe: far below what one holds
 
 
 def can_run_ahead() -> bool:
-    """Whether run_ahead gains anything here: on Linux, with a second core to run on, from a process with
-    no other threads (a thread holding a lock at the fork would leave the child's copy of it held)."""
-    return (sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) > 1
-            and threading.active_count() == 1)
+    """Whether run_ahead gains anything here: on Linux, with two CPUs for this process (its affinity and
+    any cgroup quota), and no other thread in it, Python's or native (a thread holding a lock at the fork
+    would leave the child's copy of that lock held)."""
+    return sys.platform.startswith("linux") and _cpus() >= 2 and _threads() == 1
+
+
+def _threads() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return max(threading.active_count(), 2)  # unknown: do not fork
+
+
+def _cpus() -> float:
+    """CPUs this process may use: its affinity, under the cgroup's CPU quota where one is set."""
+    cpus = float(len(os.sched_getaffinity(0)))
+    quota = _cgroup_quota()
+    return min(cpus, quota) if quota else cpus
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs' worth of time the cgroup allows (cgroup v2, else v1); None without a limit."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        try:
+            with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as f:
+                quota = f.read().strip()
+            with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as f:
+                period = f.read().strip()
+        except OSError:
+            return None
+    try:
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def shared_array(shape: tuple[int, ...], dtype: type) -> np.ndarray:
@@ -93,74 +129,129 @@ def run_ahead(items: Iterator[int], ahead: int) -> Iterator[int]:
     The items are small non-negative integers (say, a block's length); the data travels in a shared_array
     made before the call, which the producer fills slot by slot (item k in slot k % ahead). The producer
     waits for the slot it is about to fill: slot k is free again once this side asks for item k + 1.
-    Nothing of `items` runs in this process. A producer that fails raises RuntimeError here with its error;
-    one that dies (killed, out of memory) raises RuntimeError saying so. If this side stops early (an
-    error, Ctrl-C, the consumer closing the generator), the producer is killed.
+    Where no process can be started (a limit on processes or open files), `items` simply runs here.
+    What the producer raises is raised here; a producer that dies (killed, out of memory) raises
+    ChiptuneError saying how. If this side stops early (an error, Ctrl-C, the consumer closing the
+    generator), the producer is killed; either way it is waited for.
     """
-    ready_r, ready_w = os.pipe()
-    free_r, free_w = os.pipe()
+    if not 1 <= ahead <= MAX_AHEAD:
+        raise ValueError(f"ahead must be 1 to {MAX_AHEAD}, not {ahead}")
+    fds: list[int] = []
+    try:
+        fds += os.pipe()
+        fds += os.pipe()
+    except OSError:
+        fds = _closed(fds)
+    if not fds:
+        yield from items
+        return
+    ready_r, ready_w, free_r, free_w = fds
     os.write(free_w, bytes(ahead))
+    masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # until each side is ready for Ctrl-C
     gc.freeze()  # the collector would otherwise touch every object in the child, copying their pages
     try:
         pid = os.fork()
-    except OSError:  # no process to spare (a limit): produce here instead
-        gc.unfreeze()
-        for fd in (ready_r, ready_w, free_r, free_w):
-            os.close(fd)
-        yield from items
-        return
+    except OSError:  # no process to spare
+        pid = -1
     if pid == 0:  # pragma: no cover (the child's coverage is not collected; its output is tested)
-        _produce(items, (ready_r, free_w), ready_w, free_r)
+        _produce(items, masked, ready_w, free_r, (ready_r, free_w))
     gc.unfreeze()
-    os.close(ready_w)
-    os.close(free_r)
-    finished = False
+    waited = False
     try:
-        with open(ready_r, "rb", buffering=0) as ready:
-            while True:
-                head = ready.read(_ITEM.size)
-                if len(head) < _ITEM.size:
-                    _, status = os.waitpid(pid, 0)
-                    finished = True
-                    raise RuntimeError(f"the process working ahead stopped ({_exit_reason(status)})")
-                (item,) = _ITEM.unpack(head)
-                if item == _DONE:
-                    break
-                if item == _FAILED:
-                    (size,) = _ITEM.unpack(ready.read(_ITEM.size))
-                    raise RuntimeError(ready.read(size).decode(errors="replace"))
-                yield item
-                with contextlib.suppress(BrokenPipeError):  # it died: the next read says how
-                    os.write(free_w, b"\0")
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+        if pid < 0:
+            yield from items
+            return
+        _closed([ready_w, free_r])  # the child's ends
+        fds = [ready_r, free_w]
+        while True:
+            head = _read(ready_r, _ITEM.size)
+            if len(head) < _ITEM.size:
+                _, status = os.waitpid(pid, 0)
+                waited = True
+                reason = _exit_reason(status)
+                raise ChiptuneError(f"a worker process stopped ({reason}{': out of memory?' * ('SIGKILL' in reason)})")
+            (item,) = _ITEM.unpack(head)
+            if item == _DONE:
+                break
+            if item == _FAILED:
+                (size,) = _ITEM.unpack(_read(ready_r, _ITEM.size))
+                raise _unpickled(_read(ready_r, size))
+            yield item
+            with contextlib.suppress(BrokenPipeError):  # it died: the next read says how
+                os.write(free_w, b"\0")
     finally:
-        os.close(free_w)
-        if not finished:  # stopped early it may be mid-item or waiting; after the last item it is exiting
+        _closed(fds)
+        if pid > 0 and not waited:  # stopped early it may be mid-item or waiting; after the last item it is exiting
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
 
 
+def _closed(fds: list[int]) -> list[int]:
+    """Close the descriptors; returns an empty list (what is left open)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return []
+
+
+def _read(fd: int, n: int) -> bytes:
+    """n bytes from a pipe, fewer only at its end."""
+    data = b""
+    while len(data) < n:
+        part = os.read(fd, n - len(data))
+        if not part:
+            break
+        data += part
+    return data
+
+
 def _exit_reason(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
-    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"killed by signal {-code}"
 
 
-def _produce(items: Iterator[int], unused: tuple[int, int], ready_w: int, free_r: int) -> None:
+def _unpickled(data: bytes) -> BaseException:
+    """The producer's exception, as it sent it (it is this program's own forked process)."""
+    import pickle
+
+    try:
+        exc = pickle.loads(data)
+    except Exception as failure:  # an exception whose class will not rebuild from its arguments
+        return RuntimeError(f"a worker process failed, and its error could not be passed on ({failure})")
+    return exc if isinstance(exc, BaseException) else RuntimeError(repr(exc))
+
+
+def _produce(items: Iterator[int], mask: set[signal.Signals], ready_w: int, free_r: int,
+             unused: tuple[int, int]) -> None:
     """The forked side of run_ahead: never returns. It stops when this side's end of the pipes closes, so
     it does not outlive a parent that dies."""
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-        for fd in unused:
-            os.close(fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _closed(list(unused))
         while os.read(free_r, 1):  # end of file: the parent is gone or stopped
             item = next(items, _DONE)
             os.write(ready_w, _ITEM.pack(item))
             if item == _DONE:
                 break
-    except BaseException as exc:  # reported to the parent, which raises it
-        message = f"{type(exc).__name__}: {exc}".encode()[:MESSAGE_LIMIT]
-        os.write(ready_w, _ITEM.pack(_FAILED) + _ITEM.pack(len(message)) + message)
+    except BaseException as exc:  # passed to the parent, which raises it
+        import pickle
+
+        try:
+            data = pickle.dumps(exc)
+        except Exception:
+            data = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+        message = memoryview(_ITEM.pack(_FAILED) + _ITEM.pack(len(data)) + data)
+        while message:
+            message = message[os.write(ready_w, message):]
         code = 1
     finally:
         os._exit(code)

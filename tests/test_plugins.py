@@ -550,17 +550,18 @@ def test_missing_plugin_in_a_preset_names_file_and_role(tmp_path: Path) -> None:
         load_preset(write_preset(tmp_path, tmp_path / "Gone.vst3"))
 
 
+@pytest.mark.parametrize("rate", ["32000", "48000"])  # a WAV written as it is mixed, and a whole render
 def test_render_with_a_crashing_plugin_exits_1_and_writes_nothing(synth: Path, cli_host: PluginHost,
-                                                                  tmp_path: Path,
+                                                                  tmp_path: Path, rate: str,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from midi_factory import simple_song
 
     preset = write_preset(tmp_path, synth, parameters="crash = 1")
     out = tmp_path / "out.wav"
-    assert main(["render", str(simple_song(tmp_path / "s.mid", bars=2)), "-o", str(out),
-                 "--preset", str(preset)]) == 1
+    song = simple_song(tmp_path / "s.mid", bars=2)
+    assert main(["render", str(song), "-o", str(out), "--preset", str(preset), "--sample-rate", rate]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("chiptune-forge: error: ") and "\n" not in err
+    assert err.startswith(f"chiptune-forge: error: {song}: ") and "\n" not in err
     assert "mixed.toml: roles.lead: plugin" in err and "ForgeTestSynth.vst3: crashed while rendering" in err
     assert not out.exists() and not list(tmp_path.glob("out*"))
 

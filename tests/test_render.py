@@ -242,3 +242,9 @@ def test_a_jingle_whose_sound_stops_with_the_music_still_gets_its_fade(tmp_path:
     export_track(track, tmp_path, "k", ("wav",), sidecar=False)
     assert (tmp_path / "j.wav").read_bytes() == (tmp_path / "k.wav").read_bytes()
     assert peak == 1000 / 32768
+
+
+def test_a_plain_render_names_its_file_as_every_render_does(tmp_path: Path) -> None:
+    midi = write(tmp_path, song(1))
+    assert main(["render", str(midi), "-o", str(tmp_path / "Tune.WAV")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Tune.wav", "in.mid"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -121,3 +123,4 @@ def test_what_the_encoder_decoded_is_what_the_bytes_decode_to(loop: int | None) 
     wave = np.clip(np.cumsum(rng.normal(0, 0.08, 96)) * 0.3, -1, 1)  # wide swings: shifts get raised
     brr = encode_brr(wave, loop_start=loop)
     assert brr.decoded is not None and np.array_equal(brr.decode(), decode_brr(brr.data))
+    assert dataclasses.replace(brr, data=brr.data[:9]).decoded is None  # a copy with new data decodes it

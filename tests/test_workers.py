@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from chiptune_forge.errors import ChiptuneError
 from chiptune_forge.workers import can_run_ahead, run_ahead, shared_array
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="run_ahead forks (Linux)")
@@ -46,31 +47,34 @@ def test_items_and_their_data_arrive_in_order_through_the_shared_slots() -> None
     assert reaped(int(slots[0][2]))
 
 
-def test_a_failing_producer_raises_its_error_here() -> None:
+@pytest.mark.parametrize("error", [ValueError("bad note 61"), ChiptuneError("song.mid: bad note 61")])
+def test_a_failing_producer_raises_its_error_here(error: Exception) -> None:
     pid = shared_array((1,), np.int64)
 
     def produce() -> Iterator[int]:
         pid[0] = os.getpid()
         yield 1
-        raise ValueError("bad note 61")
+        raise error
 
     items = run_ahead(produce(), 2)
     assert next(items) == 1
-    with pytest.raises(RuntimeError, match="ValueError: bad note 61"):
+    with pytest.raises(type(error), match="bad note 61"):
         next(items)
     assert reaped(int(pid[0]))
 
 
-def test_a_producer_that_dies_is_reported() -> None:
+@pytest.mark.parametrize(("signum", "reported"), [(signal.SIGKILL, r"killed by SIGKILL: out of memory\?"),
+                                                  (signal.SIGRTMIN + 6, "killed by signal")])  # one with no name
+def test_a_producer_that_dies_is_reported(signum: int, reported: str) -> None:
     pid = shared_array((1,), np.int64)
 
     def produce() -> Iterator[int]:
         pid[0] = os.getpid()
         yield 1
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signum)
         yield 2
 
-    with pytest.raises(RuntimeError, match="killed by SIGKILL"):
+    with pytest.raises(ChiptuneError, match=rf"a worker process stopped \({reported}"):
         list(run_ahead(produce(), 2))
     assert reaped(int(pid[0]))
 
@@ -97,3 +101,24 @@ def test_a_process_with_other_threads_does_not_fork() -> None:
     finally:
         stop.set()
         thread.join()
+
+
+def test_without_pipes_to_spare_the_items_run_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+
+    def produce() -> Iterator[int]:
+        for k in range(5):
+            made.append(os.getpid())
+            yield k
+
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe", no_pipe)
+    assert list(run_ahead(produce(), 2)) == list(range(5))
+    assert made == [os.getpid()] * 5
+
+
+def test_how_far_ahead_is_checked() -> None:
+    with pytest.raises(ValueError, match="ahead must be 1 to"):
+        next(run_ahead(iter([1]), 0))

@@ -28,13 +28,14 @@ REAL_MAX = 16383
 class BrrSample:
     """An encoded sample: the raw BRR bytes plus the block the end block jumps back to (None = one-shot).
 
-    The encoder runs the exact decoder on every block it writes, so it keeps what it decoded
-    (`decoded`, which decode() then returns instead of decoding the bytes again).
+    The encoder runs the exact decoder on every block it writes, so it keeps what it decoded (`decoded`,
+    which decode() then returns instead of decoding the bytes again); a sample made any other way, or
+    copied with new data, has none.
     """
 
     data: bytes
     loop_block: int | None
-    decoded: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
+    decoded: tuple[int, ...] | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def num_blocks(self) -> int:
@@ -194,4 +195,6 @@ def encode_brr(samples: np.ndarray, loop_start: int | None = None) -> BrrSample:
             flags = END_FLAG | (LOOP_FLAG if loop_block is not None else 0)
         out.append((shift << 4) | (filt << 2) | flags)
         out.extend((nibbles[i] << 4) | nibbles[i + 1] for i in range(0, BLOCK_SAMPLES, 2))
-    return BrrSample(bytes(out), loop_block, tuple(decoded))
+    sample = BrrSample(bytes(out), loop_block)
+    object.__setattr__(sample, "decoded", tuple(decoded))  # frozen: set once, as it is made
+    return sample

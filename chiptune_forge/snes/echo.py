@@ -12,6 +12,7 @@ echo is EDL 1, 16 ms.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -101,11 +102,12 @@ class Mixer:
 
     def blocks(self, master: tuple[int, int], parallel: bool = False) -> Iterator[np.ndarray]:
         """The DSP's final output a window at a time, in order: int32 (2, n) 16-bit values (what output()
-        divides by 32768), each valid only until the next is asked for. Nothing the size of the piece is
-        held, so a consumer that writes blocks out as they come renders in constant memory.
+        divides by 32768), each valid only until the next is asked for. The mixer holds nothing the size of the
+        piece (only a stem scheduled on it is whole), so a consumer that writes blocks out as they come
+        renders in memory that does not grow with the piece.
 
         The mix has two halves: the voices summed into the main and echo buses, and the output stage (the
-        echo unit, volumes, clamps). With `parallel`, where the platform can fork (workers.can_run_ahead),
+        echo unit, volumes, clamps). With `parallel`, where it gains something (workers.can_run_ahead),
         the voices run in a second process a few windows ahead of the output stage; the samples are the
         same either way.
         """
@@ -114,13 +116,22 @@ class Mixer:
             echo = None
         step = echo.delay if echo is not None else WINDOW
         window = step * max(1, WINDOW // step)
-        pad = echo.history if echo is not None else 0
+        buses = np.zeros((1, 2, 2, window), dtype=np.int32)
         if parallel and can_run_ahead():
-            buses = shared_array((AHEAD, 2, 2, window), np.int32)
-            sizes = run_ahead(self._buses(buses, echo is not None), AHEAD)
-        else:
-            buses = np.zeros((1, 2, 2, window), dtype=np.int32)
-            sizes = self._buses(buses, echo is not None)
+            with contextlib.suppress(OSError):  # no shared memory to be had: mix here
+                buses = shared_array((AHEAD, 2, 2, window), np.int32)
+        sizes = self._buses(buses, echo is not None)
+        if len(buses) > 1:
+            sizes = run_ahead(sizes, len(buses))
+        with contextlib.closing(sizes):  # an error here stops the voices' side at once
+            yield from self._output_stage(buses, sizes, echo, master)
+
+    def _output_stage(self, buses: np.ndarray, sizes: Iterator[int], echo: EchoSettings | None,
+                      master: tuple[int, int]) -> Iterator[np.ndarray]:
+        """The echo unit, volumes and clamps over each window of buses, as `sizes` says it is ready."""
+        window = buses.shape[-1]
+        step = echo.delay if echo is not None else window
+        pad = echo.history if echo is not None else 0
         wet = np.zeros((2, pad + window), dtype=np.int32)  # echo history, then this window's echo input
         echo_out = np.zeros((2, window), dtype=np.int32)
         fir_step = _FirStep(echo, wet, echo_out) if echo is not None else None
