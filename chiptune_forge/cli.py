@@ -629,7 +629,7 @@ def _run_render(args: argparse.Namespace) -> int:
         with contextlib.closing(blocks):
             frames, peak = write_jingle_wav(final, blocks, round(jingle.end_time * rate), rate)
         paths, loop = [final], None
-        level = "silent" if peak == 0 else f"the chip's level (sample peak {20 * math.log10(peak):.1f} dBFS)"
+        level = _chip_level(peak)
         _report_render(output, normalizing, described, paths, frames, rate, preset, loop, level, stats)
         return 0
     try:
@@ -652,12 +652,19 @@ def _run_render(args: argparse.Namespace) -> int:
                              split=args.split, loudness_lufs=reached)
     else:
         peak = max(float(track.audio.max(initial=0.0)), -float(track.audio.min(initial=0.0)))
-        level = "silent" if peak == 0 else f"the chip's level (sample peak {20 * math.log10(peak):.1f} dBFS)"
+        level = _chip_level(peak)
         paths = export_track(track, output.parent, output.stem, (fmt,), godot_import=args.godot_import,
                              sidecar=False)
     loop = (track.loop_start, track.loop_length) if track.looping else None
     _report_render(output, normalizing, described, paths, track.frames, rate, preset, loop, level, stats)
     return 0
+
+
+def _chip_level(peak: float) -> str:
+    """How loud an unnormalized render is, from its sample peak (a fraction of full scale)."""
+    import math
+
+    return "silent" if peak == 0 else f"the chip's level (sample peak {20 * math.log10(peak):.1f} dBFS)"
 
 
 def _report_render(output: Path, normalizing: bool, described: list[str], paths: list[Path], frames: int, rate: int,

@@ -31,6 +31,7 @@ import wave
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -310,19 +311,29 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int, loop: Loop) -> No
     so the chunk needs no RIFF pad byte before it.
     """
     with open(path, "w+b") as f:
-        with wave.open(f, "wb") as w:
-            w.setnchannels(audio.shape[1])
-            w.setsampwidth(2)
-            w.setframerate(sample_rate)
+        with _pcm16_wave(f, audio.shape[1], sample_rate) as w:
             w.setnframes(len(audio))  # the header is right from the start, not patched after every block
             for block in pcm16_blocks(audio):
-                w.writeframesraw(memoryview(block).cast("B"))  # native-order int16, as wave expects
+                _write_frames(w, block)
         if loop is None:
             return
         f.write(smpl_chunk(sample_rate, loop[0], loop[0] + loop[1] - 1))
         size = f.tell()
         f.seek(4)
         f.write(struct.pack("<I", size - 8))
+
+
+def _pcm16_wave(f: BinaryIO, channels: int, sample_rate: int) -> wave.Wave_write:
+    """A 16-bit PCM WAV writer on an open file."""
+    w = wave.Wave_write(f)
+    w.setnchannels(channels)
+    w.setsampwidth(2)
+    w.setframerate(sample_rate)
+    return w
+
+
+def _write_frames(w: wave.Wave_write, block: np.ndarray) -> None:
+    w.writeframesraw(memoryview(block).cast("B"))  # native-order int16, as wave expects
 
 
 def write_jingle_wav(final: Path, blocks: Iterable[np.ndarray], music_end: int, sample_rate: int
@@ -336,10 +347,7 @@ def write_jingle_wav(final: Path, blocks: Iterable[np.ndarray], music_end: int, 
     frames written and their sample peak (a fraction of full scale).
     """
     def write(path: Path) -> None:
-        with open(path, "w+b") as f, wave.open(f, "wb") as w:  # the header's sizes are set when it closes
-            w.setnchannels(2)
-            w.setsampwidth(2)
-            w.setframerate(sample_rate)
+        with open(path, "w+b") as f, _pcm16_wave(f, 2, sample_rate) as w:  # sizes set when it closes
             pcm = np.empty((0, 2), dtype=np.int16)
             peak, done, ringing = 0, 0, []
             for block in blocks:
@@ -353,14 +361,14 @@ def write_jingle_wav(final: Path, blocks: Iterable[np.ndarray], music_end: int, 
                     out = pcm[:music]
                     out[:, 0] = part[0]
                     out[:, 1] = part[1]
-                    w.writeframesraw(memoryview(out).cast("B"))
+                    _write_frames(w, out)
                 if music < n:  # 16-bit values / 32768, as render_piece gives them
                     ringing.append(np.ascontiguousarray(block[:, music:].T, dtype=np.float32) * np.float32(1 / 0x8000))
                 done += n
             tail = np.concatenate(ringing) if ringing else np.zeros((0, 2), dtype=np.float32)
             ending = jingle_ending(tail, peak / 32768, sample_rate)
             for out in pcm16_blocks(ending):
-                w.writeframesraw(memoryview(out).cast("B"))
+                _write_frames(w, out)
             result.append((min(done, music_end) + len(ending),
                            max(peak / 32768, float(np.abs(ending).max(initial=0.0)))))
 

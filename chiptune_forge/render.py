@@ -194,9 +194,9 @@ def _chip_stream(mixer: Mixer, music_end: int, master: tuple[int, int], stats: R
         stats.samples += 2 * mixer.frames
     if ringing:
         tail = np.concatenate(ringing, axis=1)
-        loud = np.flatnonzero((np.abs(tail) > SILENCE_LSB).any(axis=0))
-        if loud.size:
-            yield tail[:, :int(loud[-1]) + 1]
+        end = _sounding_end(tail.T, 0, SILENCE_LSB)  # in 16-bit values, as render_piece trims in float
+        if end:
+            yield tail[:, :end]
 
 
 def plan_voices(parts: Sequence[Part], preset: Preset, curves: EnvelopeCurves | None = None
