@@ -4,13 +4,15 @@ Baseline (as in ../shared/docs/anchors.md): one-hot input (259 wide), three kera
 return_sequences=True), Dense(259), Adam with clipnorm 5, batches of 64 x 512 events, compiled the way Keras
 compiles by default. Ours: the trainer's own step with batch_size=64, rnn_layer_sizes=[128,128,128] on
 chunks of at most 512 events bucketed by length, with the matrix-product precision `train` picks on this
-machine (bfloat16 on CPUs with AMX; --matmul-precision to choose). Both train on the same real sequences (from
-../shared/corpus/vgmidi when present, else synthetic ones), one step of each in turn so that both see the same
-load from whatever else runs on the machine. Steps that compile a new batch shape are left out of the rates.
-Both models are then scored on the same held-out sequences the same way (windows of at most 512 events
-from a fresh state), after the same number of steps.
+machine (bfloat16 on CPUs with AMX; --matmul-precision to choose) and the default dropout_keep_prob of 0.5
+(--dropout-keep-prob 1 trains the same network as the baseline, which has no dropout). Both train on the same
+real sequences (from ../shared/corpus/vgmidi when present, else synthetic ones), one step of each in turn so
+that both see the same load from whatever else runs on the machine. Steps that compile a new batch shape are
+left out of the rates. Both models are then scored on the same held-out sequences the same way (windows of at
+most 512 events from a fresh state), after the same number of steps.
 
 Run: .venv/bin/python bench/train_speed.py [--steps N] [--corpus DIR] [--files N] [--matmul-precision P]
+                                          [--dropout-keep-prob K]
 """
 
 from __future__ import annotations
@@ -94,7 +96,11 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=100, help="corpus files to read (default 100)")
     parser.add_argument("--matmul-precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="our trainer's large matrix products, as `train --matmul-precision` (default auto)")
+    parser.add_argument("--dropout-keep-prob", type=float, default=HParams.dropout_keep_prob,
+                        help="our trainer's dropout_keep_prob (default %(default)s; the baseline has no dropout)")
     args = parser.parse_args()
+    if not 0 < args.dropout_keep_prob <= 1:
+        parser.error(f"--dropout-keep-prob must be in (0, 1], got {args.dropout_keep_prob:g}")
 
     rng = np.random.default_rng(0)
     if args.corpus.is_dir():
@@ -118,7 +124,7 @@ def main() -> int:
     )
 
     keras.utils.set_random_seed(0)
-    hparams = HParams(batch_size=BATCH, rnn_layer_sizes=(UNITS,) * 3)
+    hparams = HParams(batch_size=BATCH, rnn_layer_sizes=(UNITS,) * 3, dropout_keep_prob=args.dropout_keep_prob)
     precision = resolve_matmul_precision(args.matmul_precision)
     model = build_model(hparams, precision)
     optimizer = make_optimizer(hparams)
@@ -158,7 +164,7 @@ def main() -> int:
     base_rate, base_step_s = rate(*stats["baseline"])
     base_loss = held_out_loss(lambda x: base(eye[x], training=False), held_out)
     print(f"machine: {os.cpu_count()} CPUs, recurrent loops in {LOOP_GROUPS} parallel row groups; ours: large "
-          f"matrix products in {precision}")
+          f"matrix products in {precision}, dropout_keep_prob={hparams.dropout_keep_prob:g}")
     print(f"baseline (Keras LSTM, one-hot, 64 x 512): {base_rate:8.0f} events/s  {base_step_s:.3f} s/step  "
           f"held-out loss after {args.steps} steps {base_loss:.4f}")
     for name, (model, _, _) in contestants.items():
