@@ -248,6 +248,52 @@ def test_row_groups_may_be_empty_and_batches_change_size(monkeypatch: pytest.Mon
         assert out.shape == (7, rows, 5) and tape.gradient(out, x).shape == (7, rows, 6)
 
 
+def test_masked_loss_equals_tensorflows_cross_entropy_and_its_gradient() -> None:
+    """The compiled loss gives TensorFlow's masked mean softmax cross-entropy, argmax accuracy and the
+    gradient TensorFlow's differentiation gives, with masked-out positions contributing nothing."""
+    from chiptune_forge.model.network import masked_loss
+
+    rng = np.random.default_rng(5)
+    logits = tf.constant(rng.normal(0, 3, size=(3, 7, 259)).astype(np.float32))
+    labels = tf.constant(rng.integers(0, 259, size=(3, 7)).astype(np.int32))
+    mask = tf.constant((rng.random((3, 7)) < 0.7).astype(np.float32))
+    results = []
+    for fn in (masked_loss, None):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            if fn is not None:
+                loss, accuracy = fn(logits, labels, mask)
+            else:
+                ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+                loss = tf.reduce_sum(ce * mask) / tf.reduce_sum(mask)
+                hit = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), tf.float32)
+                accuracy = tf.reduce_sum(hit * mask) / tf.reduce_sum(mask)
+        results.append((float(loss), float(accuracy), tape.gradient(loss, logits).numpy()))
+    (loss, accuracy, grad), (ref_loss, ref_accuracy, ref_grad) = results
+    assert loss == pytest.approx(ref_loss, rel=1e-6) and accuracy == ref_accuracy
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-7, rtol=0)
+    assert not grad[mask.numpy() == 0].any()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.8])
+def test_dropout16_keeps_the_asked_share_and_the_expected_value(keep: float) -> None:
+    from chiptune_forge.model.network import Dropout16
+
+    layer = Dropout16(1.0 - keep)
+    x = tf.constant(np.random.default_rng(1).uniform(1, 2, size=(101, 33, 61)).astype(np.float32))  # odd size
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = layer(x, training=True)
+    kept = out.numpy() != 0
+    resolved = round(keep * 65536) / 65536
+    assert abs(kept.mean() - keep) < 0.005
+    np.testing.assert_allclose(out.numpy()[kept], x.numpy()[kept] / resolved, rtol=1e-6)
+    grad = tape.gradient(out, x).numpy()
+    np.testing.assert_allclose(grad, kept / resolved, rtol=1e-6)
+    assert (layer(x, training=True).numpy() != 0).tolist() != kept.tolist()  # a fresh mask every call
+    assert layer(x, training=False) is x and Dropout16(0.0)(x, training=True) is x
+
+
 def test_bfloat16_products_are_picked_only_where_the_cpu_has_amx(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     cpuinfo = tmp_path / "cpuinfo"

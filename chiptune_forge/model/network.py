@@ -15,7 +15,9 @@ weights drive any standard LSTM. Only the schedule differs, for speed on a CPU:
   and the weight gradients are then large matrix products over all timesteps instead of one small product
   accumulated per step;
 - optionally (`matmul_dtype`, chosen by the trainer) those large products compute in bfloat16, which
-  CPUs with AMX multiply several times faster than float32; the loops and the weights stay float32.
+  CPUs with AMX multiply several times faster than float32; the loops and the weights stay float32;
+- dropout draws 16 random bits per value instead of a float, and the training loss, its accuracy and its
+  gradient come from one compiled pass over the logits (`masked_loss`).
 """
 
 from __future__ import annotations
@@ -197,6 +199,66 @@ def lstm_time_major_inference(xproj: tf.Tensor, recurrent: tf.Tensor) -> tf.Tens
     return _join([_inference_loop(part, recurrent) for part in _row_groups(xproj)])
 
 
+@_compiled
+def _masked_loss(logits: tf.Tensor, labels: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Mean cross-entropy over the real positions, top-1 accuracy there, and the loss's gradient with respect
+    to the logits, compiled as one program: TensorFlow's softmax cross-entropy kernel, its masking and a
+    separate argmax each make their own passes over the [batch, time, 259] logits."""
+    top = tf.reduce_max(logits, axis=-1, keepdims=True)
+    shifted = logits - top
+    exp = tf.exp(shifted)
+    total = tf.reduce_sum(exp, axis=-1, keepdims=True)
+    count = tf.reduce_sum(mask)
+    picked = tf.gather(shifted, labels, batch_dims=len(labels.shape))
+    loss = tf.reduce_sum((tf.math.log(total[..., 0]) - picked) * mask) / count
+    hit = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
+    dlogits = (exp / total - tf.one_hot(labels, tf.shape(logits)[-1])) * (mask / count)[..., None]
+    return loss, tf.reduce_sum(hit * mask) / count, dlogits
+
+
+def masked_loss(logits: tf.Tensor, labels: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(Mean next-event cross-entropy over the positions where `mask` is 1, top-1 accuracy there); the loss
+    is differentiable with respect to the logits."""
+
+    @tf.custom_gradient
+    def run(logits):
+        loss, accuracy, dlogits = _masked_loss(tf.stop_gradient(logits), labels, mask)
+        return (loss, accuracy), lambda dloss, daccuracy: dloss * dlogits
+
+    return run(logits)
+
+
+@keras.saving.register_keras_serializable(package="chiptune_forge")
+class Dropout16(keras.layers.Layer):
+    """Dropout that draws 16 random bits per value where Keras's draws a 32-bit float: half the random-number
+    work, which is most of what dropout costs in a training step here. The keep probability is resolved to
+    a multiple of 1/65536 (0.5, the default, exactly) and kept values are scaled by the inverse of the
+    resolved probability, so the expected output still equals the input."""
+
+    def __init__(self, rate: float, seed: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self._threshold = min(65536, max(1, round((1.0 - rate) * 65536)))
+
+    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        if not training or self._threshold == 65536:
+            return inputs
+        size = tf.size(inputs)
+        bits = tf.random.stateless_uniform([(size + 1) // 2], self.seed_generator.next(), minval=None, maxval=None,
+                                           dtype=tf.int32)
+        halves = tf.reshape(tf.bitcast(bits, tf.uint16), [-1])[:size]
+        keep = tf.reshape(halves < self._threshold, tf.shape(inputs))
+        return tf.where(keep, inputs * (65536.0 / self._threshold), tf.zeros_like(inputs))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
 @keras.saving.register_keras_serializable(package="chiptune_forge")
 class TimeMajorLSTM(keras.layers.Layer):
     """A Keras-layout LSTM layer over time-major input [T, B, in] -> [T, B, units], from zero state."""
@@ -246,7 +308,7 @@ def build_model(hparams: HParams, matmul_dtype: str = "float32") -> keras.Model:
     x = keras.layers.Embedding(NUM_CLASSES, embedding_dim(hparams), name="embedding")(x)
     for i, units in enumerate(hparams.rnn_layer_sizes):
         x = TimeMajorLSTM(units, matmul_dtype, name=f"lstm{i}")(x)
-        x = keras.layers.Dropout(1.0 - hparams.dropout_keep_prob, name=f"dropout{i}")(x)
+        x = Dropout16(1.0 - hparams.dropout_keep_prob, name=f"dropout{i}")(x)
     x = keras.layers.Lambda(lambda t: tf.transpose(t, [1, 0, 2]), name="to_batch_major")(x)
     logits = keras.layers.Dense(NUM_CLASSES, name="dense")(x)
     return keras.Model(ids, logits, name="polyphony_lstm")

@@ -306,18 +306,15 @@ def make_train_step(model, optimizer):
     so that independent groups of rows run on different cores at once.
     """
     from .framework import tf
+    from .network import masked_loss
 
     @tf.function(reduce_retracing=True)
     def train_step(x, y, mask):
         with tf.GradientTape() as tape:
-            logits = model(x, training=True)
-            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-            count = tf.reduce_sum(mask)
-            loss = tf.reduce_sum(ce * mask) / count
+            loss, accuracy = masked_loss(model(x, training=True), y, mask)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
-        hit = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y), tf.float32)
-        return loss, tf.reduce_sum(hit * mask) / count
+        return loss, accuracy
 
     return train_step
 
