@@ -71,23 +71,27 @@ def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group
     the hidden states come in bfloat16 too, for the weight gradient's product, between the two.
 
     The loop runs one step at a time, so the fixed cost of each operation in it counts more than its
-    arithmetic: it keeps a single output per step, and the hidden states are recomputed from that output
-    in one pass after it. (How XLA fuses the step depends on the exact form of the expressions: these are
-    the fastest of the equivalent forms measured.)
+    arithmetic: it keeps a single record per step, and the hidden states are recomputed from the records in
+    one pass after it. The records are written over the step's own input projections (widened by the cell
+    state's width), which the step has just read: no separate buffer is cleared and filled, and the write
+    goes to memory already in cache. (How XLA fuses the step depends on the exact form of the expressions:
+    these are the fastest of the equivalent forms measured.)
     """
     units = tf.shape(recurrent)[0]
     scale = _gate_scale(units)
     rows = _rows(xproj, group, groups)
     zeros = _zeros(rows, units, tf.float32)
+    steps = tf.shape(rows)[0]
+    records = tf.TensorArray(tf.float32, size=steps).unstack(
+        tf.pad(tf.cast(rows, tf.float32), tf.stack([[0, 0], [0, 0], [0, units]])))
 
-    def step(carry, zx):
-        h, c, _ = carry
-        t = tf.tanh((tf.cast(zx, tf.float32) + bias + tf.matmul(h, recurrent)) * scale)
+    def step(k, h, c, records):
+        t = tf.tanh((records.read(k)[:, :4 * units] + bias + tf.matmul(h, recurrent)) * scale)
         ti, tf_, tg, to = tf.split(t, 4, axis=-1)
         c = (0.5 * tf_ + 0.5) * c + (0.5 * ti + 0.5) * tg
-        return (0.5 * to + 0.5) * tf.tanh(c), c, tf.concat([t, c], axis=-1)
+        return k + 1, (0.5 * to + 0.5) * tf.tanh(c), c, records.write(k, tf.concat([t, c], axis=-1))
 
-    _, _, kept = tf.scan(step, rows, initializer=(zeros, zeros, _zeros(rows, 5 * units, tf.float32)))
+    kept = tf.while_loop(lambda k, *_: k < steps, step, (0, zeros, zeros, records))[3].stack()
     hs = (0.5 * kept[..., 3 * units:4 * units] + 0.5) * tf.tanh(kept[..., 4 * units:])
     if xproj.dtype == tf.float32:
         return hs, kept
@@ -101,7 +105,8 @@ def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, recurrent: tf.Tensor, group:
     the hidden states (all rows), and of the bias (their float32 sum over steps and rows).
 
     Everything that does not depend on the recurrence (the gate derivatives) is computed for all steps
-    before the loop, which is left with a few multiply-adds and the matrix product per step.
+    before the loop, which is left with a few multiply-adds and the matrix product per step; it writes each
+    step's gradients over that step's gate derivatives, which it has just read.
     """
     units = tf.shape(recurrent)[0]
     ti, tf_, g, to = tf.split(kept[..., :4 * units], 4, axis=-1)
@@ -109,21 +114,20 @@ def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, recurrent: tf.Tensor, group:
     i, f, o = 0.5 * ti + 0.5, 0.5 * tf_ + 0.5, 0.5 * to + 0.5
     c_prev = tf.concat([tf.zeros_like(cs[:1]), cs[:-1]], axis=0)
     tc = tf.tanh(cs)
-    dh_rows = _rows(dhs, group, groups)
-    per_step = (dh_rows, o * (1.0 - tc * tc), f, g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g),
-                tc * o * (1.0 - o))
-    zeros = _zeros(dh_rows, units)  # sized at run time, as the rows of a relaxed trace are
+    dh_out, dc_per_dh = _rows(dhs, group, groups), o * (1.0 - tc * tc)
+    steps = tf.shape(dh_out)[0]
+    derivs = tf.TensorArray(tf.float32, size=steps).unstack(tf.concat(
+        [g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g), tc * o * (1.0 - o)], axis=-1))
+    zeros = _zeros(dh_out, units)  # sized at run time, as the rows of a relaxed trace are
     recurrent_t = tf.transpose(recurrent)
 
-    def back(carry, elems):
-        dh_next, dc_next, _ = carry
-        dh_out, dc_per_dh, forget, di, df, dg, do = elems
-        dh = dh_out + dh_next
-        dc = dc_next + dh * dc_per_dh
-        dz = tf.concat([dc * di, dc * df, dc * dg, dh * do], axis=-1)
-        return tf.matmul(dz, recurrent_t), dc * forget, dz
+    def back(k, dh_next, dc_next, derivs):
+        dh = dh_out[k] + dh_next
+        dc = dc_next + dh * dc_per_dh[k]
+        dz = tf.concat([dc, dc, dc, dh], axis=-1) * derivs.read(k)
+        return k - 1, tf.matmul(dz, recurrent_t), dc * f[k], derivs.write(k, dz)
 
-    _, _, dz = tf.scan(back, per_step, initializer=(zeros, zeros, _zeros(dh_rows, 4 * units)), reverse=True)
+    dz = tf.while_loop(lambda k, *_: k >= 0, back, (steps - 1, zeros, zeros, derivs))[3].stack()
     return tf.cast(dz, dtype), tf.reduce_sum(dz, axis=[0, 1])
 
 
