@@ -66,16 +66,17 @@ def _rows(tensor: tf.Tensor, group: int, groups: int) -> tf.Tensor:
 def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group: int, groups: int
                   ) -> tuple[tf.Tensor, ...]:
     """One row group's hidden states [T, b, u] from zero state, given the input projections without bias
-    (float32 or bfloat16, all rows), and per step what the backward pass needs: [T, b, 5u] = tanh of the
-    scaled gate pre-activations (the gates follow from it), then the cell state. With bfloat16 projections
-    the hidden states come in bfloat16 too, for the weight gradient's product, between the two.
+    (float32 or bfloat16, all rows), and per step what the backward pass needs: [T, b, 5u] = each gate's
+    derivative times what it multiplies (the gate gradients are these times dc or dh), then the hidden
+    state; and [T, b, 2u] = o * tanh'(c) (dc per dh), then the forget gate. With bfloat16 projections the
+    hidden states come in bfloat16 too, for the weight gradient's product, after the float32 ones.
 
     The loop runs one step at a time, so the fixed cost of each operation in it counts more than its
-    arithmetic: it keeps a single record per step, and the hidden states are recomputed from the records in
-    one pass after it. The records are written over the step's own input projections (widened by the cell
-    state's width), which the step has just read: no separate buffer is cleared and filled, and the write
-    goes to memory already in cache. (How XLA fuses the step depends on the exact form of the expressions:
-    these are the fastest of the equivalent forms measured.)
+    arithmetic; the derivatives are computed here, where the gates are at hand, instead of in passes over
+    stored gates before the backward loop. The [T, b, 5u] records are written over the step's own input
+    projections (widened by u columns), which the step has just read: no separate buffer is cleared
+    and filled, and the write goes to memory already in cache. (How XLA fuses the step depends on the
+    exact form of the expressions: these are the fastest of the equivalent forms measured.)
     """
     units = tf.shape(recurrent)[0]
     scale = _gate_scale(units)
@@ -84,48 +85,50 @@ def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group
     steps = tf.shape(rows)[0]
     records = tf.TensorArray(tf.float32, size=steps).unstack(
         tf.pad(tf.cast(rows, tf.float32), tf.stack([[0, 0], [0, 0], [0, units]])))
+    cell = tf.TensorArray(tf.float32, size=steps)
 
-    def step(k, h, c, records):
+    def step(k, h, c, records, cell):
         t = tf.tanh((records.read(k)[:, :4 * units] + bias + tf.matmul(h, recurrent)) * scale)
-        ti, tf_, tg, to = tf.split(t, 4, axis=-1)
-        c = (0.5 * tf_ + 0.5) * c + (0.5 * ti + 0.5) * tg
-        return k + 1, (0.5 * to + 0.5) * tf.tanh(c), c, records.write(k, tf.concat([t, c], axis=-1))
+        ti, tf_, g, to = tf.split(t, 4, axis=-1)
+        i, f, o = 0.5 * ti + 0.5, 0.5 * tf_ + 0.5, 0.5 * to + 0.5
+        c_next = f * c + i * g
+        tc = tf.tanh(c_next)
+        h = o * tc
+        derivs = tf.concat([g * i * (1.0 - i), c * f * (1.0 - f), i * (1.0 - g * g), tc * o * (1.0 - o)], axis=-1)
+        return (k + 1, h, c_next, records.write(k, tf.concat([derivs, h], axis=-1)),
+                cell.write(k, tf.concat([o * (1.0 - tc * tc), f], axis=-1)))
 
-    kept = tf.while_loop(lambda k, *_: k < steps, step, (0, zeros, zeros, records))[3].stack()
-    hs = (0.5 * kept[..., 3 * units:4 * units] + 0.5) * tf.tanh(kept[..., 4 * units:])
+    _, _, _, records, cell = tf.while_loop(lambda k, *_: k < steps, step, (0, zeros, zeros, records, cell))
+    kept = records.stack()
+    hs = kept[..., 4 * units:]
     if xproj.dtype == tf.float32:
-        return hs, kept
-    return hs, tf.cast(hs, xproj.dtype), kept
+        return hs, kept, cell.stack()
+    return hs, tf.cast(hs, xproj.dtype), kept, cell.stack()
 
 
 @_compiled
-def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, recurrent: tf.Tensor, group: int, groups: int,
-                   dtype: tf.DType) -> tuple[tf.Tensor, tf.Tensor]:
+def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, cell: tf.Tensor, recurrent: tf.Tensor, group: int,
+                   groups: int, dtype: tf.DType) -> tuple[tf.Tensor, tf.Tensor]:
     """One row group's gradients of the gate pre-activations [T, b, 4u] as `dtype`, given the gradients of
-    the hidden states (all rows), and of the bias (their float32 sum over steps and rows).
+    the hidden states (all rows) and the forward loop's records, and of the bias (their float32 sum over
+    steps and rows).
 
-    Everything that does not depend on the recurrence (the gate derivatives) is computed for all steps
-    before the loop, which is left with a few multiply-adds and the matrix product per step; it writes each
-    step's gradients over that step's gate derivatives, which it has just read.
+    The loop is left with a few multiply-adds and the matrix product per step; it writes each step's
+    gradients over that step's gate derivatives, which it has just read.
     """
     units = tf.shape(recurrent)[0]
-    ti, tf_, g, to = tf.split(kept[..., :4 * units], 4, axis=-1)
-    cs = kept[..., 4 * units:]
-    i, f, o = 0.5 * ti + 0.5, 0.5 * tf_ + 0.5, 0.5 * to + 0.5
-    c_prev = tf.concat([tf.zeros_like(cs[:1]), cs[:-1]], axis=0)
-    tc = tf.tanh(cs)
-    dh_out, dc_per_dh = _rows(dhs, group, groups), o * (1.0 - tc * tc)
+    dh_out = _rows(dhs, group, groups)
     steps = tf.shape(dh_out)[0]
-    derivs = tf.TensorArray(tf.float32, size=steps).unstack(tf.concat(
-        [g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g), tc * o * (1.0 - o)], axis=-1))
+    derivs = tf.TensorArray(tf.float32, size=steps).unstack(kept[..., :4 * units])
     zeros = _zeros(dh_out, units)  # sized at run time, as the rows of a relaxed trace are
     recurrent_t = tf.transpose(recurrent)
 
     def back(k, dh_next, dc_next, derivs):
+        dc_per_dh, forget = tf.split(cell[k], 2, axis=-1)
         dh = dh_out[k] + dh_next
-        dc = dc_next + dh * dc_per_dh[k]
+        dc = dc_next + dh * dc_per_dh
         dz = tf.concat([dc, dc, dc, dh], axis=-1) * derivs.read(k)
-        return k - 1, tf.matmul(dz, recurrent_t), dc * f[k], derivs.write(k, dz)
+        return k - 1, tf.matmul(dz, recurrent_t), dc * forget, derivs.write(k, dz)
 
     dz = tf.while_loop(lambda k, *_: k >= 0, back, (steps - 1, zeros, zeros, derivs))[3].stack()
     return tf.cast(dz, dtype), tf.reduce_sum(dz, axis=[0, 1])
@@ -185,7 +188,7 @@ def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.T
         hs = _join([o[0] for o in outs])
 
         def grad(dhs: tf.Tensor):
-            backs = [_backward_loop(dhs, o[-1], recurrent, k, LOOP_GROUPS, low) for k, o in enumerate(outs)]
+            backs = [_backward_loop(dhs, *o[-2:], recurrent, k, LOOP_GROUPS, low) for k, o in enumerate(outs)]
             dz = tf.reshape(_join([b[0] for b in backs]), [-1, 4 * units])
             h_low = hs if low == tf.float32 else _join([o[1] for o in outs])
             h_prev = tf.reshape(tf.concat([tf.zeros_like(h_low[:1]), h_low[:-1]], axis=0), [-1, units])
