@@ -66,41 +66,42 @@ def _rows(tensor: tf.Tensor, group: int, groups: int) -> tf.Tensor:
 def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group: int, groups: int
                   ) -> tuple[tf.Tensor, ...]:
     """One row group's hidden states [T, b, u] from zero state, given the input projections without bias
-    (float32 or bfloat16, all rows), and per step what the backward pass needs: [T, b, 5u] = each gate's
-    derivative times what it multiplies (the gate gradients are these times dc or dh), then the hidden
-    state; and [T, b, 2u] = o * tanh'(c) (dc per dh), then the forget gate. With bfloat16 projections the
-    hidden states come in bfloat16 too, for the weight gradient's product, after the float32 ones.
+    (float32 or bfloat16, all rows), and per step what the backward pass needs: [T, b, 4u] = each gate's
+    derivative times what it multiplies (the gate gradients are these times dc or dh), and [T, b, 2u] =
+    o * tanh'(c) (dc per dh), then the forget gate. With bfloat16 projections the hidden states come in
+    bfloat16 too, for the weight gradient's product, after the float32 ones.
 
     The loop runs one step at a time, so the fixed cost of each operation in it counts more than its
     arithmetic; the derivatives are computed here, where the gates are at hand, instead of in passes over
-    stored gates before the backward loop. The [T, b, 5u] records are written over the step's own input
-    projections (widened by u columns), which the step has just read: no separate buffer is cleared
-    and filled, and the write goes to memory already in cache. (How XLA fuses the step depends on the
-    exact form of the expressions: these are the fastest of the equivalent forms measured.)
+    stored gates before the backward loop. They are written over the step's own input projections, which
+    the step has just read: no separate buffer is cleared and filled, and the write goes to memory already
+    in cache. (How XLA fuses the step depends on the exact form of the expressions: these are the fastest
+    of the equivalent forms measured.)
     """
     units = tf.shape(recurrent)[0]
     scale = _gate_scale(units)
     rows = _rows(xproj, group, groups)
     zeros = _zeros(rows, units, tf.float32)
     steps = tf.shape(rows)[0]
-    records = tf.TensorArray(tf.float32, size=steps).unstack(
-        tf.pad(tf.cast(rows, tf.float32), tf.stack([[0, 0], [0, 0], [0, units]])))
+    records = tf.TensorArray(tf.float32, size=steps).unstack(tf.cast(rows, tf.float32))
     cell = tf.TensorArray(tf.float32, size=steps)
+    hidden = tf.TensorArray(tf.float32, size=steps)
 
-    def step(k, h, c, records, cell):
-        t = tf.tanh((records.read(k)[:, :4 * units] + bias + tf.matmul(h, recurrent)) * scale)
+    def step(k, h, c, records, cell, hidden):
+        t = tf.tanh((records.read(k) + bias + tf.matmul(h, recurrent)) * scale)
         ti, tf_, g, to = tf.split(t, 4, axis=-1)
         i, f, o = 0.5 * ti + 0.5, 0.5 * tf_ + 0.5, 0.5 * to + 0.5
         c_next = f * c + i * g
         tc = tf.tanh(c_next)
         h = o * tc
         derivs = tf.concat([g * i * (1.0 - i), c * f * (1.0 - f), i * (1.0 - g * g), tc * o * (1.0 - o)], axis=-1)
-        return (k + 1, h, c_next, records.write(k, tf.concat([derivs, h], axis=-1)),
-                cell.write(k, tf.concat([o * (1.0 - tc * tc), f], axis=-1)))
+        return (k + 1, h, c_next, records.write(k, derivs),
+                cell.write(k, tf.concat([o * (1.0 - tc * tc), f], axis=-1)), hidden.write(k, h))
 
-    _, _, _, records, cell = tf.while_loop(lambda k, *_: k < steps, step, (0, zeros, zeros, records, cell))
+    _, _, _, records, cell, hidden = tf.while_loop(lambda k, *_: k < steps, step,
+                                                   (0, zeros, zeros, records, cell, hidden))
     kept = records.stack()
-    hs = kept[..., 4 * units:]
+    hs = hidden.stack()
     if xproj.dtype == tf.float32:
         return hs, kept, cell.stack()
     return hs, tf.cast(hs, xproj.dtype), kept, cell.stack()
@@ -119,7 +120,7 @@ def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, cell: tf.Tensor, recurrent: 
     units = tf.shape(recurrent)[0]
     dh_out = _rows(dhs, group, groups)
     steps = tf.shape(dh_out)[0]
-    derivs = tf.TensorArray(tf.float32, size=steps).unstack(kept[..., :4 * units])
+    derivs = tf.TensorArray(tf.float32, size=steps).unstack(kept)
     zeros = _zeros(dh_out, units)  # sized at run time, as the rows of a relaxed trace are
     recurrent_t = tf.transpose(recurrent)
 
@@ -168,9 +169,9 @@ def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.T
 
     Differentiable through a hand-written backward pass: the recurrent loops run back through time for the
     gate gradients, and every weight gradient is then one large matrix product over all steps. Those large
-    products (not the loops) take `matmul_dtype` operands and give `matmul_dtype` results; the loops read
-    bfloat16 projections as they go, since TensorFlow's own conversion of a whole tensor to float32 costs
-    more than the product that made it.
+    products (not the loops) take `matmul_dtype` operands and give `matmul_dtype` results; the loops' compiled
+    functions convert bfloat16 projections to float32 themselves, since TensorFlow's own conversion of a
+    whole tensor costs more than the product that made it.
     """
     low = tf.as_dtype(matmul_dtype)
 
