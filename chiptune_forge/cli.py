@@ -616,47 +616,43 @@ def _run_render(args: argparse.Namespace) -> int:
     stats = RenderStats()
     fmt = output.suffix[1:].lower()
     rate = args.sample_rate
-    if (fmt == "wav" and not normalizing and not args.loop and not args.godot_import and not preset.effects
-            and rate == DSP_RATE):
-        # the chip's own output, written as it is mixed: the file the general path below writes, without
-        # holding the piece
-        try:
+    # A plain WAV of the chip's own output is written as it is mixed: the file the general path writes,
+    # without holding the piece.
+    streamed = fmt == "wav" and not normalizing and not args.godot_import and not preset.effects and rate == DSP_RATE
+    try:
+        if streamed:
             jingle, _ = jingle_piece(piece, rate, args.intro_bars, args.bars)
             blocks = chip_blocks(jingle, preset, stats, parallel=True)  # plugin parts render here
-        except ChiptuneError as exc:
-            raise ChiptuneError(f"{args.input}: {exc}") from None
+        else:
+            track = render_track(piece, lambda p, rate: render_piece(p, preset, rate, stats=stats, parallel=True),
+                                 rate, loop=args.loop, intro_bars=args.intro_bars, bars=args.bars)
+    except ChiptuneError as exc:
+        raise ChiptuneError(f"{args.input}: {exc}") from None
+    if streamed:
         final = output.with_name(f"{output.stem}.{fmt}")  # named as export_track names it
         with contextlib.closing(blocks):
             frames, peak = write_jingle_wav(final, blocks, round(jingle.end_time * rate), rate)
-        paths, loop = [final], None
-        level = _chip_level(peak)
-        _report_render(output, normalizing, described, paths, frames, rate, preset, loop, level, stats)
-        return 0
-    try:
-        track = render_track(piece, lambda p, rate: render_piece(p, preset, rate, stats=stats, parallel=True), rate,
-                             loop=args.loop, intro_bars=args.intro_bars, bars=args.bars)
-    except ChiptuneError as exc:
-        raise ChiptuneError(f"{args.input}: {exc}") from None
-    if normalizing:
-        from .export import measure_loudness, normalize
-
-        loudness = measure_loudness(track)
-        track, gain = normalize(track, target, ceiling, formats=(fmt,), loudness_lufs=loudness)
-        info = {"source_midi": Path(args.input).name, "midi_sha256": file_sha256(args.input),
-                "preset": preset.name, "gain_db": round(gain, 3)}
-        reached = loudness + gain
-        level = ("silent" if math.isinf(reached) else f"gain {gain:+.2f} dB to {reached:.1f} LUFS"
-                 + (f" (short of {target:g}: held back by the {ceiling:g} dBTP ceiling)"
-                    if reached < target - 0.05 else ""))
-        paths = export_track(track, output.parent, output.stem, (fmt,), info, godot_import=args.godot_import,
-                             split=args.split, loudness_lufs=reached)
+        paths, loop, level = [final], None, _chip_level(peak)
     else:
-        peak = max(float(track.audio.max(initial=0.0)), -float(track.audio.min(initial=0.0)))
-        level = _chip_level(peak)
-        paths = export_track(track, output.parent, output.stem, (fmt,), godot_import=args.godot_import,
-                             sidecar=False)
-    loop = (track.loop_start, track.loop_length) if track.looping else None
-    _report_render(output, normalizing, described, paths, track.frames, rate, preset, loop, level, stats)
+        if normalizing:
+            from .export import measure_loudness, normalize
+
+            loudness = measure_loudness(track)
+            track, gain = normalize(track, target, ceiling, formats=(fmt,), loudness_lufs=loudness)
+            info = {"source_midi": Path(args.input).name, "midi_sha256": file_sha256(args.input),
+                    "preset": preset.name, "gain_db": round(gain, 3)}
+            reached = loudness + gain
+            level = ("silent" if math.isinf(reached) else f"gain {gain:+.2f} dB to {reached:.1f} LUFS"
+                     + (f" (short of {target:g}: held back by the {ceiling:g} dBTP ceiling)"
+                        if reached < target - 0.05 else ""))
+            paths = export_track(track, output.parent, output.stem, (fmt,), info, godot_import=args.godot_import,
+                                 split=args.split, loudness_lufs=reached)
+        else:
+            level = _chip_level(max(float(track.audio.max(initial=0.0)), -float(track.audio.min(initial=0.0))))
+            paths = export_track(track, output.parent, output.stem, (fmt,), godot_import=args.godot_import,
+                                 sidecar=False)
+        frames, loop = track.frames, ((track.loop_start, track.loop_length) if track.looping else None)
+    _report_render(output, normalizing, described, paths, frames, rate, preset, loop, level, stats)
     return 0
 
 

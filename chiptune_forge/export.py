@@ -37,6 +37,7 @@ import numpy as np
 
 from .errors import ChiptuneError
 from .loops import SPLIT_PARTS, TrackAudio, check_sample_rate, godot_import_file, jingle_ending, split_clip
+from .snes.echo import to_float
 from .staging import StagedFiles
 
 TARGET_LUFS = -16.0
@@ -342,35 +343,33 @@ def write_jingle_wav(final: Path, blocks: Iterable[np.ndarray], music_end: int, 
     as render.chip_blocks gives them): the same file as export_track(render_track(..., loop=False)) writes
     without a sidecar, made without holding the piece.
 
-    Frames before `music_end` go to the file as they come; what rings on after is held and ended as
-    loops.jingle_ending ends it. The file is staged and renamed into place like every export. Returns the
-    frames written and their sample peak (a fraction of full scale).
+    Blocks before `music_end` go to the file as they come; a block from there on is what rings on after the
+    music (chip_blocks never lets a block span the music's end and gives the ringing as one last block),
+    ended as loops.jingle_ending ends it. The file is staged and renamed into place like every export.
+    Returns the frames written and their sample peak (a fraction of full scale).
     """
     def write(path: Path) -> None:
         with open(path, "w+b") as f, _pcm16_wave(f, 2, sample_rate) as w:  # sizes set when it closes
             pcm = np.empty((0, 2), dtype=np.int16)
-            peak, done, ringing = 0, 0, []
+            peak, done = 0, 0
+            tail = np.zeros((0, 2), dtype=np.float32)
             for block in blocks:
                 n = block.shape[1]
-                music = min(n, max(music_end - done, 0))
-                if music:
-                    part = block[:, :music]
-                    peak = max(peak, int(part.max()), -int(part.min()))
-                    if len(pcm) < music:
-                        pcm = np.empty((music, 2), dtype=np.int16)
-                    out = pcm[:music]
-                    out[:, 0] = part[0]
-                    out[:, 1] = part[1]
-                    _write_frames(w, out)
-                if music < n:  # 16-bit values / 32768, as render_piece gives them
-                    ringing.append(np.ascontiguousarray(block[:, music:].T, dtype=np.float32) * np.float32(1 / 0x8000))
+                if done >= music_end:  # 16-bit values / 32768, as render_piece gives them
+                    tail = to_float(block, np.empty((n, 2), dtype=np.float32))
+                    continue
+                peak = max(peak, int(block.max()), -int(block.min()))
+                if len(pcm) < n:
+                    pcm = np.empty((n, 2), dtype=np.int16)
+                out = pcm[:n]
+                out[:, 0] = block[0]
+                out[:, 1] = block[1]
+                _write_frames(w, out)
                 done += n
-            tail = np.concatenate(ringing) if ringing else np.zeros((0, 2), dtype=np.float32)
             ending = jingle_ending(tail, peak / 32768, sample_rate)
             for out in pcm16_blocks(ending):
                 _write_frames(w, out)
-            result.append((min(done, music_end) + len(ending),
-                           max(peak / 32768, float(np.abs(ending).max(initial=0.0)))))
+            result.append((done + len(ending), max(peak / 32768, float(np.abs(ending).max(initial=0.0)))))
 
     result: list[tuple[int, float]] = []
     with StagedFiles() as files:

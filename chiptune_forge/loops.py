@@ -230,11 +230,10 @@ def _bars(n: int) -> str:
     return f"{n} bar" if n == 1 else f"{n} bars"
 
 
-def _whole_bars(value: float | int, what: str) -> int:
+def _whole_bars(value: float | int, what: str, key: str) -> int:
     """Bar counts must be whole: a fractional intro would end off a bar line."""
     if isinstance(value, bool) or not float(value).is_integer():
-        raise RequestError("intro_bars" if what == "intro" else "bars",
-                           f"{what} of {value!r} bars does not end on a bar line (give whole bars)")
+        raise RequestError(key, f"{what} of {value!r} bars does not end on a bar line (give whole bars)")
     return int(value)
 
 
@@ -244,7 +243,7 @@ def plan_loop(piece: Piece, sample_rate: int, intro_bars: int = 0, bars: int | N
     Without `bars` the body runs from the intro's end to the piece's last bar line.
     """
     check_sample_rate(sample_rate)
-    intro = _whole_bars(intro_bars, "intro")
+    intro = _whole_bars(intro_bars, "intro", "intro_bars")
     if intro < 0:
         raise RequestError("intro_bars", f"intro of {intro} bars: the intro cannot be negative")
     lines = piece_bar_lines(piece)
@@ -254,7 +253,7 @@ def plan_loop(piece: Piece, sample_rate: int, intro_bars: int = 0, bars: int | N
         if body < 1:
             raise RequestError("intro_bars", f"an intro of {_bars(intro)} leaves no body: the piece has {_bars(total)}")
     else:
-        body = _whole_bars(bars, "body")
+        body = _whole_bars(bars, "body", "bars")
         if body < 1:
             raise RequestError("bars", f"body of {body} bars: a loop needs at least 1 bar")
         if intro + body > total:
@@ -415,7 +414,7 @@ def check_request(piece: Piece, sample_rate: int, loop: bool = True, intro_bars:
 
 def _checked_loop(piece: Piece, sample_rate: int, intro_bars: int, bars: int | None) -> LoopPlan:
     plan = plan_loop(piece, sample_rate, intro_bars, bars)
-    _check_length(piece, (plan.intro_frames + plan.body_frames) / sample_rate)
+    _check_length(piece, (plan.intro_frames + plan.body_frames) / sample_rate, bars)
     return plan
 
 
@@ -423,13 +422,13 @@ def jingle_piece(piece: Piece, sample_rate: int, intro_bars: int = 0, bars: int 
     """The part of the piece a jingle plays (its first `bars` bars, or all of it) and its bar count;
     RequestError if the request cannot be rendered."""
     check_sample_rate(sample_rate)
-    if _whole_bars(intro_bars, "intro") != 0:
+    if _whole_bars(intro_bars, "intro", "intro_bars") != 0:
         raise RequestError("intro_bars",
                            f"an intro of {_bars(int(intro_bars))} needs a looping track (a jingle has none)")
     lines = piece_bar_lines(piece)
     total = len(lines) - 1
     if bars is not None:
-        count = _whole_bars(bars, "jingle")
+        count = _whole_bars(bars, "jingle", "bars")
         if not 1 <= count <= total:
             raise RequestError("bars", f"jingle of {_bars(count)}: the piece has {_bars(total)}")
         end_seconds = float(piece.beats_to_seconds(lines[count]))
@@ -439,7 +438,7 @@ def jingle_piece(piece: Piece, sample_rate: int, intro_bars: int = 0, bars: int 
         controls = [c for c in piece.controls if c.time < end_seconds]
         piece = Piece(notes, piece.tempos, piece.time_signatures, piece.track_names, controls)
         total = count
-    _check_length(piece, piece.end_time)
+    _check_length(piece, piece.end_time, bars)
     return piece, total
 
 
@@ -490,11 +489,13 @@ def jingle_ending(ringing: np.ndarray, music_peak: float, sample_rate: int) -> n
     return out
 
 
-def _check_length(piece: Piece, seconds: float) -> None:
+def _check_length(piece: Piece, seconds: float, bars: int | None) -> None:
+    """Too long is the `bars` key's doing when it was given, else the MIDI's."""
     if seconds > MAX_MUSIC_SECONDS:
         last = max(piece.notes, key=lambda n: n.end)
-        raise RequestError("bars", f"{seconds:.0f} s of music to render (the last note, pitch {last.pitch}, ends at "
-                            f"{last.end:.0f} s); at most {MAX_MUSIC_SECONDS / 60:.0f} minutes are rendered")
+        raise RequestError("midi" if bars is None else "bars",
+                           f"{seconds:.0f} s of music to render (the last note, pitch {last.pitch}, ends at "
+                           f"{last.end:.0f} s); at most {MAX_MUSIC_SECONDS / 60:.0f} minutes are rendered")
 
 
 def _sounding_until(audio: np.ndarray, start: int, threshold: float) -> int:

@@ -145,14 +145,20 @@ class _Lines:
             if k:
                 self.keys.setdefault((table, index, k.group(1).strip("\"'")), number)
 
-    def of(self, table: str, index: int, key: str | None = None) -> int:
+    def find(self, table: str, index: int, key: str | None = None) -> int | None:
+        """The line of the key, else of its table (header, or key of an inline table); None if the scan
+        saw neither (a dotted or quoted key, a table made only by its subtables)."""
         if key is not None and (table, index, key) in self.keys:
             return self.keys[(table, index, key)]
         if (table, index) in self.tables:
             return self.tables[(table, index)]
         parent, _, name = table.rpartition(".")
-        if (parent, 0, name) in self.keys:  # an inline table: the line of its key in the table around it
-            return self.keys[(parent, 0, name)]
+        return self.keys.get((parent, 0, name))  # an inline table: the line of its key in the table around it
+
+    def of(self, table: str, index: int, key: str | None = None) -> int:
+        found = self.find(table, index, key)
+        if found is not None:
+            return found
         # a table made only by its subtables' headers ([tracks.boss] makes [tracks]): the first of those
         return min((line for (header, _), line in self.tables.items() if header.startswith(f"{table}.")), default=1)
 

@@ -769,11 +769,12 @@ def save_state(path: str, assignments: Sequence[str], output: Path, host: Plugin
 
 
 class _Problem(Exception):
-    """A plugin problem the worker reports as a one-line reason, with the parameter it is about if any."""
+    """A plugin problem the worker reports as a one-line reason, with the parameter it is about if any (set
+    where the parameters are applied)."""
 
-    def __init__(self, reason: str, parameter: str | None = None) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
-        self.parameter = parameter
+        self.parameter: str | None = None
 
 
 @dataclass
@@ -963,19 +964,27 @@ def _apply_parameters(instance: _Instance, spec: PluginSpec) -> None:
     known = instance.parameters
     restored = spec.state is not None or spec.preset_data is not None
     for name, value in spec.parameters:
-        param = known.get(name)
-        if param is None:
-            close = difflib.get_close_matches(name, list(known), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise _Problem(f"unknown parameter {name!r} ({hint}parameters: {', '.join(known) or 'none'})", name)
         try:
-            raw = param.get_raw_value_for(_coerce(name, param, value))
-            if restored:
-                param.raw_value = 0.75 if raw < 0.5 else 0.25  # away from the target, and not 0
-                raw = max(raw, RESTORED_LOWEST_RAW)
-            param.raw_value = raw
-        except ValueError as exc:
-            raise _Problem(f"parameter {name!r}: {_reason(exc)}", name) from None
+            _apply_parameter(known, name, value, restored)
+        except _Problem as exc:
+            exc.parameter = name
+            raise
+
+
+def _apply_parameter(known: dict[str, Any], name: str, value: ParameterValue, restored: bool) -> None:
+    param = known.get(name)
+    if param is None:
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise _Problem(f"unknown parameter {name!r} ({hint}parameters: {', '.join(known) or 'none'})")
+    try:
+        raw = param.get_raw_value_for(_coerce(name, param, value))
+        if restored:
+            param.raw_value = 0.75 if raw < 0.5 else 0.25  # away from the target, and not 0
+            raw = max(raw, RESTORED_LOWEST_RAW)
+        param.raw_value = raw
+    except ValueError as exc:
+        raise _Problem(f"parameter {name!r}: {_reason(exc)}") from None
 
 
 def _coerce(name: str, param: Any, value: ParameterValue) -> ParameterValue:
@@ -984,26 +993,26 @@ def _coerce(name: str, param: Any, value: ParameterValue) -> ParameterValue:
         if isinstance(value, str):
             word = value.strip().lower()
             if word not in _TRUE | _FALSE:
-                raise _Problem(f"parameter {name!r} is on/off, got {value!r}", name)
+                raise _Problem(f"parameter {name!r} is on/off, got {value!r}")
             return word in _TRUE
         return bool(value)
     if param.type is str:
         text = str(value)
         if text not in param.valid_values:
             choices = ", ".join(str(v) for v in param.valid_values)
-            raise _Problem(f"parameter {name!r} must be one of {choices}, got {value!r}", name)
+            raise _Problem(f"parameter {name!r} must be one of {choices}, got {value!r}")
         return text
     if isinstance(value, bool):
-        raise _Problem(f"parameter {name!r} expects a number, got {str(value).lower()}", name)
+        raise _Problem(f"parameter {name!r} expects a number, got {str(value).lower()}")
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            raise _Problem(f"parameter {name!r} expects a number, got {value!r}", name) from None
+            raise _Problem(f"parameter {name!r} expects a number, got {value!r}") from None
     number = float(value)
     lo, hi = param.min_value, param.max_value
     if lo is not None and hi is not None and not lo - 1e-9 <= number <= hi + 1e-9:
-        raise _Problem(f"parameter {name!r} must be within {lo:g}..{hi:g}, got {number:g}", name)
+        raise _Problem(f"parameter {name!r} must be within {lo:g}..{hi:g}, got {number:g}")
     return number
 
 

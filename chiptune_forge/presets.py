@@ -437,14 +437,10 @@ class _Validator:
             raise self.fail(self._join(prefix, exc.key), exc.reason) from None
         # A parameter the plugin turns out not to have is only found when it loads: its line is kept for then
         # (where the line scan finds it; a dotted or quoted key falls back to the role).
-        text_lines, key_lines = self.text.splitlines(), _key_lines(self.text)
-        origins = []
-        for name, _ in plugin.parameters:
-            key = f"{prefix}.parameters.{name}"
-            line = _line_of(key_lines, key)
-            if line <= len(text_lines) and name in text_lines[line - 1]:
-                origins.append((name, f"{self.where}:{line}: {key}"))
-        plugin = replace(plugin, parameter_origins=tuple(origins))
+        key_lines = _key_lines(self.text)
+        origins = tuple((name, f"{self.where}:{line}: {prefix}.parameters.{name}") for name, _ in plugin.parameters
+                        if (line := key_lines.find(f"{prefix}.parameters", 0, name)) is not None)
+        plugin = replace(plugin, parameter_origins=origins)
         return RoleSpec(
             instrument=f"plugin:{plugin.path.name}",
             envelope=None,

@@ -307,3 +307,16 @@ def test_bad_requests_fail_before_rendering(kwargs, message):
 def test_empty_piece_is_refused():
     with pytest.raises(ChiptuneError, match="no notes"):
         render_track(Piece([]), never_render, RATE)
+
+
+@pytest.mark.parametrize("loop", [True, False])
+def test_too_long_music_is_put_on_bars_only_when_bars_chose_it(loop: bool) -> None:
+    """A piece over the length limit is the MIDI's fault unless `bars` asked for that much of it."""
+    piece = make_piece(bars=160, qpm=30.0)  # 8 s bars: 1280 s
+    with pytest.raises(loops.RequestError, match="at most 20 minutes") as whole:
+        loops.check_request(piece, RATE, loop=loop)
+    assert whole.value.key == "midi"
+    with pytest.raises(loops.RequestError, match="at most 20 minutes") as chosen:
+        loops.check_request(piece, RATE, loop=loop, bars=155)
+    assert chosen.value.key == "bars"
+    loops.check_request(piece, RATE, loop=loop, bars=100)

@@ -468,9 +468,10 @@ def test_a_parameter_the_plugin_lacks_is_put_on_its_preset_line(synth: Path, cli
                                             r".*'waveform' must be one of pulse, triangle, saw, got 'sine'"):
         render_piece(song, load_preset(table), 32000)
     dotted = tmp_path / "dotted.toml"  # a dotted key the line scan does not follow: the role, no wrong line
-    dotted.write_text(f'[roles.lead]\nplugin = "{synth}"\nparameters.dutty = 0.3\n')
-    with pytest.raises(ChiptuneError, match=rf"^{re.escape(str(dotted))}: roles.lead: plugin .*unknown parameter"):
-        render_piece(song, load_preset(dotted), 32000)
+    for name in ("dutty", "a"):  # "a" also appears in the [roles.lead] header above it
+        dotted.write_text(f'[roles.lead]\nplugin = "{synth}"\nparameters.{name} = 0.3\n')
+        with pytest.raises(ChiptuneError, match=rf"^{re.escape(str(dotted))}: roles.lead: plugin .*unknown parameter"):
+            render_piece(song, load_preset(dotted), 32000)
 
 
 def test_a_preset_mixing_builtin_and_plugin_roles_renders(synth: Path, cli_host: PluginHost, tmp_path: Path,

@@ -90,34 +90,30 @@ def interpolate(ext: np.ndarray, pos: np.ndarray) -> np.ndarray:
     table entries 255-f, 511-f, 256+f and f; the first three products are summed and wrapped to 16 bits, the
     fourth is added, and the result is clamped with bit 0 cleared.
     """
-    g = gaussian_table()
     i = pos >> 12
-    f = (pos >> 4) & 0xFF
-    partial = (g[255 - f] * ext[i]) >> 11
-    partial += (g[511 - f] * ext[i + 1]) >> 11
-    partial += (g[256 + f] * ext[i + 2]) >> 11
-    out = wrap16(partial)
-    out += (g[f] * ext[i + 3]) >> 11
-    clamp16(out)
-    out &= ~1
-    return out
+    return _gaussian(ext[i], ext[i + 1], ext[i + 2], ext[i + 3], (pos >> 4) & 0xFF)
 
 
 def interpolation_table(ext: np.ndarray, n: int) -> np.ndarray:
     """interpolate(ext, pos) for every position counter value pos = t << 4 with t < n * 256 (sample t >> 8,
-    phase t & 255), as int32: each of the four taps is an outer product of a sample column and a phase row,
-    which is the same arithmetic done a whole table at once."""
+    phase t & 255), as int32: the same arithmetic with a column of samples against a row of phases, each
+    tap an outer product, so the whole table is made at once."""
+    rows = np.arange(n)[:, None]
+    out = _gaussian(ext[rows], ext[rows + 1], ext[rows + 2], ext[rows + 3], np.arange(256))
+    return out.reshape(-1).astype(np.int32, copy=False)
+
+
+def _gaussian(x0: np.ndarray, x1: np.ndarray, x2: np.ndarray, x3: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """The DSP's four-tap sum (see interpolate) of samples x0..x3 at phases f, broadcast against each other."""
     g = gaussian_table()
-    phase = np.arange(256)
-    rows = np.arange(n)
-    out = np.multiply.outer(ext[rows], g[255 - phase]) >> 11
-    out += np.multiply.outer(ext[rows + 1], g[511 - phase]) >> 11
-    out += np.multiply.outer(ext[rows + 2], g[256 + phase]) >> 11
+    out = (g[255 - f] * x0) >> 11
+    out += (g[511 - f] * x1) >> 11
+    out += (g[256 + f] * x2) >> 11
     out = wrap16(out)
-    out += np.multiply.outer(ext[rows + 3], g[phase]) >> 11
+    out += (g[f] * x3) >> 11
     clamp16(out)
     out &= ~1
-    return out.reshape(-1).astype(np.int32, copy=False)
+    return out
 
 
 class SampleSource:
