@@ -6,6 +6,11 @@ TF_CPP_MIN_LOG_LEVEL cannot hold them back; a user of `train` or `evaluate` woul
 They are caught at the file-descriptor level during the import and dropped; anything else written to
 stderr meanwhile (errors, Python warnings) is passed on. Setting TF_CPP_MIN_LOG_LEVEL to 0 or 1 shows
 everything.
+
+TensorFlow's CPU tensors come from its BFC allocator (TF_CPU_ALLOCATOR_USE_BFC), which keeps freed blocks
+for reuse, instead of from malloc. A training step allocates and frees tens of buffers of tens of MB;
+malloc hands blocks that large back to the system and maps fresh zeroed pages for them on the next step,
+which cost a quarter of the step's time in page faults. Setting the variable to false restores malloc.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def _quiet_import() -> None:
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 _quiet_import()
 
 import keras  # noqa: E402
