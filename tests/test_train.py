@@ -196,39 +196,68 @@ def test_exported_weights_give_the_keras_logits(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.asarray(reloaded(events, training=False)), keras_logits, atol=1e-6, rtol=0)
 
 
+def reference_lstm(x, kernel, bias, recurrent):
+    """Keras's LSTM math, time-major from zero state, left to TensorFlow's own differentiation."""
+    def step(carry, zx):
+        h, c = carry
+        zi, zf, zg, zo = tf.split(zx + h @ recurrent, 4, axis=-1)
+        c = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zg)
+        return tf.sigmoid(zo) * tf.tanh(c), c
+
+    zeros = tf.zeros([x.shape[1], recurrent.shape[0]])
+    return tf.scan(step, tf.einsum("tbi,ij->tbj", x, kernel) + bias, initializer=(zeros, zeros))[0]
+
+
+def assert_same_gradients(ours, reference, inputs: list, matmul_dtype: str) -> None:
+    """`ours` and `reference` give the same outputs and gradients for every input under a weighted sum of
+    the outputs: to float32 rounding, or to bfloat16's precision with its products."""
+    weights = tf.constant(np.random.default_rng(4).normal(size=(9, 3, 5)).astype(np.float32))
+    results = []
+    for fn in (ours, reference):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            out = fn(*inputs)
+            loss = tf.reduce_sum(out * weights)
+        results.append([out, *(tf.convert_to_tensor(g) for g in tape.gradient(loss, inputs))])
+    for got, expected in zip(results[0], results[1], strict=True):
+        scale = np.abs(expected.numpy()).max()
+        tolerance = 1e-5 if matmul_dtype == "float32" else 0.02 * scale  # bfloat16: 8 bits
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=tolerance, rtol=0)
+
+
 @pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
 def test_training_gradients_match_plain_autodiff(matmul_dtype: str) -> None:
     """The hand-written backward pass of an LSTM layer equals TensorFlow's own differentiation of the same
-    math, for the inputs and every weight: exactly in float32, to bfloat16's precision with its products."""
+    math, for the inputs and every weight."""
     from chiptune_forge.model.network import lstm_layer
-
-    def reference(x, kernel, bias, recurrent):
-        def step(carry, zx):
-            h, c = carry
-            zi, zf, zg, zo = tf.split(zx + h @ recurrent, 4, axis=-1)
-            c = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zg)
-            return tf.sigmoid(zo) * tf.tanh(c), c
-
-        zeros = tf.zeros([x.shape[1], recurrent.shape[0]])
-        return tf.scan(step, tf.einsum("tbi,ij->tbj", x, kernel) + bias, initializer=(zeros, zeros))[0]
 
     rng = np.random.default_rng(2)
     x = tf.constant(rng.normal(size=(9, 3, 6)).astype(np.float32))
     kernel = tf.constant(rng.normal(0, 0.5, size=(6, 20)).astype(np.float32))
     bias = tf.constant(rng.normal(0, 0.5, size=(20,)).astype(np.float32))
     recurrent = tf.constant(rng.normal(0, 0.5, size=(5, 20)).astype(np.float32))
-    weights = tf.constant(rng.normal(size=(9, 3, 5)).astype(np.float32))
-    results = []
-    for fn in (lambda *args: lstm_layer(*args, matmul_dtype=matmul_dtype), reference):
-        with tf.GradientTape() as tape:
-            tape.watch([x, kernel, bias, recurrent])
-            out = fn(x, kernel, bias, recurrent)
-            loss = tf.reduce_sum(out * weights)
-        results.append([out, *tape.gradient(loss, [x, kernel, bias, recurrent])])
-    for ours, expected in zip(results[0], results[1], strict=True):
-        scale = np.abs(expected.numpy()).max()
-        tolerance = 1e-5 if matmul_dtype == "float32" else 0.02 * scale  # bfloat16 keeps 8 significant bits
-        np.testing.assert_allclose(ours.numpy(), expected.numpy(), atol=tolerance, rtol=0)
+    assert_same_gradients(lambda *args: lstm_layer(*args, matmul_dtype=matmul_dtype), reference_lstm,
+                          [x, kernel, bias, recurrent], matmul_dtype)
+
+
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
+def test_first_layer_gradients_match_an_embedding_lookup_then_lstm(matmul_dtype: str) -> None:
+    """The first layer, which looks its input projections up in embedding @ kernel, trains exactly as an
+    embedding lookup followed by an LSTM layer: the same outputs, and the same gradients for the embedding
+    (repeated events included) and every weight."""
+    from chiptune_forge.model.network import event_lstm_layer
+
+    rng = np.random.default_rng(6)
+    ids = tf.constant(rng.integers(0, 259, size=(9, 3)).astype(np.int32))
+    ids = tf.tensor_scatter_nd_update(ids, [[1, 0], [4, 2]], [int(ids[0, 0]), int(ids[0, 0])])
+    embeddings = tf.constant(rng.normal(0, 0.5, size=(259, 6)).astype(np.float32))
+    kernel = tf.constant(rng.normal(0, 0.5, size=(6, 20)).astype(np.float32))
+    bias = tf.constant(rng.normal(0, 0.5, size=(20,)).astype(np.float32))
+    recurrent = tf.constant(rng.normal(0, 0.5, size=(5, 20)).astype(np.float32))
+    assert_same_gradients(
+        lambda e, k, b, r: event_lstm_layer(ids, e, k, b, r, matmul_dtype=matmul_dtype),
+        lambda e, k, b, r: reference_lstm(tf.gather(e, ids), k, b, r),
+        [embeddings, kernel, bias, recurrent], matmul_dtype)
 
 
 def test_row_groups_may_be_empty_and_batches_change_size(monkeypatch: pytest.MonkeyPatch) -> None:

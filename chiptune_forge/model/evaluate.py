@@ -87,10 +87,9 @@ def model_from_export(model_dir: str | Path):
     hparams = LstmModel(arrays, description, folder).hparams  # the shapes checked as generation checks them
     model = build_model(hparams)
     try:
-        model.get_layer("embedding").set_weights([arrays["embedding"]])
         for i in range(len(hparams.rnn_layer_sizes)):
-            model.get_layer(f"lstm{i}").set_weights(
-                [arrays[f"lstm{i}_kernel"], arrays[f"lstm{i}_recurrent"], arrays[f"lstm{i}_bias"]])
+            model.get_layer(f"lstm{i}").set_weights([arrays["embedding"]] * (i == 0) + [
+                arrays[f"lstm{i}_kernel"], arrays[f"lstm{i}_recurrent"], arrays[f"lstm{i}_bias"]])
         model.get_layer("dense").set_weights([arrays["dense_kernel"], arrays["dense_bias"]])
     except ValueError as exc:
         raise ChiptuneError(f"{folder}: the weights do not fit the network model.json describes ({exc})") from None

@@ -26,7 +26,7 @@ MATH = ("x_t = embedding[event_t]; per LSTM layer: z = x_t @ kernel + h_{t-1} @ 
 
 def weight_arrays(model) -> dict[str, np.ndarray]:
     """The named float32 arrays of a network built by `network.build_model`."""
-    arrays = {"embedding": np.asarray(model.get_layer("embedding").embeddings)}
+    arrays = {"embedding": np.asarray(model.get_layer("lstm0").embeddings)}
     i = 0
     while any(layer.name == f"lstm{i}" for layer in model.layers):
         layer = model.get_layer(f"lstm{i}")

@@ -7,7 +7,8 @@ The LSTM math is Keras's (gates i, f, c, o; sigmoid recurrent activation, tanh),
 layout as `keras.layers.LSTM` (kernel [in, 4u], recurrent kernel [u, 4u], bias [4u]), so the exported
 weights drive any standard LSTM. Only the schedule differs, for speed on a CPU:
 - the network runs time-major inside, and each layer's input projection for every timestep is one large
-  matrix product before the recurrent loop, which then only multiplies the hidden state;
+  matrix product before the recurrent loop, which then only multiplies the hidden state; the first layer's
+  is a lookup in embedding @ kernel, one small product for the 259 events (the layer holds the embedding);
 - the recurrent loops are compiled with XLA, and the rows of a batch are split into independent groups
   whose loops run at the same time on different cores (a loop alone keeps only one core busy); a loop
   step is one matrix product, one tanh over all four gates and a few multiply-adds;
@@ -163,43 +164,85 @@ def _join(parts: list[tf.Tensor]) -> tf.Tensor:
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
 
-def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor,
-               matmul_dtype: str = "float32") -> tf.Tensor:
-    """One LSTM layer from zero state, time-major: inputs [T, B, in] -> hidden states [T, B, u].
+def _recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
+    """Hidden states [T, B, u] of one LSTM layer from zero state, given its input projections without bias
+    [T, B, 4u] (float32, or bfloat16 for bfloat16 products).
 
     Differentiable through a hand-written backward pass: the recurrent loops run back through time for the
-    gate gradients, and every weight gradient is then one large matrix product over all steps. Those large
-    products (not the loops) take `matmul_dtype` operands and give `matmul_dtype` results; the loops' compiled
-    functions convert bfloat16 projections to float32 themselves, since TensorFlow's own conversion of a
-    whole tensor costs more than the product that made it.
+    gate gradients, which are the projections' gradient (in the projections' dtype), and the recurrent
+    kernel's gradient is then one large matrix product over all steps. The loops' compiled functions convert
+    bfloat16 projections to float32 themselves, since TensorFlow's own conversion of a whole tensor costs
+    more than the product that made it.
     """
-    low = tf.as_dtype(matmul_dtype)
+    low = xproj.dtype
 
     @tf.custom_gradient
-    def run(x, kernel, bias, recurrent):
+    def run(xproj, bias, recurrent):
         # The loops are differentiated by `grad` below, never by tracing through them.
-        x, kernel, bias, recurrent = (tf.stop_gradient(v) for v in (x, kernel, bias, recurrent))
-        shape = tf.shape(x)
+        xproj, bias, recurrent = (tf.stop_gradient(v) for v in (xproj, bias, recurrent))
         units = tf.shape(recurrent)[0]
-        # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
-        flat = tf.cast(tf.reshape(x, [-1, kernel.shape[0]]), low)
-        kernel_low = tf.cast(kernel, low)
-        xproj = tf.reshape(tf.matmul(flat, kernel_low), tf.stack([shape[0], shape[1], 4 * units]))
         outs = [_forward_loop(xproj, bias, recurrent, k, LOOP_GROUPS) for k in range(LOOP_GROUPS)]
         hs = _join([o[0] for o in outs])
 
         def grad(dhs: tf.Tensor):
             backs = [_backward_loop(dhs, *o[-2:], recurrent, k, LOOP_GROUPS, low) for k, o in enumerate(outs)]
-            dz = tf.reshape(_join([b[0] for b in backs]), [-1, 4 * units])
+            dz = _join([b[0] for b in backs])
             h_low = hs if low == tf.float32 else _join([o[1] for o in outs])
             h_prev = tf.reshape(tf.concat([tf.zeros_like(h_low[:1]), h_low[:-1]], axis=0), [-1, units])
-            dx = tf.reshape(tf.cast(tf.matmul(dz, kernel_low, transpose_b=True), tf.float32), shape)
-            return (dx, tf.cast(tf.matmul(flat, dz, transpose_a=True), tf.float32), tf.add_n([b[1] for b in backs]),
-                    tf.cast(tf.matmul(h_prev, dz, transpose_a=True), tf.float32))
+            d_recurrent = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * units]), transpose_a=True)
+            return dz, tf.add_n([b[1] for b in backs]), tf.cast(d_recurrent, tf.float32)
 
         return hs, grad
 
-    return run(x, kernel, bias, recurrent)
+    return run(xproj, bias, recurrent)
+
+
+def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor,
+               matmul_dtype: str = "float32") -> tf.Tensor:
+    """One LSTM layer from zero state, time-major: inputs [T, B, in] -> hidden states [T, B, u], for training.
+
+    The input projection of every step is one large matrix product before the loops, and its gradients
+    (for the inputs and the kernel) two large products after them; these take `matmul_dtype` operands and
+    give `matmul_dtype` results.
+    """
+    low = tf.as_dtype(matmul_dtype)
+    shape = tf.shape(x)
+    # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
+    flat = tf.cast(tf.reshape(x, [-1, kernel.shape[0]]), low)
+    xproj = tf.reshape(tf.matmul(flat, tf.cast(kernel, low)), tf.stack([shape[0], shape[1], kernel.shape[1]]))
+    return _recurrent(xproj, bias, recurrent)
+
+
+@_compiled
+def _looked_up(table: tf.Tensor, ids: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    return tf.cast(tf.gather(table, ids), dtype)
+
+
+@_compiled
+def _row_sums(d: tf.Tensor, ids: tf.Tensor, rows: int) -> tf.Tensor:
+    return tf.math.unsorted_segment_sum(tf.cast(d, tf.float32), ids, rows)
+
+
+def _lookup(table: tf.Tensor, ids: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """table[ids] as `dtype`; its gradient is summed per table row in float32 (TensorFlow's own gradient of
+    a lookup is a list of rows that the next product would turn dense in a slower, uncompiled pass)."""
+
+    @tf.custom_gradient
+    def run(table):
+        return _looked_up(table, ids, dtype), lambda d: _row_sums(d, ids, table.shape[0])
+
+    return run(table)
+
+
+def event_lstm_layer(ids: tf.Tensor, embeddings: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor,
+                     recurrent: tf.Tensor, matmul_dtype: str = "float32") -> tf.Tensor:
+    """The first LSTM layer, fed by the event embedding, time-major: event ids [T, B] -> [T, B, u].
+
+    A step's input is an embedding row, so its input projection is a row of embeddings @ kernel: the
+    product is taken once for the 259 events and looked up, and its gradient is the per-event sum of the
+    gate gradients times the small matrices again, instead of three products over every step.
+    """
+    return _recurrent(_lookup(tf.matmul(embeddings, kernel), ids, tf.as_dtype(matmul_dtype)), bias, recurrent)
 
 
 def lstm_time_major_inference(xproj: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
@@ -284,8 +327,11 @@ class TimeMajorLSTM(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(4 * u,), initializer=keras.initializers.Constant(
             [0.0] * u + [1.0] * u + [0.0] * (2 * u)))
 
+    def _weights(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        return tuple(tf.convert_to_tensor(w) for w in (self.kernel, self.bias, self.recurrent_kernel))
+
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        kernel, bias, recurrent = (tf.convert_to_tensor(w) for w in (self.kernel, self.bias, self.recurrent_kernel))
+        kernel, bias, recurrent = self._weights()
         if training:
             return lstm_layer(inputs, kernel, bias, recurrent, self.matmul_dtype)
         shape = tf.shape(inputs)
@@ -301,22 +347,54 @@ class TimeMajorLSTM(keras.layers.Layer):
         return {**super().get_config(), "units": self.units, "matmul_dtype": self.matmul_dtype}
 
 
+@keras.saving.register_keras_serializable(package="chiptune_forge")
+class EventLSTM(TimeMajorLSTM):
+    """The first LSTM layer with the event embedding it reads: time-major event ids [T, B] -> [T, B, units].
+
+    It holds the embedding table (created first, so the network's weights keep the order of a separate
+    embedding layer followed by an LSTM layer) because each step's input projection is then a row of one
+    [259, 4u] product (`event_lstm_layer`)."""
+
+    def __init__(self, units: int, embedding_dim: int, matmul_dtype: str = "float32", **kwargs) -> None:
+        super().__init__(units, matmul_dtype, **kwargs)
+        self.embedding_dim = embedding_dim
+
+    def build(self, input_shape) -> None:
+        # Keras's Embedding layer starts from the same uniform range.
+        self.embeddings = self.add_weight(name="embeddings", shape=(NUM_CLASSES, self.embedding_dim),
+                                          initializer="uniform")
+        super().build((*input_shape, self.embedding_dim))
+
+    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        kernel, bias, recurrent = self._weights()
+        embeddings = tf.convert_to_tensor(self.embeddings)
+        if training:
+            return event_lstm_layer(inputs, embeddings, kernel, bias, recurrent, self.matmul_dtype)
+        return lstm_time_major_inference(tf.gather(tf.matmul(embeddings, kernel) + bias, inputs), recurrent)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.units)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "embedding_dim": self.embedding_dim}
+
+
 def build_model(hparams: HParams, matmul_dtype: str = "float32") -> keras.Model:
     """int32 event ids [batch, time] -> float32 logits [batch, time, 259].
 
-    With `matmul_dtype` "bfloat16", the LSTM layers' large matrix products in training (the input
-    projections and the weight gradients) take bfloat16 operands and give bfloat16 results (accumulating in
-    float32), as mixed precision training does; the weights and their updates, the recurrent loops, the
-    output layer and evaluation stay float32.
+    The first LSTM layer (`lstm0`) holds the event embedding. With `matmul_dtype` "bfloat16", the LSTM
+    layers' large matrix products in training (the input projections and the weight gradients) take
+    bfloat16 operands and give bfloat16 results (accumulating in float32), as mixed precision training
+    does; the weights and their updates, the recurrent loops, the output layer and evaluation stay float32.
     """
     if matmul_dtype not in MATMUL_DTYPES:
         raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
     ids = keras.Input(shape=(None,), dtype="int32", name="events")
     x = keras.layers.Lambda(lambda t: tf.transpose(t), name="to_time_major")(ids)
-    x = keras.layers.Embedding(NUM_CLASSES, embedding_dim(hparams), name="embedding")(x)
     for i, units in enumerate(hparams.rnn_layer_sizes):
-        x = TimeMajorLSTM(units, matmul_dtype, name=f"lstm{i}")(x)
-        x = Dropout16(1.0 - hparams.dropout_keep_prob, name=f"dropout{i}")(x)
+        layer = (EventLSTM(units, embedding_dim(hparams), matmul_dtype, name="lstm0") if i == 0
+                 else TimeMajorLSTM(units, matmul_dtype, name=f"lstm{i}"))
+        x = Dropout16(1.0 - hparams.dropout_keep_prob, name=f"dropout{i}")(layer(x))
     x = keras.layers.Lambda(lambda t: tf.transpose(t, [1, 0, 2]), name="to_batch_major")(x)
     logits = keras.layers.Dense(NUM_CLASSES, name="dense")(x)
     return keras.Model(ids, logits, name="polyphony_lstm")
