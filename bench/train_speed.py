@@ -9,7 +9,9 @@ machine (bfloat16 on CPUs with AMX; --matmul-precision to choose) and the defaul
 real sequences (from ../shared/corpus/vgmidi when present, else synthetic ones), one step of each in turn so
 that both see the same load from whatever else runs on the machine. Steps that compile a new batch shape are
 left out of the rates. Both models are then scored on the same held-out sequences the same way (windows of at
-most 512 events from a fresh state), after the same number of steps.
+most 512 events from a fresh state), after the same number of steps. Both run in one process, so both use
+the CPU allocator chiptune-forge sets (TensorFlow's BFC allocator); the baseline's step takes the same time
+with malloc.
 
 Run: .venv/bin/python bench/train_speed.py [--steps N] [--corpus DIR] [--files N] [--matmul-precision P]
                                           [--dropout-keep-prob K]
