@@ -239,8 +239,8 @@ def event_lstm_layer(ids: tf.Tensor, embeddings: tf.Tensor, kernel: tf.Tensor, b
     """The first LSTM layer, fed by the event embedding, time-major: event ids [T, B] -> [T, B, u].
 
     A step's input is an embedding row, so its input projection is a row of embeddings @ kernel: the
-    product is taken once for the 259 events and looked up, and its gradient is the per-event sum of the
-    gate gradients times the small matrices again, instead of three products over every step.
+    product is taken once for the 259 events and looked up. Its gradient is the per-event sum of the gate
+    gradients, taken back through that small product: three large products over every step are saved.
     """
     return _recurrent(_lookup(tf.matmul(embeddings, kernel), ids, tf.as_dtype(matmul_dtype)), bias, recurrent)
 
