@@ -12,6 +12,7 @@ import contextlib
 import gc
 import mmap
 import os
+import pickle
 import signal
 import struct
 import sys
@@ -219,8 +220,6 @@ def _exit_reason(status: int) -> str:
 
 def _unpickled(data: bytes) -> BaseException:
     """The producer's exception, as it sent it (it is this program's own forked process)."""
-    import pickle
-
     try:
         exc = pickle.loads(data)
     except Exception as failure:  # an exception whose class will not rebuild from its arguments
@@ -243,8 +242,6 @@ def _produce(items: Iterator[int], mask: set[signal.Signals], ready_w: int, free
             if item == _DONE:
                 break
     except BaseException as exc:  # passed to the parent, which raises it
-        import pickle
-
         try:
             data = pickle.dumps(exc)
         except Exception:

@@ -211,12 +211,12 @@ def reference_lstm(x, kernel, bias, recurrent):
 def assert_same_gradients(ours, reference, inputs: list, matmul_dtype: str) -> None:
     """`ours` and `reference` give the same outputs and gradients for every input under a weighted sum of
     the outputs: to float32 rounding, or to bfloat16's precision with its products."""
-    weights = tf.constant(np.random.default_rng(4).normal(size=(9, 3, 5)).astype(np.float32))
     results = []
     for fn in (ours, reference):
         with tf.GradientTape() as tape:
             tape.watch(inputs)
             out = fn(*inputs)
+            weights = np.random.default_rng(4).normal(size=out.shape).astype(np.float32)  # the same for both
             loss = tf.reduce_sum(out * weights)
         results.append([out, *(tf.convert_to_tensor(g) for g in tape.gradient(loss, inputs))])
     for got, expected in zip(results[0], results[1], strict=True):

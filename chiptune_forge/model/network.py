@@ -327,11 +327,11 @@ class TimeMajorLSTM(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(4 * u,), initializer=keras.initializers.Constant(
             [0.0] * u + [1.0] * u + [0.0] * (2 * u)))
 
-    def _weights(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _weight_tensors(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         return tuple(tf.convert_to_tensor(w) for w in (self.kernel, self.bias, self.recurrent_kernel))
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        kernel, bias, recurrent = self._weights()
+        kernel, bias, recurrent = self._weight_tensors()
         if training:
             return lstm_layer(inputs, kernel, bias, recurrent, self.matmul_dtype)
         shape = tf.shape(inputs)
@@ -366,7 +366,7 @@ class EventLSTM(TimeMajorLSTM):
         super().build((*input_shape, self.embedding_dim))
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        kernel, bias, recurrent = self._weights()
+        kernel, bias, recurrent = self._weight_tensors()
         embeddings = tf.convert_to_tensor(self.embeddings)
         if training:
             return event_lstm_layer(inputs, embeddings, kernel, bias, recurrent, self.matmul_dtype)
