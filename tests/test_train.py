@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -118,6 +119,30 @@ def test_loss_falls_and_resume_continues_the_step_count(trained_run: tuple[Path,
     assert logged == {3, 28, 53, 60}, "every 25 steps of each session and at its end, the last one included"
     config = json.loads((run / "hparams.json").read_text())
     assert config["encoding"] == ENCODING_VERSION and config["hparams"] == TINY.to_dict()
+
+
+def final_weights(run: Path) -> dict[str, np.ndarray]:
+    with np.load(latest_checkpoint(run)) as data:
+        return {k: data[k] for k in data.files if k.startswith(("model_", "optimizer_", "random_"))}
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_unbroken_one(dataset: Path, tmp_path: Path) -> None:
+    """With dropout on: the seed fixes a new run's weights and masks, and a checkpoint carries the masks'
+    random state, so stopping and resuming changes nothing."""
+    dropout = dataclasses.replace(TINY, dropout_keep_prob=0.5)
+    unbroken, again, resumed, other = (tmp_path / n for n in ("unbroken", "again", "resumed", "other"))
+    train(options(unbroken, dataset, 6, hparams=dropout, evaluate=False))
+    train(options(again, dataset, 6, hparams=dropout, evaluate=False))
+    train(options(resumed, dataset, 3, hparams=dropout, evaluate=False))
+    train(options(resumed, dataset, 6, hparams=dropout, evaluate=False))
+    train(options(other, dataset, 6, hparams=dropout, evaluate=False, seed=1))
+    want = final_weights(unbroken)
+    assert any(k.startswith("random_") for k in want)
+    for run in (again, resumed):
+        got = final_weights(run)
+        assert got.keys() == want.keys()
+        assert all(np.array_equal(got[k], want[k]) for k in want), run.name
+    assert not np.array_equal(final_weights(other)["model_0"], want["model_0"]), "another seed, other weights"
 
 
 def test_resume_refuses_other_hparams(trained_run: tuple[Path, dict, dict], dataset: Path) -> None:

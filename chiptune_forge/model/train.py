@@ -3,12 +3,14 @@
 Training examples are chunks of at most `max_length` events cut from the dataset's sequences (each chunk
 starts from a fresh state), grouped with chunks of similar length and padded to a multiple of 128, so
 batches carry little padding and the compiled step sees only a few shapes. The loss is masked to the real
-positions. The order of batches is a pure function of the seed and the step number, so a resumed run sees
-exactly the batches it would have seen had it never stopped.
+positions. A new run's initial weights and dropout masks come from its seed, and the order of batches is
+a pure function of the seed and the step number; a checkpoint holds the dropout layers' random state, so
+a resumed run sees exactly the batches and masks it would have seen had it never stopped, and ends with
+the same weights.
 
 Run folder layout:
     hparams.json              hparams, encoding, dataset and chunking of the run
-    checkpoints/ckpt-N.npz    weights + optimizer state + step count (the newest few are kept)
+    checkpoints/ckpt-N.npz    weights + optimizer state + dropout random state + step count (newest few kept)
     export/                   the framework-free model (model.json + weights.npz), refreshed at each checkpoint
     train/, eval/             TensorBoard summaries
 """
@@ -141,13 +143,21 @@ def make_optimizer(hparams: HParams):
     return keras.optimizers.Adam(learning_rate=hparams.learning_rate, global_clipnorm=hparams.clip_norm)
 
 
+def _random_states(model) -> list:
+    """The network's random-number states (its dropout layers' seed generators): not weights, so not in
+    get_weights, but a resumed run needs them to draw the dropout masks it would have drawn without stopping."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
 def save_checkpoint(run_dir: Path, model, optimizer, step: int, state: dict, keep: int = KEEP_CHECKPOINTS) -> Path:
-    """Weights, optimizer slots and counters in one .npz, written atomically; all but the newest `keep` are
-    pruned."""
+    """Weights, optimizer slots, the dropout random state and counters in one .npz, written atomically; all but
+    the newest `keep` are pruned."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {f"model_{i}": w for i, w in enumerate(model.get_weights())}
     arrays |= {f"optimizer_{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+    arrays |= {f"random_{i}": np.asarray(v) for i, v in enumerate(_random_states(model))}
     path = folder / f"ckpt-{step:08d}.npz"
     tmp = folder / f"ckpt-{step:08d}.npz.tmp"
     with open(tmp, "wb") as fh:
@@ -168,6 +178,11 @@ def restore_checkpoint(path: Path, model, optimizer=None) -> tuple[int, dict]:
                 optimizer.build(model.trainable_variables)
                 for i, var in enumerate(optimizer.variables):
                     var.assign(data[f"optimizer_{i}"])
+                # Checkpoints written before the random states were kept go on from fresh ones.
+                states = _random_states(model)
+                if all(f"random_{i}" in data.files for i in range(len(states))):
+                    for i, var in enumerate(states):
+                        var.assign(data[f"random_{i}"])
             return int(data["step"]), json.loads(str(data["state"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ChiptuneError(f"{path}: damaged checkpoint ({getattr(exc, 'strerror', None) or exc}); move it "
@@ -323,7 +338,7 @@ def train(options: TrainOptions) -> dict:
     """Train (or resume) until num_training_steps (0: until stopped); returns the final counters."""
     from .evaluate import evaluate_model
     from .export import export_weights
-    from .framework import tf
+    from .framework import keras, tf
 
     run_dir = options.run_dir
     config = resolve_config(options)
@@ -353,6 +368,9 @@ def train(options: TrainOptions) -> dict:
         if (run_dir / name).exists() and not (run_dir / name).is_dir():
             raise ChiptuneError(f"{run_dir / name}: is a file where the run keeps a folder; move it away")
     precision = resolve_matmul_precision(options.matmul_precision)
+    # A new run's initial weights and dropout masks come from its seed, as its batch order does; a resumed
+    # run takes both from its checkpoint.
+    keras.utils.set_random_seed(int(config["seed"]))
     try:
         model = build_model(hparams, precision)
         optimizer = make_optimizer(hparams)
