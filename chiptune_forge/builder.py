@@ -318,11 +318,12 @@ def midi_from_events(events: np.ndarray, track: TrackSpec) -> bytes:
     return buf.getvalue()
 
 
-def midi_from_file(track: TrackSpec, manifest: Path, sample_rate: int) -> bytes:
+def midi_from_file(track: TrackSpec, manifest: Path, sample_rate: int, log: Callable[[str], None]) -> bytes:
     """A given MIDI file, transposed if asked (re-written so the render sees exactly the hashed bytes).
 
     The file and the track's bars are checked here, before any rendering, so that a problem is reported on
-    the manifest key it comes from (`midi`, `transpose`, `bars`).
+    the manifest key it comes from (`midi`, `transpose`, `bars`); what was wrong in the file but could be read
+    anyway goes to `log` as a warning.
     """
     import io
 
@@ -335,6 +336,8 @@ def midi_from_file(track: TrackSpec, manifest: Path, sample_rate: int) -> bytes:
         raise ChiptuneError(f"{track.at(manifest, 'midi')}{exc}") from None
     if not piece.notes:
         raise ChiptuneError(f"{track.at(manifest, 'midi')}{track.midi}: no notes to render")
+    for warning in piece.warnings:
+        log(f"{track.at(manifest, 'midi')}warning: {track.midi}: {warning}")
     try:
         check_request(piece, sample_rate, track.loop, track.intro_bars, track.bars)
     except RequestError as exc:
@@ -892,7 +895,7 @@ class Builder:
     def _take_and_midi(self, track: TrackSpec, plan: dict[str, Any], lock: dict, rep: TrackReport) -> Path:
         midi_path = self.cache / "midi" / f"{track.name}-{plan['midi_key'][:16]}.mid"
         if track.midi is not None:
-            data = midi_from_file(track, self.m.path, self.m.project.sample_rate)
+            data = midi_from_file(track, self.m.path, self.m.project.sample_rate, self.log)
             if sha256_file(track.midi) != plan["midi_inputs"]["midi_file"]:
                 raise ChiptuneError(f"{track.midi}: changed while the build was running; build again")
         else:

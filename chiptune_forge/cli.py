@@ -614,6 +614,8 @@ def _run_render(args: argparse.Namespace) -> int:
     piece = read_midi(args.input)
     if not piece.notes:
         raise ChiptuneError(f"{args.input}: no notes to render")
+    for warning in piece.warnings:
+        print(f"warning: {args.input}: {warning}", file=sys.stderr)
     stats = RenderStats()
     fmt = output.suffix[1:].lower()
     rate = args.sample_rate

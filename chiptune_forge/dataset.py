@@ -68,6 +68,7 @@ class FileResult:
     kept_note_steps: int = 0
     reference_note_steps: int = 0
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def find_midi_files(input_dir: Path, recursive: bool) -> list[Path]:
@@ -128,6 +129,7 @@ def process_file(path: Path, display: str, min_steps: int, max_steps: int,
     result = FileResult(display)
     try:
         piece = read_midi(path)
+        result.warnings = piece.warnings
         parts = split_and_quantize(piece, tempo_tolerance=tempo_tolerance)
         strict = split_and_quantize(piece) if tempo_tolerance else parts
     except MidiError as exc:
@@ -293,6 +295,8 @@ def _build(files: list[Path], input_dir: Path, output_dir: Path, options: Datase
     for f, res in zip(files, progress(_results(jobs, workers), total=len(jobs), desc="dataset", unit="file",
                                       disable=not show_progress), strict=True):
         note_steps += res.note_steps  # a file skipped for being too short still counts as music lost
+        for warning in res.warnings:
+            print(f"warning: {res.name}: {warning}", file=sys.stderr)
         if res.error and not res.windows:
             print(f"skipped {res.name}: {res.error}", file=sys.stderr)
             skipped.append({"file": res.name, "reason": res.error})

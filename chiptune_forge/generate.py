@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -218,7 +219,10 @@ def pitches_primer(values: Sequence[int]) -> QuantizedPiece:
 
 def midi_primer(path: str | Path) -> QuantizedPiece:
     """The first tempo/time-signature section of a MIDI file, quantized (drums left out)."""
-    parts = split_and_quantize(read_midi(path))
+    piece = read_midi(path)
+    for warning in piece.warnings:
+        print(f"warning: {path}: {warning}", file=sys.stderr)
+    parts = split_and_quantize(piece)
     if not parts:
         raise ChiptuneError(f"{path}: the primer MIDI has no pitched notes")
     return parts[0]

@@ -87,6 +87,8 @@ class Piece:
     time_signatures: list[TimeSignature] = field(default_factory=lambda: [TimeSignature(0.0, 0.0, 4, 4)])
     track_names: list[str] = field(default_factory=list)
     controls: list[Control] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    """What was wrong in the file it was read from but could be read anyway (for the caller to report)."""
 
     @property
     def end_time(self) -> float:
@@ -219,13 +221,24 @@ def read_midi(path: str | Path) -> Piece:
         raise MidiError(path, "file is empty (0 bytes)")
     if not data.startswith(b"MThd"):
         raise MidiError(path, "not a MIDI file (no MThd header)")
+    warnings = []
     try:
-        mid = mido.MidiFile(file=io.BytesIO(data), clip=True)
+        try:
+            mid = mido.MidiFile(file=io.BytesIO(data))
+        except OSError as exc:
+            if "data byte" not in str(exc):
+                raise
+            # Some writers put values above 127 in data bytes (a velocity of 200, say); they are read as 127,
+            # as most players do, and the caller is told.
+            mid = mido.MidiFile(file=io.BytesIO(data), clip=True)
+            warnings.append("data bytes above 127 (not valid MIDI) were read as 127")
     except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise MidiError(path, f"broken MIDI data ({type(exc).__name__}: {str(exc) or 'truncated'})") from None
     if mid.type == 2:
         raise MidiError(path, "MIDI format 2 (independent sequences) is not supported")
-    return _piece_from_midifile(mid, path)
+    piece = _piece_from_midifile(mid, path)
+    piece.warnings = warnings
+    return piece
 
 
 def _piece_from_midifile(mid: mido.MidiFile, path: Path) -> Piece:

@@ -50,3 +50,14 @@ def simple_song(path: Path, bars: int = 8, qpm: float = 120.0) -> Path:
         for i, p in enumerate((60, 64, 67, 72)):
             notes.append((p, base + 4 * i, base + 4 * i + 3))
     return write_song(path, [[tempo(0, qpm), time_signature(0, 4, 4)], notes_track(notes)])
+
+
+def with_velocity_over_127(path: Path) -> Path:
+    """Rewrite a file in place so that its first note-on's velocity byte is 200, as some writers produce:
+    not valid MIDI, but readable. The file must have been written by this module (velocity 90, no running
+    status), so the three bytes of that message are found as they are."""
+    data = path.read_bytes()
+    at = next(k for k in range(data.index(b"MTrk"), len(data) - 2)
+              if data[k] & 0xF0 == 0x90 and data[k + 1] < 128 and data[k + 2] == 90)
+    path.write_bytes(data[:at + 2] + bytes([200]) + data[at + 3:])
+    return path

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from midi_factory import notes_track, simple_song, tempo, time_signature, write_song
+from midi_factory import notes_track, simple_song, tempo, time_signature, with_velocity_over_127, write_song
 
 from chiptune_forge.builder import CACHE_DIR, LOCK_NAME, build
 from chiptune_forge.cli import main
@@ -429,6 +429,18 @@ def test_track_problems_found_while_building_name_the_file(tmp_path: Path) -> No
     assert errors["primed"].endswith(", longer than the 1 bar (16 steps) to generate")
     assert errors["silent"] == (f"{tmp_path / 'chiptune.toml'}:12: track 'silent': midi: {tmp_path / 'empty.mid'}: "
                                 "no notes to render")
+
+
+def test_a_given_midi_file_with_data_bytes_over_127_builds_with_a_warning_on_its_key(tmp_path: Path) -> None:
+    with_velocity_over_127(simple_song(tmp_path / "loud.mid", bars=2))
+    manifest = tmp_path / "chiptune.toml"
+    manifest.write_text('[project]\nsample_rate = 32000\n\n[[track]]\nname = "loud"\nmidi = "loud.mid"\n'
+                        'loop = false\n')  # midi: line 6
+    said: list[str] = []
+    report = build(manifest, log=said.append)
+    assert [t.status for t in report.tracks] == ["built"]
+    assert f"{manifest}:6: track 'loud': midi: warning: {tmp_path / 'loud.mid'}: data bytes above 127 (not valid " \
+           "MIDI) were read as 127" in said
 
 
 def test_a_given_midi_files_problems_are_put_on_their_manifest_keys(tmp_path: Path) -> None:

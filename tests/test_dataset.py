@@ -11,7 +11,7 @@ from pathlib import Path
 import mido
 import numpy as np
 import pytest
-from midi_factory import notes_track, simple_song, tempo, write_song
+from midi_factory import notes_track, simple_song, tempo, with_velocity_over_127, write_song
 
 from chiptune_forge.cli import main
 from chiptune_forge.dataset import DatasetOptions, bar_windows, build_dataset, load_split, split_files
@@ -65,6 +65,16 @@ def test_broken_files_are_reported_and_skipped(tmp_path: Path, capsys: pytest.Ca
     assert summary["note_steps"]["kept_fraction"] == pytest.approx(1.0)
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
+
+
+def test_a_file_with_data_bytes_over_127_is_used_with_a_warning(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_folder(tmp_path / "in", good=3)
+    with_velocity_over_127(root / "Song 1 – ünïcode.mid")
+    summary = build_dataset(root, tmp_path / "out", DatasetOptions(eval_ratio=0.0), show_progress=False)
+    assert summary["files_used"] == 3 and summary["files_skipped"] == []
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: Song 1 – ünïcode.mid: data bytes above 127 (not valid MIDI) were read as 127"]
 
 
 def test_a_file_too_short_to_keep_counts_as_music_lost(tmp_path: Path) -> None:

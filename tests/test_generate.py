@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from midi_factory import notes_track, tempo, write_song
+from midi_factory import notes_track, tempo, with_velocity_over_127, write_song
 
 from chiptune_forge import lstm
 from chiptune_forge.cli import main
@@ -286,6 +286,16 @@ def test_injected_notes_count_against_the_polyphony_cap(dense_model: LstmModel) 
         steps = steps_of(piece.events)
         assert all({NEW_NOTE + 60, NEW_NOTE + 64, NEW_NOTE + 67} <= set(s) for s in steps[:1])
         assert max(len(s) for s in steps) == 4
+
+
+def test_a_midi_primer_with_data_bytes_over_127_is_used_with_a_warning(model: LstmModel, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = with_velocity_over_127(write_song(tmp_path / "primer.mid", [[tempo(0, 90)], notes_track([(48, 0, 8)])]))
+    request = GenerationRequest(num_outputs=1, num_steps=16, primer_midi=path, condition_on_primer=False,
+                                inject_primer_during_generation=True)
+    [piece] = generate(model, request)
+    assert NEW_NOTE + 48 in steps_of(piece.events)[0]
+    assert capsys.readouterr().err == f"warning: {path}: data bytes above 127 (not valid MIDI) were read as 127\n"
 
 
 def test_injected_chord_from_a_midi_primer(model: LstmModel, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import mido
 import numpy as np
 import pytest
-from midi_factory import notes_track, simple_song, tempo, time_signature, write_song
+from midi_factory import notes_track, simple_song, tempo, time_signature, with_velocity_over_127, write_song
 
 from chiptune_forge.errors import MidiError
 from chiptune_forge.midi import (
@@ -202,6 +202,15 @@ def test_broken_files_raise_midi_error(tmp_path: Path, name: str, content: bytes
     with pytest.raises(MidiError, match=reason) as info:
         read_midi(path)
     assert name in str(info.value)
+
+
+def test_data_bytes_over_127_are_read_as_127_with_a_warning(tmp_path: Path) -> None:
+    good = read_midi(simple_song(tmp_path / "good.mid"))
+    assert good.warnings == []
+    piece = read_midi(with_velocity_over_127(simple_song(tmp_path / "loud.mid")))
+    assert piece.warnings == ["data bytes above 127 (not valid MIDI) were read as 127"]
+    assert {n.velocity for n in good.notes} == {90}
+    assert sorted(n.velocity for n in piece.notes) == [90] * (len(good.notes) - 1) + [127]
 
 
 def test_truncated_file(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from midi_factory import simple_song, with_velocity_over_127
 
 from chiptune_forge.arrange import arrange
 from chiptune_forge.cli import main
@@ -109,6 +110,13 @@ def test_a_render_counts_the_samples_it_clipped(tmp_path: Path, capsys: pytest.C
     capsys.readouterr()
     assert main(["render", str(write(tmp_path, song(4))), "-o", str(tmp_path / "ok.wav")]) == 0
     assert "clipped" not in capsys.readouterr().err
+
+
+def test_render_warns_about_data_bytes_over_127(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    loud = with_velocity_over_127(simple_song(tmp_path / "loud.mid", bars=2))
+    assert main(["render", str(loud), "-o", str(tmp_path / "loud.wav")]) == 0
+    assert f"warning: {loud}: data bytes above 127 (not valid MIDI) were read as 127\n" in capsys.readouterr().err
+    assert (tmp_path / "loud.wav").is_file()
 
 
 def test_effects_that_make_non_numbers_fail_the_render(tmp_path: Path) -> None:
