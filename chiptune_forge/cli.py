@@ -181,8 +181,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "(default INFO)")
     p.add_argument(*option("max-length"), dest="max_length", type=int, default=None,
                    help="train on chunks of at most this many events (default 512; fixed for a run)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of a new run: its initial weights, dropout masks and batch order (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of a new run: its initial weights, dropout masks and batch order (default 0); a "
+                        "resumed run keeps its own")
     add_flag(p, "eval", False, "evaluate on the eval split at every checkpoint (recorded in the export)")
     p.add_argument(*option("matmul-precision"), dest="matmul_precision", choices=("auto", "float32", "bfloat16"),
                    default="auto", help="operands of the LSTM layers' large matrix products (input projections, "

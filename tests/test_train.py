@@ -150,6 +150,9 @@ def test_resume_refuses_other_hparams(trained_run: tuple[Path, dict, dict], data
     other = HParams(batch_size=4, rnn_layer_sizes=(32,))
     with pytest.raises(ChiptuneError, match="rnn_layer_sizes"):
         train(options(run, dataset, 61, hparams=other, given=frozenset({"rnn_layer_sizes"})))
+    with pytest.raises(ChiptuneError, match=r"--seed 5 disagrees with the run's 0"):
+        train(options(run, dataset, 61, seed=5))
+    assert latest_checkpoint(run).name == "ckpt-00000060.npz", "refused before training"
 
 
 def test_interrupt_writes_a_checkpoint_and_stops(dataset: Path, tmp_path: Path,

@@ -57,7 +57,7 @@ class TrainOptions:
     keep_checkpoints: int = KEEP_CHECKPOINTS
     evaluate: bool = False
     max_length: int | None = None
-    seed: int = 0
+    seed: int | None = None  # a new run's (0 when not given); a resumed run keeps its own
     log_every: int = 25
     show_progress: bool = True
     matmul_precision: str = "auto"
@@ -273,7 +273,7 @@ def resolve_config(options: TrainOptions) -> dict:
     if existing is None or latest_checkpoint(run_dir) is None:  # nothing trained yet: the options decide
         hparams = options.hparams or HParams()
         return {"encoding": ENCODING_VERSION, "hparams": hparams.to_dict(), "max_length": options.max_length or 512,
-                "seed": options.seed, "dataset": str(options.dataset_dir.resolve()),
+                "seed": options.seed or 0, "dataset": str(options.dataset_dir.resolve()),
                 "dataset_summary": _dataset_summary(options.dataset_dir)}
     run_hparams = HParams.from_dict(existing["hparams"])
     if options.hparams is not None:
@@ -284,6 +284,9 @@ def resolve_config(options: TrainOptions) -> dict:
     if options.max_length is not None and options.max_length != existing["max_length"]:
         raise ChiptuneError(f"{run_dir}: --max-length {options.max_length} disagrees with the run's "
                             f"{existing['max_length']}")
+    if options.seed is not None and options.seed != existing.get("seed", 0):
+        raise ChiptuneError(f"{run_dir}: --seed {options.seed} disagrees with the run's {existing.get('seed', 0)}; "
+                            "use a new --run-dir to train from another seed")
     return existing
 
 
