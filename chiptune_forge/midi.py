@@ -221,7 +221,7 @@ def read_midi(path: str | Path) -> Piece:
         raise MidiError(path, "file is empty (0 bytes)")
     if not data.startswith(b"MThd"):
         raise MidiError(path, "not a MIDI file (no MThd header)")
-    warnings = []
+    warnings: list[str] = []
     try:
         try:
             mid = mido.MidiFile(file=io.BytesIO(data))

@@ -372,7 +372,8 @@ def train(options: TrainOptions) -> dict:
             raise ChiptuneError(f"{run_dir / name}: is a file where the run keeps a folder; move it away")
     precision = resolve_matmul_precision(options.matmul_precision)
     # A new run's initial weights and dropout masks come from its seed, as its batch order does; a resumed
-    # run takes both from its checkpoint.
+    # run takes both from its checkpoint. (This seeds Python's, numpy's and TensorFlow's global generators,
+    # which is what Keras's initializers draw from.)
     keras.utils.set_random_seed(int(config["seed"]))
     try:
         model = build_model(hparams, precision)
