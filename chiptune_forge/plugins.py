@@ -125,6 +125,9 @@ class ParameterInfo:
     maximum: float | None = None
     units: str = ""
     choices: tuple[ParameterValue, ...] = ()
+    # False for what the plugin does not let a host automate; that includes read-only outputs such as the
+    # latency that DPF plugins report through a parameter, which a preset can set to no effect.
+    automatable: bool = True
 
 
 @dataclass(frozen=True)
@@ -725,8 +728,11 @@ def format_info(info: PluginInfo) -> str:
             span = f"{_num(p.minimum)} .. {_num(p.maximum)}" + (f" {p.units}" if p.units else "")
         else:
             span = " | ".join(_text(c) for c in p.choices)
-        label = f"  ({p.label})" if p.label.lower() != p.name.replace("_", " ").lower() else ""
-        lines.append(f"  {p.name:<{width}}  {p.type:<6}  {span}  default {_text(p.default)}{label}")
+        notes = [p.label] if p.label.lower() != p.name.replace("_", " ").lower() else []
+        if not p.automatable:
+            notes.append("read-only or not automatable")
+        note = f"  ({'; '.join(notes)})" if notes else ""
+        lines.append(f"  {p.name:<{width}}  {p.type:<6}  {span}  default {_text(p.default)}{note}")
     return "\n".join(lines)
 
 
@@ -1027,7 +1033,7 @@ def _info(spec: PluginSpec, plugin: Any) -> dict[str, Any]:
         params.append(asdict(ParameterInfo(
             name=name, label=str(p.name), type=kind, default=default,
             minimum=p.min_value if p.type is float else None, maximum=p.max_value if p.type is float else None,
-            units=str(p.label or ""), choices=choices)))
+            units=str(p.label or ""), choices=choices, automatable=bool(p.is_automatable))))
     return {"name": str(plugin.name), "path": str(spec.path),
             "kind": "instrument" if plugin.is_instrument else "effect",
             "latency_samples": int(plugin.reported_latency_samples), "parameters": params}

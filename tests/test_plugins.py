@@ -388,6 +388,9 @@ def test_plugins_info_text_and_json(synth: Path, cli_host: PluginHost, capsys: p
     assert main(["plugins", "info", str(synth)]) == 0
     text = capsys.readouterr().out
     assert "ForgeTestSynth (instrument)" in text and "latency: 96 samples" in text
+    # DPF reports the latency through an output parameter too: listed, but marked as not for presets
+    assert re.search(r"\n  latency_frames +float .*\(Latency; read-only or not automatable\)\n", text)
+    assert "duty " in text and not re.search(r"duty .*automatable", text)
     assert "waveform" in text and "pulse | triangle | saw" in text
     assert main(["plugins", "info", str(synth), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -397,6 +400,7 @@ def test_plugins_info_text_and_json(synth: Path, cli_host: PluginHost, capsys: p
     assert params["release_s"]["default"] == pytest.approx(0.2) and params["release_s"]["units"] == "s"
     assert params["waveform"]["choices"] == ["pulse", "triangle", "saw"] and params["waveform"]["default"] == "pulse"
     assert not any(name.startswith("midi_") for name in params)
+    assert not params["latency_frames"]["automatable"] and params["duty"]["automatable"]
 
 
 def test_plugins_state_writes_a_state_file_presets_can_use(synth: Path, cli_host: PluginHost, tmp_path: Path,
