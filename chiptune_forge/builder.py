@@ -959,7 +959,8 @@ class Builder:
             qpm=track.tempo, seed=track.seed)
         self.log(f"{track.name}: generating {track.candidates} candidates "
                  f"({track.intro_bars + track.bars} bars) with model {self.model.dir}")
-        pieces = generate(self.model.load(), request)
+        at = track.at(self.m.path, "primer_midi")
+        pieces = generate(self.model.load(), request, warn=lambda message: self.log(f"{at}warning: {message}"))
         ranking = [p.index for p in rank(pieces)]
         offsets = np.concatenate([[0], np.cumsum([len(p.events) for p in pieces])]).astype(np.int64)
         scores = [p.scores for p in pieces]

@@ -87,6 +87,20 @@ def parse_int_range(text: str) -> tuple[int, int]:
     return (parts[0], parts[1])
 
 
+MAX_SEED = 2**32 - 1
+
+
+def parse_seed(text: str) -> int:
+    """A seed for numpy's and TensorFlow's generators, which take 0 .. 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be 0 .. {MAX_SEED}, got {value}")
+    return value
+
+
 # ----------------------------------------------------------------------------------------- subcommands
 
 
@@ -99,7 +113,7 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
     p.add_argument(*option("eval-ratio"), dest="eval_ratio", type=float, default=0.10,
                    help="fraction of files held out for evaluation (default 0.10)")
     add_flag(p, "recursive", False, "also read MIDI files in subfolders")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/eval split (default 0)")
+    p.add_argument("--seed", type=parse_seed, default=0, help="seed of the train/eval split (default 0)")
     p.add_argument("--transpose", type=parse_int_range, default=(-4, 4), metavar="LO,HI",
                    help="transpositions of the training split, in semitones (default -4,4)")
     p.add_argument(*option("min-steps"), dest="min_steps", type=int, default=80,
@@ -181,7 +195,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "(default INFO)")
     p.add_argument(*option("max-length"), dest="max_length", type=int, default=None,
                    help="train on chunks of at most this many events (default 512; fixed for a run)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=parse_seed, default=None,
                    help="seed of a new run: its initial weights, dropout masks and batch order (default 0); a "
                         "resumed run keeps its own")
     add_flag(p, "eval", False, "evaluate on the eval split at every checkpoint (recorded in the export)")

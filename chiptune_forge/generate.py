@@ -42,7 +42,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -217,24 +217,29 @@ def pitches_primer(values: Sequence[int]) -> QuantizedPiece:
     return QuantizedPiece.from_notes([(p, 0, PRIMER_CHORD_STEPS, 100) for p in values], num_steps=PRIMER_CHORD_STEPS)
 
 
-def midi_primer(path: str | Path) -> QuantizedPiece:
-    """The first tempo/time-signature section of a MIDI file, quantized (drums left out)."""
+def _print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def midi_primer(path: str | Path, warn: Callable[[str], None] = _print_warning) -> QuantizedPiece:
+    """The first tempo/time-signature section of a MIDI file, quantized (drums left out). What was wrong in
+    the file but could be read anyway goes to `warn`, naming the file."""
     piece = read_midi(path)
     for warning in piece.warnings:
-        print(f"warning: {path}: {warning}", file=sys.stderr)
+        warn(f"{path}: {warning}")
     parts = split_and_quantize(piece)
     if not parts:
         raise ChiptuneError(f"{path}: the primer MIDI has no pitched notes")
     return parts[0]
 
 
-def load_primer(request: GenerationRequest) -> QuantizedPiece | None:
+def load_primer(request: GenerationRequest, warn: Callable[[str], None] = _print_warning) -> QuantizedPiece | None:
     if request.primer_melody is not None:
         return melody_primer(request.primer_melody)
     if request.primer_pitches is not None:
         return pitches_primer(request.primer_pitches)
     if request.primer_midi is not None:
-        return midi_primer(request.primer_midi)
+        return midi_primer(request.primer_midi, warn)
     return None
 
 
@@ -516,10 +521,12 @@ def _loop_scores(model: LstmModel, final: _Rows) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ the API
 
 
-def generate(model: LstmModel, request: GenerationRequest) -> list[GeneratedPiece]:
-    """Generate `request.num_outputs` pieces as one batch; returned in output order (see rank())."""
+def generate(model: LstmModel, request: GenerationRequest,
+             warn: Callable[[str], None] = _print_warning) -> list[GeneratedPiece]:
+    """Generate `request.num_outputs` pieces as one batch; returned in output order (see rank()). Warnings
+    about the primer file (read despite a flaw) go to `warn`; by default to stderr."""
     request.validate()
-    primer = load_primer(request)
+    primer = load_primer(request, warn)
     qpm = request.qpm if request.qpm is not None else (primer.qpm if request.primer_midi is not None else 120.0)
     total_steps = request.total_steps
     primer_steps = primer.num_steps if primer is not None else 0

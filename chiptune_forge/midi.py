@@ -225,7 +225,7 @@ def read_midi(path: str | Path) -> Piece:
     try:
         try:
             mid = mido.MidiFile(file=io.BytesIO(data))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # mido raises either, depending on the message kind
             if "data byte" not in str(exc):
                 raise
             # Some writers put values above 127 in data bytes (a velocity of 200, say); they are read as 127,

@@ -431,16 +431,20 @@ def test_track_problems_found_while_building_name_the_file(tmp_path: Path) -> No
                                 "no notes to render")
 
 
-def test_a_given_midi_file_with_data_bytes_over_127_builds_with_a_warning_on_its_key(tmp_path: Path) -> None:
+def test_midi_files_with_data_bytes_over_127_build_with_a_warning_on_their_key(tmp_path: Path) -> None:
+    """A track's own midi file and a primer file: both are used, and the build log says which key read them."""
+    tiny_model(tmp_path / "model")
     with_velocity_over_127(simple_song(tmp_path / "loud.mid", bars=2))
     manifest = tmp_path / "chiptune.toml"
-    manifest.write_text('[project]\nsample_rate = 32000\n\n[[track]]\nname = "loud"\nmidi = "loud.mid"\n'
-                        'loop = false\n')  # midi: line 6
+    manifest.write_text('[project]\nmodel = "model"\nsample_rate = 32000\n\n'
+                        '[[track]]\nname = "loud"\nmidi = "loud.mid"\nloop = false\n\n'  # midi: line 7
+                        '[[track]]\nname = "primed"\nbars = 4\nloop = false\nprimer_midi = "loud.mid"\n')  # 14
     said: list[str] = []
     report = build(manifest, log=said.append)
-    assert [t.status for t in report.tracks] == ["built"]
-    assert f"{manifest}:6: track 'loud': midi: warning: {tmp_path / 'loud.mid'}: data bytes above 127 (not valid " \
-           "MIDI) were read as 127" in said
+    assert [t.status for t in report.tracks] == ["built", "built"]
+    flaw = f"warning: {tmp_path / 'loud.mid'}: data bytes above 127 (not valid MIDI) were read as 127"
+    assert f"{manifest}:7: track 'loud': midi: {flaw}" in said
+    assert f"{manifest}:14: track 'primed': primer_midi: {flaw}" in said
 
 
 def test_a_given_midi_files_problems_are_put_on_their_manifest_keys(tmp_path: Path) -> None:

@@ -145,6 +145,29 @@ def test_a_resumed_run_ends_with_the_weights_of_an_unbroken_one(dataset: Path, t
     assert not np.array_equal(final_weights(other)["model_0"], want["model_0"]), "another seed, other weights"
 
 
+def test_a_checkpoint_without_random_states_still_resumes(dataset: Path, tmp_path: Path) -> None:
+    """Checkpoints from before the dropout's random state was kept go on from a fresh one."""
+    run = tmp_path / "run"
+    train(options(run, dataset, 2, hparams=dataclasses.replace(TINY, dropout_keep_prob=0.5), evaluate=False))
+    ckpt = latest_checkpoint(run)
+    with np.load(ckpt) as data:
+        kept = {k: data[k] for k in data.files if not k.startswith("random_")}
+        assert len(kept) < len(data.files)
+    with open(ckpt, "wb") as fh:
+        np.savez(fh, **kept)
+    assert train(options(run, dataset, 4, evaluate=False))["step"] == 4
+
+
+def test_a_seed_out_of_range_is_refused(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ChiptuneError, match=r"seed must be 0 \.\. 4294967295, got -1"):
+        train(options(tmp_path / "run", dataset, 1, seed=-1))
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--run-dir", str(tmp_path / "cli"), "--dataset", str(dataset), "--seed", str(2**32)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith("argument --seed: must be 0 .. 4294967295, got 4294967296\n")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cli").exists()
+
+
 def test_resume_refuses_other_hparams(trained_run: tuple[Path, dict, dict], dataset: Path) -> None:
     run, _, _ = trained_run
     other = HParams(batch_size=4, rnn_layer_sizes=(32,))

@@ -29,6 +29,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,7 +144,7 @@ def make_optimizer(hparams: HParams):
     return keras.optimizers.Adam(learning_rate=hparams.learning_rate, global_clipnorm=hparams.clip_norm)
 
 
-def _random_states(model) -> list:
+def _random_states(model) -> list[Any]:
     """The network's random-number states (its dropout layers' seed generators): not weights, so not in
     get_weights, but a resumed run needs them to draw the dropout masks it would have drawn without stopping."""
     weights = {id(w) for w in model.weights}
@@ -180,7 +181,7 @@ def restore_checkpoint(path: Path, model, optimizer=None) -> tuple[int, dict]:
                     var.assign(data[f"optimizer_{i}"])
                 # Checkpoints written before the random states were kept go on from fresh ones.
                 states = _random_states(model)
-                if all(f"random_{i}" in data.files for i in range(len(states))):
+                if sum(1 for k in data.files if k.startswith("random_")) == len(states):
                     for i, var in enumerate(states):
                         var.assign(data[f"random_{i}"])
             return int(data["step"]), json.loads(str(data["state"]))
@@ -269,6 +270,8 @@ def _dataset_summary(dataset_dir: Path) -> dict:
 def resolve_config(options: TrainOptions) -> dict:
     """The run's configuration: a new run takes the options, a resumed one must agree with what it has."""
     run_dir = options.run_dir
+    if options.seed is not None and not 0 <= options.seed < 2**32:
+        raise ChiptuneError(f"seed must be 0 .. {2**32 - 1}, got {options.seed}")
     existing = read_run_config(run_dir)
     if existing is None or latest_checkpoint(run_dir) is None:  # nothing trained yet: the options decide
         hparams = options.hparams or HParams()
