@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ChiptuneError, UsageError
+from .errors import ChiptuneError, UsageError, print_warning
+from .hparams import MAX_SEED
 
 if TYPE_CHECKING:
     from .presets import Preset
@@ -87,11 +88,8 @@ def parse_int_range(text: str) -> tuple[int, int]:
     return (parts[0], parts[1])
 
 
-MAX_SEED = 2**32 - 1
-
-
 def parse_seed(text: str) -> int:
-    """A seed for numpy's and TensorFlow's generators, which take 0 .. 2**32 - 1."""
+    """A seed for numpy's and TensorFlow's generators, which take 0 .. MAX_SEED."""
     try:
         value = int(text)
     except ValueError:
@@ -630,7 +628,7 @@ def _run_render(args: argparse.Namespace) -> int:
     if not piece.notes:
         raise ChiptuneError(f"{args.input}: no notes to render")
     for warning in piece.warnings:
-        print(f"warning: {args.input}: {warning}", file=sys.stderr)
+        print_warning(f"{args.input}: {warning}")
     stats = RenderStats()
     fmt = output.suffix[1:].lower()
     rate = args.sample_rate

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .encoding import ENCODING_VERSION, NUM_CLASSES, encode
-from .errors import ChiptuneError, MidiError
+from .errors import ChiptuneError, MidiError, print_warning
 from .midi import STEPS_PER_QUARTER, QuantizedPiece, read_midi, split_and_quantize
 from .progress import progress
 from .workers import new_executor, stop_workers
@@ -296,7 +296,7 @@ def _build(files: list[Path], input_dir: Path, output_dir: Path, options: Datase
                                       disable=not show_progress), strict=True):
         note_steps += res.note_steps  # a file skipped for being too short still counts as music lost
         for warning in res.warnings:
-            print(f"warning: {res.name}: {warning}", file=sys.stderr)
+            print_warning(f"{res.name}: {warning}")
         if res.error and not res.windows:
             print(f"skipped {res.name}: {res.error}", file=sys.stderr)
             skipped.append({"file": res.name, "reason": res.error})

@@ -1,8 +1,9 @@
-"""The one exception type the CLI turns into a clean one-line message instead of a traceback, and the
-did-you-mean hint those messages share."""
+"""The one exception type the CLI turns into a clean one-line message instead of a traceback, the
+did-you-mean hint those messages share, and the one-line form of a warning."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 
@@ -36,3 +37,8 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     by_lower = {option.lower(): option for option in options}
     close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
     return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
+def print_warning(message: str) -> None:
+    """A problem that did not stop the work (the input was read anyway), as one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -49,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .encoding import CONTINUED_NOTE, NEW_NOTE, NUM_CLASSES, START, STEP_END, decode, encode
-from .errors import ChiptuneError
+from .errors import ChiptuneError, print_warning
 from .hparams import differences, parse_hparams
 from .lstm import LstmModel, LstmState
 from .midi import (
@@ -217,11 +216,7 @@ def pitches_primer(values: Sequence[int]) -> QuantizedPiece:
     return QuantizedPiece.from_notes([(p, 0, PRIMER_CHORD_STEPS, 100) for p in values], num_steps=PRIMER_CHORD_STEPS)
 
 
-def _print_warning(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def midi_primer(path: str | Path, warn: Callable[[str], None] = _print_warning) -> QuantizedPiece:
+def midi_primer(path: str | Path, warn: Callable[[str], None] = print_warning) -> QuantizedPiece:
     """The first tempo/time-signature section of a MIDI file, quantized (drums left out). What was wrong in
     the file but could be read anyway goes to `warn`, naming the file."""
     piece = read_midi(path)
@@ -233,7 +228,7 @@ def midi_primer(path: str | Path, warn: Callable[[str], None] = _print_warning) 
     return parts[0]
 
 
-def load_primer(request: GenerationRequest, warn: Callable[[str], None] = _print_warning) -> QuantizedPiece | None:
+def load_primer(request: GenerationRequest, warn: Callable[[str], None] = print_warning) -> QuantizedPiece | None:
     if request.primer_melody is not None:
         return melody_primer(request.primer_melody)
     if request.primer_pitches is not None:
@@ -522,7 +517,7 @@ def _loop_scores(model: LstmModel, final: _Rows) -> np.ndarray:
 
 
 def generate(model: LstmModel, request: GenerationRequest,
-             warn: Callable[[str], None] = _print_warning) -> list[GeneratedPiece]:
+             warn: Callable[[str], None] = print_warning) -> list[GeneratedPiece]:
     """Generate `request.num_outputs` pieces as one batch; returned in output order (see rank()). Warnings
     about the primer file (read despite a flaw) go to `warn`; by default to stderr."""
     request.validate()

@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import ChiptuneError, did_you_mean
 
+MAX_SEED = 2**32 - 1
+"""The largest seed numpy's and TensorFlow's generators take (a seed is 0 .. MAX_SEED)."""
+
 
 @dataclass(frozen=True)
 class HParams:

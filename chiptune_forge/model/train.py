@@ -36,7 +36,7 @@ import numpy as np
 from ..dataset import load_split, read_summary
 from ..encoding import DEFAULT_EVENT, ENCODING_VERSION
 from ..errors import ChiptuneError
-from ..hparams import HParams, differences
+from ..hparams import MAX_SEED, HParams, differences
 from ..progress import bar
 from .network import build_model
 
@@ -270,8 +270,8 @@ def _dataset_summary(dataset_dir: Path) -> dict:
 def resolve_config(options: TrainOptions) -> dict:
     """The run's configuration: a new run takes the options, a resumed one must agree with what it has."""
     run_dir = options.run_dir
-    if options.seed is not None and not 0 <= options.seed < 2**32:
-        raise ChiptuneError(f"seed must be 0 .. {2**32 - 1}, got {options.seed}")
+    if options.seed is not None and not 0 <= options.seed <= MAX_SEED:
+        raise ChiptuneError(f"seed must be 0 .. {MAX_SEED}, got {options.seed}")
     existing = read_run_config(run_dir)
     if existing is None or latest_checkpoint(run_dir) is None:  # nothing trained yet: the options decide
         hparams = options.hparams or HParams()
@@ -287,8 +287,8 @@ def resolve_config(options: TrainOptions) -> dict:
     if options.max_length is not None and options.max_length != existing["max_length"]:
         raise ChiptuneError(f"{run_dir}: --max-length {options.max_length} disagrees with the run's "
                             f"{existing['max_length']}")
-    if options.seed is not None and options.seed != existing.get("seed", 0):
-        raise ChiptuneError(f"{run_dir}: --seed {options.seed} disagrees with the run's {existing.get('seed', 0)}; "
+    if options.seed is not None and options.seed != existing["seed"]:
+        raise ChiptuneError(f"{run_dir}: --seed {options.seed} disagrees with the run's {existing['seed']}; "
                             "use a new --run-dir to train from another seed")
     return existing
 
