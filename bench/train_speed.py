@@ -13,8 +13,12 @@ most 512 events from a fresh state), after the same number of steps. Both run in
 the CPU allocator chiptune-forge sets (TensorFlow's BFC allocator); the baseline's step takes the same time
 with malloc.
 
+Where our recurrent loops are native (`train --loops`, the default where a C++ compiler is found), our
+trainer also runs a third time with TensorFlow's loops, so that the run also prints what the native loops
+gain (--no-tf-loops leaves it out).
+
 Run: .venv/bin/python bench/train_speed.py [--steps N] [--corpus DIR] [--files N] [--matmul-precision P]
-                                          [--dropout-keep-prob K]
+                                          [--loops L] [--no-tf-loops] [--dropout-keep-prob K]
 """
 
 from __future__ import annotations
@@ -98,6 +102,10 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=100, help="corpus files to read (default 100)")
     parser.add_argument("--matmul-precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="our trainer's large matrix products, as `train --matmul-precision` (default auto)")
+    parser.add_argument("--loops", choices=("auto", "native", "tensorflow"), default="auto",
+                        help="our trainer's recurrent loops, as `train --loops` (default auto)")
+    parser.add_argument("--no-tf-loops", action="store_true",
+                        help="leave out the second run of our trainer with TensorFlow's loops (when ours are native)")
     parser.add_argument("--dropout-keep-prob", type=float, default=HParams.dropout_keep_prob,
                         help="our trainer's dropout_keep_prob (default %(default)s; the baseline has no dropout)")
     args = parser.parse_args()
@@ -122,16 +130,26 @@ def main() -> int:
         make_chunks,
         make_optimizer,
         make_train_step,
+        resolve_loops,
         resolve_matmul_precision,
     )
 
-    keras.utils.set_random_seed(0)
     hparams = HParams(batch_size=BATCH, rnn_layer_sizes=(UNITS,) * 3, dropout_keep_prob=args.dropout_keep_prob)
     precision = resolve_matmul_precision(args.matmul_precision)
-    model = build_model(hparams, precision)
-    optimizer = make_optimizer(hparams)
-    optimizer.build(model.trainable_variables)
-    contestants = {"ours": (model, make_train_step(model, optimizer), set())}
+    loops, note = resolve_loops(args.loops, hparams)
+    if note:
+        print(note)
+
+    def contestant(loops: str) -> tuple:
+        keras.utils.set_random_seed(0)  # the same initial weights for every contestant
+        model = build_model(hparams, precision, loops)
+        optimizer = make_optimizer(hparams)
+        optimizer.build(model.trainable_variables)
+        return model, make_train_step(model, optimizer), set()
+
+    contestants = {"ours": contestant(loops)}
+    if loops == "native" and not args.no_tf_loops:  # what the native loops gain, measured in the same run
+        contestants["ours, TF loops"] = contestant("tensorflow")
     schedule = BatchSchedule(make_chunks(train_seqs, WINDOW), BATCH, seed=0)
 
     base = baseline_model()
@@ -165,16 +183,20 @@ def main() -> int:
 
     base_rate, base_step_s = rate(*stats["baseline"])
     base_loss = held_out_loss(lambda x: base(eye[x], training=False), held_out)
-    print(f"machine: {os.cpu_count()} CPUs, recurrent loops in {LOOP_GROUPS} parallel row groups; ours: large "
-          f"matrix products in {precision}, dropout_keep_prob={hparams.dropout_keep_prob:g}")
+    where = "native" if loops == "native" else f"TensorFlow's, in {LOOP_GROUPS} parallel row groups"
+    print(f"machine: {os.cpu_count()} CPUs; ours: recurrent loops {where}, large matrix products in {precision}, "
+          f"dropout_keep_prob={hparams.dropout_keep_prob:g}")
     print(f"baseline (Keras LSTM, one-hot, 64 x 512): {base_rate:8.0f} events/s  {base_step_s:.3f} s/step  "
           f"held-out loss after {args.steps} steps {base_loss:.4f}")
     for name, (model, _, _) in contestants.items():
         ev_rate, step_s = rate(*stats[name])
         loss = held_out_loss(lambda x, m=model: m(x, training=False), held_out)
-        print(f"{name:<10} (batch 64, chunks <= 512): {ev_rate:8.0f} events/s  {step_s:.3f} s/step  "
+        print(f"{name:<14} (batch 64, chunks <= 512): {ev_rate:8.0f} events/s  {step_s:.3f} s/step  "
               f"held-out loss after {args.steps} steps {loss:.4f}  ->  {ev_rate / base_rate:.2f}x the baseline's "
               f"events/s, loss {'<=' if loss <= base_loss else '>'} baseline's")
+    if len(contestants) > 1:
+        print(f"native loops: {rate(*stats['ours'])[0] / rate(*stats['ours, TF loops'])[0]:.2f}x the events/s of "
+              "the same trainer with TensorFlow's loops")
     print(f"(ours: mean {np.mean(stats['ours'][1]):.0f} real events per step; target >= 3x events/s and "
           "held-out loss <= baseline's; perplexity = exp(loss))")
     return 0

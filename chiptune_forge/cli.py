@@ -202,6 +202,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                         "weight gradients); weights, recurrent loops, the output layer and "
                                         "evaluation stay float32. auto: bfloat16 on CPUs with AMX, where it is "
                                         "several times faster, else float32 (default auto)")
+    p.add_argument("--loops", choices=("auto", "native", "tensorflow"), default="auto",
+                   help="the LSTM layers' recurrent loops in training: native code built with the machine's C++ "
+                        "compiler on first use (several times faster), or TensorFlow's. auto: native where a "
+                        "compiler is found and every layer size is a multiple of 16, else TensorFlow's, with a "
+                        "note saying why (default auto)")
     p.set_defaults(func=_run_train)
 
 
@@ -226,7 +231,7 @@ def _run_train(args: argparse.Namespace) -> int:
                                 checkpoint_every=args.checkpoint_every, keep_checkpoints=args.num_checkpoints,
                                 evaluate=args.eval, max_length=args.max_length, seed=args.seed,
                                 log_every=args.summary_frequency, show_progress=args.log in CHATTY_LOG_LEVELS,
-                                matmul_precision=args.matmul_precision))
+                                matmul_precision=args.matmul_precision, loops=args.loops))
     if result.get("nothing_to_do"):
         return 0
     line = f"step {result['step']}; exported model: {Path(args.run_dir) / 'export'}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,32 @@ def corpus_dir() -> Path:
     if not CORPUS.is_dir():
         pytest.skip("../shared/corpus/vgmidi is not present")
     return CORPUS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The native training loops are built once per test session, into a folder of its own instead of the
+    user's cache (subprocesses of the CLI inherit it)."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
+@pytest.fixture(scope="session")
+def native_loops(native_cache: Path):
+    """The native training loops; tests that need them skip where the machine has no C++ compiler."""
+    from chiptune_forge.model import native
+
+    if native.find_compiler() is None:
+        pytest.skip("no C++ compiler: the native training loops cannot be built here")
+    loops = native.load()
+    assert not isinstance(loops, str), loops
+    return loops
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

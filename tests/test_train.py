@@ -276,37 +276,51 @@ def assert_same_gradients(ours, reference, inputs: list, matmul_dtype: str) -> N
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=tolerance, rtol=0)
 
 
+LOOPS = ["tensorflow", "native"]
+
+
+def need_loops(loops: str, request: pytest.FixtureRequest) -> None:
+    if loops == "native":
+        request.getfixturevalue("native_loops")  # skips where there is no C++ compiler
+
+
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
-def test_training_gradients_match_plain_autodiff(matmul_dtype: str) -> None:
+def test_training_gradients_match_plain_autodiff(matmul_dtype: str, loops: str, request: pytest.FixtureRequest
+                                                 ) -> None:
     """The hand-written backward pass of an LSTM layer equals TensorFlow's own differentiation of the same
-    math, for the inputs and every weight."""
+    math, for the inputs and every weight, with either recurrent loops."""
     from chiptune_forge.model.network import lstm_layer
 
+    need_loops(loops, request)
     rng = np.random.default_rng(2)
     x = tf.constant(rng.normal(size=(9, 3, 6)).astype(np.float32))
-    kernel = tf.constant(rng.normal(0, 0.5, size=(6, 20)).astype(np.float32))
-    bias = tf.constant(rng.normal(0, 0.5, size=(20,)).astype(np.float32))
-    recurrent = tf.constant(rng.normal(0, 0.5, size=(5, 20)).astype(np.float32))
-    assert_same_gradients(lambda *args: lstm_layer(*args, matmul_dtype=matmul_dtype), reference_lstm,
+    kernel = tf.constant(rng.normal(0, 0.5, size=(6, 64)).astype(np.float32))
+    bias = tf.constant(rng.normal(0, 0.5, size=(64,)).astype(np.float32))
+    recurrent = tf.constant(rng.normal(0, 0.5, size=(16, 64)).astype(np.float32))
+    assert_same_gradients(lambda *args: lstm_layer(*args, matmul_dtype=matmul_dtype, loops=loops), reference_lstm,
                           [x, kernel, bias, recurrent], matmul_dtype)
 
 
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
-def test_first_layer_gradients_match_an_embedding_lookup_then_lstm(matmul_dtype: str) -> None:
+def test_first_layer_gradients_match_an_embedding_lookup_then_lstm(matmul_dtype: str, loops: str,
+                                                                  request: pytest.FixtureRequest) -> None:
     """The first layer, which looks its input projections up in embedding @ kernel, trains exactly as an
     embedding lookup followed by an LSTM layer: the same outputs, and the same gradients for the embedding
     (repeated events included) and every weight."""
     from chiptune_forge.model.network import event_lstm_layer
 
+    need_loops(loops, request)
     rng = np.random.default_rng(6)
     ids = tf.constant(rng.integers(0, 259, size=(9, 3)).astype(np.int32))
     ids = tf.tensor_scatter_nd_update(ids, [[1, 0], [4, 2]], [int(ids[0, 0]), int(ids[0, 0])])
     embeddings = tf.constant(rng.normal(0, 0.5, size=(259, 6)).astype(np.float32))
-    kernel = tf.constant(rng.normal(0, 0.5, size=(6, 20)).astype(np.float32))
-    bias = tf.constant(rng.normal(0, 0.5, size=(20,)).astype(np.float32))
-    recurrent = tf.constant(rng.normal(0, 0.5, size=(5, 20)).astype(np.float32))
+    kernel = tf.constant(rng.normal(0, 0.5, size=(6, 64)).astype(np.float32))
+    bias = tf.constant(rng.normal(0, 0.5, size=(64,)).astype(np.float32))
+    recurrent = tf.constant(rng.normal(0, 0.5, size=(16, 64)).astype(np.float32))
     assert_same_gradients(
-        lambda e, k, b, r: event_lstm_layer(ids, e, k, b, r, matmul_dtype=matmul_dtype),
+        lambda e, k, b, r: event_lstm_layer(ids, e, k, b, r, matmul_dtype=matmul_dtype, loops=loops),
         lambda e, k, b, r: reference_lstm(tf.gather(e, ids), k, b, r),
         [embeddings, kernel, bias, recurrent], matmul_dtype)
 
@@ -609,3 +623,17 @@ def test_resuming_on_other_data_says_so_and_records_it(trained_run: tuple[Path, 
     exported = json.loads((run / "export" / "model.json").read_text())
     assert config["dataset"] == str(other.resolve()) and config["dataset_summary"]["path"] == str(other)
     assert exported["dataset"] == config["dataset_summary"], "the run and its export name the same data"
+
+
+def test_native_loops_refuse_layer_sizes_they_cannot_run(dataset: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "--dataset", str(dataset), "--hparams",
+            "rnn_layer_sizes=[20],batch_size=4", "--num-training-steps", "2"]
+    assert main([*args, "--loops", "native"]) == 1
+    err = capsys.readouterr().err
+    assert "--loops native: rnn_layer_sizes has 20, which is not a multiple of 16" in err
+    assert "Traceback" not in err and not run.exists()
+    assert main(args) == 0, "auto falls back to TensorFlow's loops"
+    assert "note: training uses TensorFlow's recurrent loops, which are slower: rnn_layer_sizes has 20" in (
+        capsys.readouterr().err)

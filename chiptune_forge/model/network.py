@@ -9,12 +9,14 @@ weights drive any standard LSTM. Only the schedule differs, for speed on a CPU:
 - the network runs time-major inside, and each layer's input projection for every timestep is one large
   matrix product before the recurrent loop, which then only multiplies the hidden state; the first layer's
   is a lookup in embedding @ kernel, one small product for the 259 events (the layer holds the embedding);
-- the recurrent loops are compiled with XLA, and the rows of a batch are split into independent groups
-  whose loops run at the same time on different cores (a loop alone keeps only one core busy); a loop
-  step is one matrix product, one tanh over all four gates and a few multiply-adds;
+- the recurrent loops are native code (`loops="native"`, see native.py and lstm_loops.cc) where the
+  machine has a C++ compiler, else compiled with XLA; either way the rows of a batch are split into
+  independent groups whose loops run at the same time on different cores (a loop alone keeps only one
+  core busy); an XLA loop step is one matrix product, one tanh over all four gates and a few multiply-adds;
 - the backward pass is written out by hand: the loop runs back through time computing the gate gradients,
   and the weight gradients are then large matrix products over all timesteps instead of one small product
-  accumulated per step;
+  accumulated per step (written as einsums, which TensorFlow runs faster than a transposed matmul; the
+  output layer's kernel gradient too);
 - optionally (`matmul_dtype`, chosen by the trainer) those large products compute in bfloat16, which
   CPUs with AMX multiply several times faster than float32; the loops and the weights stay float32;
 - dropout draws 16 random bits per value instead of a float, and the training loss, its accuracy and its
@@ -164,6 +166,26 @@ def _join(parts: list[tf.Tensor]) -> tf.Tensor:
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
 
+def _weight_gradient(inputs: tf.Tensor, d_outputs: tf.Tensor) -> tf.Tensor:
+    """inputs^T @ d_outputs for [rows, in] and [rows, out]: a weight's gradient summed over every row. Written
+    as an einsum because TensorFlow runs that about 1.5x faster on a CPU than its matmul with transpose_a,
+    which takes a slower kernel for these shapes (one short side, one of tens of thousands of rows)."""
+    return tf.einsum("ki,kj->ij", inputs, d_outputs)
+
+
+def _project(flat: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """flat @ kernel, differentiated with `_weight_gradient` for the kernel."""
+
+    @tf.custom_gradient
+    def run(flat, kernel):
+        def grad(d: tf.Tensor):
+            return tf.matmul(d, kernel, transpose_b=True), _weight_gradient(flat, d)
+
+        return tf.matmul(flat, kernel), grad
+
+    return run(flat, kernel)
+
+
 def _recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
     """Hidden states [T, B, u] of one LSTM layer from zero state, given its input projections without bias
     [T, B, 4u] (float32, or bfloat16 for bfloat16 products).
@@ -189,7 +211,7 @@ def _recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Te
             dz = _join([b[0] for b in backs])
             h_low = hs if low == tf.float32 else _join([o[1] for o in outs])
             h_prev = tf.reshape(tf.concat([tf.zeros_like(h_low[:1]), h_low[:-1]], axis=0), [-1, units])
-            d_recurrent = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * units]), transpose_a=True)
+            d_recurrent = _weight_gradient(h_prev, tf.reshape(dz, [-1, 4 * units]))
             return dz, tf.add_n([b[1] for b in backs]), tf.cast(d_recurrent, tf.float32)
 
         return hs, grad
@@ -197,8 +219,39 @@ def _recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Te
     return run(xproj, bias, recurrent)
 
 
+def _native_recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
+    """`_recurrent` with the native loops (native.py): the same results, computed outside TensorFlow's
+    kernels. Their records stay numpy buffers between the forward and the backward call."""
+    from .native import load
+
+    loops = load()
+    if isinstance(loops, str):
+        raise RuntimeError(loops)
+    low = xproj.dtype
+    units = recurrent.shape[0]
+
+    @tf.custom_gradient
+    def run(xproj, bias, recurrent):
+        xproj, bias, recurrent = (tf.stop_gradient(v) for v in (xproj, bias, recurrent))
+        shape = tf.shape(xproj)
+        hs, h_prev, derivs, cell = tf.numpy_function(
+            loops.forward, [tf.cast(xproj, tf.float32), bias, recurrent], [tf.float32] * 4, stateful=False)
+        hs = tf.reshape(hs, tf.stack([shape[0], shape[1], units]))
+
+        def grad(dhs: tf.Tensor):
+            dz, partial = tf.numpy_function(loops.backward, [dhs, derivs, cell, recurrent], [tf.float32] * 2,
+                                            stateful=False)
+            dz = tf.reshape(dz, shape)
+            d_recurrent = _weight_gradient(tf.reshape(h_prev, [-1, units]), tf.reshape(dz, [-1, 4 * units]))
+            return tf.cast(dz, low), tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0), d_recurrent
+
+        return hs, grad
+
+    return run(xproj, bias, recurrent)
+
+
 def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor,
-               matmul_dtype: str = "float32") -> tf.Tensor:
+               matmul_dtype: str = "float32", loops: str = "tensorflow") -> tf.Tensor:
     """One LSTM layer from zero state, time-major: inputs [T, B, in] -> hidden states [T, B, u], for training.
 
     The input projection of every step is one large matrix product before the loops, and its gradients
@@ -209,8 +262,8 @@ def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.T
     shape = tf.shape(x)
     # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
     flat = tf.cast(tf.reshape(x, [-1, kernel.shape[0]]), low)
-    xproj = tf.reshape(tf.matmul(flat, tf.cast(kernel, low)), tf.stack([shape[0], shape[1], kernel.shape[1]]))
-    return _recurrent(xproj, bias, recurrent)
+    xproj = tf.reshape(_project(flat, tf.cast(kernel, low)), tf.stack([shape[0], shape[1], kernel.shape[1]]))
+    return (_native_recurrent if loops == "native" else _recurrent)(xproj, bias, recurrent)
 
 
 @_compiled
@@ -235,14 +288,15 @@ def _lookup(table: tf.Tensor, ids: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 
 
 def event_lstm_layer(ids: tf.Tensor, embeddings: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor,
-                     recurrent: tf.Tensor, matmul_dtype: str = "float32") -> tf.Tensor:
+                     recurrent: tf.Tensor, matmul_dtype: str = "float32", loops: str = "tensorflow") -> tf.Tensor:
     """The first LSTM layer, fed by the event embedding, time-major: event ids [T, B] -> [T, B, u].
 
     A step's input is an embedding row, so its input projection is a row of embeddings @ kernel: the
     product is taken once for the 259 events and looked up. Its gradient is the per-event sum of the gate
     gradients, taken back through that small product: three large products over every step are saved.
     """
-    return _recurrent(_lookup(tf.matmul(embeddings, kernel), ids, tf.as_dtype(matmul_dtype)), bias, recurrent)
+    xproj = _lookup(tf.matmul(embeddings, kernel), ids, tf.as_dtype(matmul_dtype))
+    return (_native_recurrent if loops == "native" else _recurrent)(xproj, bias, recurrent)
 
 
 def lstm_time_major_inference(xproj: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
@@ -314,10 +368,11 @@ class Dropout16(keras.layers.Layer):
 class TimeMajorLSTM(keras.layers.Layer):
     """A Keras-layout LSTM layer over time-major input [T, B, in] -> [T, B, units], from zero state."""
 
-    def __init__(self, units: int, matmul_dtype: str = "float32", **kwargs) -> None:
+    def __init__(self, units: int, matmul_dtype: str = "float32", loops: str = "tensorflow", **kwargs) -> None:
         super().__init__(**kwargs)
         self.units = units
         self.matmul_dtype = matmul_dtype
+        self.loops = loops
 
     def build(self, input_shape) -> None:
         u = self.units
@@ -333,7 +388,7 @@ class TimeMajorLSTM(keras.layers.Layer):
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         kernel, bias, recurrent = self._weight_tensors()
         if training:
-            return lstm_layer(inputs, kernel, bias, recurrent, self.matmul_dtype)
+            return lstm_layer(inputs, kernel, bias, recurrent, self.matmul_dtype, self.loops)
         shape = tf.shape(inputs)
         # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
         flat = tf.reshape(inputs, [-1, self.kernel.shape[0]])
@@ -344,7 +399,7 @@ class TimeMajorLSTM(keras.layers.Layer):
         return (*input_shape[:-1], self.units)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "units": self.units, "matmul_dtype": self.matmul_dtype}
+        return {**super().get_config(), "units": self.units, "matmul_dtype": self.matmul_dtype, "loops": self.loops}
 
 
 @keras.saving.register_keras_serializable(package="chiptune_forge")
@@ -355,8 +410,9 @@ class EventLSTM(TimeMajorLSTM):
     embedding layer followed by an LSTM layer) because each step's input projection is then a row of one
     [259, 4u] product (`event_lstm_layer`)."""
 
-    def __init__(self, units: int, embedding_dim: int, matmul_dtype: str = "float32", **kwargs) -> None:
-        super().__init__(units, matmul_dtype, **kwargs)
+    def __init__(self, units: int, embedding_dim: int, matmul_dtype: str = "float32", loops: str = "tensorflow",
+                 **kwargs) -> None:
+        super().__init__(units, matmul_dtype, loops, **kwargs)
         self.embedding_dim = embedding_dim
 
     def build(self, input_shape) -> None:
@@ -369,7 +425,7 @@ class EventLSTM(TimeMajorLSTM):
         kernel, bias, recurrent = self._weight_tensors()
         embeddings = tf.convert_to_tensor(self.embeddings)
         if training:
-            return event_lstm_layer(inputs, embeddings, kernel, bias, recurrent, self.matmul_dtype)
+            return event_lstm_layer(inputs, embeddings, kernel, bias, recurrent, self.matmul_dtype, self.loops)
         return lstm_time_major_inference(tf.gather(tf.matmul(embeddings, kernel) + bias, inputs), recurrent)
 
     def compute_output_shape(self, input_shape):
@@ -379,8 +435,23 @@ class EventLSTM(TimeMajorLSTM):
         return {**super().get_config(), "embedding_dim": self.embedding_dim}
 
 
-def build_model(hparams: HParams, matmul_dtype: str = "float32") -> keras.Model:
+@keras.saving.register_keras_serializable(package="chiptune_forge")
+class Logits(keras.layers.Dense):
+    """keras.layers.Dense over [batch, time, in] as one product over all rows, whose kernel gradient is
+    `_weight_gradient` (Dense's own takes TensorFlow's slower transposed product)."""
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        shape = tf.shape(inputs)
+        flat = tf.reshape(inputs, [-1, self.kernel.shape[0]])
+        logits = tf.nn.bias_add(_project(flat, tf.convert_to_tensor(self.kernel)), self.bias)
+        return tf.reshape(logits, tf.concat([shape[:-1], [self.units]], axis=0))
+
+
+def build_model(hparams: HParams, matmul_dtype: str = "float32", loops: str = "tensorflow") -> keras.Model:
     """int32 event ids [batch, time] -> float32 logits [batch, time, 259].
+
+    `loops` picks the recurrent loops of training ("native" needs native.load() to succeed and layer sizes
+    that are multiples of native.UNIT_MULTIPLE; the trainer checks both); inference always uses XLA's.
 
     The first LSTM layer (`lstm0`) holds the event embedding. With `matmul_dtype` "bfloat16", the LSTM
     layers' large matrix products in training (the input projections and the weight gradients) take
@@ -392,9 +463,9 @@ def build_model(hparams: HParams, matmul_dtype: str = "float32") -> keras.Model:
     ids = keras.Input(shape=(None,), dtype="int32", name="events")
     x = keras.layers.Lambda(lambda t: tf.transpose(t), name="to_time_major")(ids)
     for i, units in enumerate(hparams.rnn_layer_sizes):
-        layer = (EventLSTM(units, embedding_dim(hparams), matmul_dtype, name="lstm0") if i == 0
-                 else TimeMajorLSTM(units, matmul_dtype, name=f"lstm{i}"))
+        layer = (EventLSTM(units, embedding_dim(hparams), matmul_dtype, loops, name="lstm0") if i == 0
+                 else TimeMajorLSTM(units, matmul_dtype, loops, name=f"lstm{i}"))
         x = Dropout16(1.0 - hparams.dropout_keep_prob, name=f"dropout{i}")(layer(x))
     x = keras.layers.Lambda(lambda t: tf.transpose(t, [1, 0, 2]), name="to_batch_major")(x)
-    logits = keras.layers.Dense(NUM_CLASSES, name="dense")(x)
+    logits = Logits(NUM_CLASSES, name="dense")(x)
     return keras.Model(ids, logits, name="polyphony_lstm")

@@ -62,6 +62,7 @@ class TrainOptions:
     log_every: int = 25
     show_progress: bool = True
     matmul_precision: str = "auto"
+    loops: str = "auto"
 
 
 def make_chunks(sequences: list[np.ndarray], max_length: int) -> list[np.ndarray]:
@@ -231,6 +232,24 @@ def resolve_matmul_precision(requested: str) -> str:
     return "bfloat16" if hardware_bfloat16() and not tf.config.list_physical_devices("GPU") else "float32"
 
 
+def resolve_loops(requested: str, hparams: HParams) -> tuple[str, str | None]:
+    """The recurrent loops `--loops` asks for ("native" or "tensorflow"), and for "auto" a note saying why it
+    fell back to TensorFlow's, if it did."""
+    if requested == "tensorflow":
+        return "tensorflow", None
+    from .native import UNIT_MULTIPLE, load
+
+    odd = [u for u in hparams.rnn_layer_sizes if u % UNIT_MULTIPLE]
+    loops = None if odd else load()
+    why = (f"rnn_layer_sizes has {odd[0]}, which is not a multiple of {UNIT_MULTIPLE}" if odd
+           else loops if isinstance(loops, str) else None)
+    if why is None:
+        return "native", None
+    if requested == "native":
+        raise ChiptuneError(f"--loops native: {why}")
+    return "tensorflow", f"note: training uses TensorFlow's recurrent loops, which are slower: {why}"
+
+
 def export_info(run_dir: Path, config: dict, step: int, state: dict) -> dict:
     """What the exported model.json records about the run (the model card is rendered from it)."""
     info = {"training_steps": step, "training_time_s": round(state.get("train_seconds", 0.0), 1),
@@ -374,12 +393,15 @@ def train(options: TrainOptions) -> dict:
         if (run_dir / name).exists() and not (run_dir / name).is_dir():
             raise ChiptuneError(f"{run_dir / name}: is a file where the run keeps a folder; move it away")
     precision = resolve_matmul_precision(options.matmul_precision)
+    loops, loops_note = resolve_loops(options.loops, hparams)
+    if loops_note and options.show_progress:
+        print(loops_note, file=sys.stderr)
     # A new run's initial weights and dropout masks come from its seed, as its batch order does; a resumed
     # run takes both from its checkpoint. (This seeds Python's, numpy's and TensorFlow's global generators,
     # which is what Keras's initializers draw from.)
     keras.utils.set_random_seed(int(config["seed"]))
     try:
-        model = build_model(hparams, precision)
+        model = build_model(hparams, precision, loops)
         optimizer = make_optimizer(hparams)
     except tf.errors.ResourceExhaustedError:
         raise ChiptuneError(f"rnn_layer_sizes={list(hparams.rnn_layer_sizes)} does not fit in memory; use smaller "

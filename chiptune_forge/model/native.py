@@ -1,0 +1,202 @@
+"""The LSTM layers' training loops as native code (lstm_loops.cc), built with the machine's C++ compiler.
+
+TensorFlow runs a recurrent loop one small kernel at a time, and at these sizes the kernels' fixed costs
+outweigh their arithmetic; the native loops do a step in one pass and are several times faster. They are
+compiled on first use for the CPU they run on (`-march=native`) and cached under
+`$XDG_CACHE_HOME/chiptune-forge` (default `~/.cache/chiptune-forge`), keyed by the source, the compiler and
+the CPU, so a cache shared between different machines never runs code built for another CPU. Where no
+compiler is found (`CXX`, else `c++`, `g++` or `clang++` on PATH) or the build fails, training uses
+TensorFlow's loops and says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("lstm_loops.cc")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
+UNIT_MULTIPLE = 16  # the loops take layers whose size is a multiple of this
+_ALIGN = 64  # bytes; the loops stream their records past the caches when arrays are 32-byte aligned
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "chiptune-forge"
+
+
+def find_compiler() -> str | None:
+    return os.environ.get("CXX") or next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keys}))
+
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class _Buffers:
+    """Recycled memory for the loops' outputs. A fresh array of tens of MB is mapped by the system as new
+    zeroed pages, and faulting them in on every call costs as much as the loops save; these buffers go back
+    to a free list when the arrays made from them are released (by TensorFlow, once it is done with the
+    tensors that share their memory) and are handed out again."""
+
+    KEEP = 32
+
+    def __init__(self) -> None:
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._stagger = itertools.count()
+
+    def _take(self, size: int) -> np.ndarray:
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.size >= size]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i].size))
+        return np.empty(size, dtype=np.float32)
+
+    def _give_back(self, buffer: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buffer)
+            if len(self._free) > self.KEEP:
+                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].size))
+
+    def empty(self, shape: tuple[int, ...], extra_steps: int = 0) -> np.ndarray:
+        """An uninitialised float32 array (with `extra_steps` more rows along the first axis) that starts
+        64-byte aligned, at one of 63 offsets within 4 KiB: the loops read and write several arrays at the
+        same position at once, and arrays that all start on a page boundary would put those accesses in the
+        same cache sets."""
+        full = (shape[0] + extra_steps, *shape[1:])
+        size = int(np.prod(full))
+        raw = self._take(size + 16 * 64)
+        skip = (-raw.ctypes.data % _ALIGN) // 4 + 16 * (17 * next(self._stagger) % 63)
+        return raw[skip:skip + size].reshape(full)
+
+    def hand_out(self, buffer: np.ndarray, *arrays: np.ndarray) -> None:
+        """Returns `buffer` (from `empty`) to the free list once every one of `arrays`, the views of it that
+        leave the loops, has been released. (A view of a view refers to the memory's owner, not to the view
+        it was made from, so only the arrays handed out can tell when the memory is free again.)"""
+        owner = buffer.base
+        left = [len(arrays)]
+
+        def released() -> None:
+            with self._lock:
+                left[0] -= 1
+                done = left[0] == 0
+            if done:
+                self._give_back(owner)
+
+        for array in arrays:
+            weakref.finalize(array, released)
+
+
+def _pointer(array: np.ndarray) -> ctypes.c_void_p:
+    return ctypes.c_void_p(array.ctypes.data)
+
+
+class NativeLoops:
+    """The compiled loops, called on numpy arrays (time-major float32, the layouts of lstm_loops.cc)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._lib = library
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        library.lstm_forward.argtypes = [integer] * 3 + [pointer] * 6 + [integer]
+        library.lstm_backward.argtypes = [integer] * 3 + [pointer] * 6 + [integer]
+        library.lstm_bias_blocks.argtypes = [integer]
+        library.lstm_bias_blocks.restype = integer
+        self.threads = _threads()
+        self._buffers = _Buffers()
+
+    def forward(self, xproj: np.ndarray, bias: np.ndarray, recurrent: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Hidden states [T, B, U], the same shifted one step later (zeros first: each step's previous state,
+        for the recurrent kernel's gradient; it shares their memory) and the backward pass's records
+        ([T, B, 4U] and [T, B, 2U])."""
+        steps, rows, gates = xproj.shape
+        units = gates // 4
+        xproj, bias, recurrent = (np.ascontiguousarray(a, dtype=np.float32) for a in (xproj, bias, recurrent))
+        states = self._buffers.empty((steps, rows, units), extra_steps=1)
+        states[0] = 0.0
+        hs, h_prev = states[1:], states[:-1]
+        derivs = self._buffers.empty((steps, rows, gates))
+        cell = self._buffers.empty((steps, rows, 2 * units))
+        if steps and rows:
+            self._lib.lstm_forward(steps, rows, units, _pointer(xproj), _pointer(bias), _pointer(recurrent),
+                                   _pointer(hs), _pointer(derivs), _pointer(cell), self.threads)
+        self._buffers.hand_out(states, hs, h_prev)
+        self._buffers.hand_out(derivs, derivs)
+        self._buffers.hand_out(cell, cell)
+        return hs, h_prev, derivs, cell
+
+    def backward(self, dhs: np.ndarray, derivs: np.ndarray, cell: np.ndarray, recurrent: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Gate pre-activation gradients [T, B, 4U] and partial sums of them whose sum is the bias gradient."""
+        steps, rows, units = dhs.shape
+        dhs, derivs, cell, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
+                                        for a in (dhs, derivs, cell, recurrent))
+        dz = self._buffers.empty((steps, rows, 4 * units))
+        self._buffers.hand_out(dz, dz)
+        partial = np.zeros((self._lib.lstm_bias_blocks(rows), 4 * units), dtype=np.float32)
+        if steps and rows:
+            self._lib.lstm_backward(steps, rows, units, _pointer(dhs), _pointer(derivs), _pointer(cell),
+                                    _pointer(recurrent), _pointer(dz), _pointer(partial), self.threads)
+        return dz, partial
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:
+            first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
+            raise OSError(f"{compiler} failed: {first[:300]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cache
+def load() -> NativeLoops | str:
+    """The native loops, built if need be; or, where they cannot be had, one line saying why."""
+    compiler = find_compiler()
+    if compiler is None:
+        return "no C++ compiler found (install g++ or clang++, or set CXX)"
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the C++ compiler {compiler} does not run ({exc})"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), compiler, version, *FLAGS,
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"lstm_loops-{key}.so"
+    try:
+        if not target.is_file():
+            _build(compiler, target)
+        return NativeLoops(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"building the native loops failed: {exc}"

@@ -1,0 +1,149 @@
+"""The native recurrent loops of training (chiptune_forge/model/lstm_loops.cc through model/native.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chiptune_forge.hparams import HParams
+from chiptune_forge.model import native
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def reference(xproj, bias, recurrent, dhs):
+    """Keras's LSTM math in float64, forward from zero state and back: hidden states, the gradients of the
+    gate pre-activations and the bias gradient."""
+    steps, rows, gates = xproj.shape
+    u = gates // 4
+    h, c = np.zeros((rows, u)), np.zeros((rows, u))
+    saved, hs = [], []
+    for t in range(steps):
+        z = xproj[t] + bias + h @ recurrent
+        i, f, g, o = sigmoid(z[:, :u]), sigmoid(z[:, u:2 * u]), np.tanh(z[:, 2 * u:3 * u]), sigmoid(z[:, 3 * u:])
+        saved.append((i, f, g, o, c))
+        c = f * c + i * g
+        h = o * np.tanh(c)
+        hs.append(h)
+    dz = np.zeros((steps, rows, gates))
+    dh_next, dc_next = np.zeros((rows, u)), np.zeros((rows, u))
+    for t in reversed(range(steps)):
+        i, f, g, o, c_prev = saved[t]
+        c = f * c_prev + i * g
+        tc = np.tanh(c)
+        dh = dhs[t] + dh_next
+        dc = dc_next + dh * o * (1 - tc * tc)
+        dz[t] = np.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+                                dh * tc * o * (1 - o)], axis=-1)
+        dh_next, dc_next = dz[t] @ recurrent.T, dc * f
+    return np.array(hs), dz, dz.sum(axis=(0, 1))
+
+
+def inputs(steps: int, rows: int, units: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(steps, rows, 4 * units)).astype(np.float32),
+            rng.normal(0, 0.3, size=4 * units).astype(np.float32),
+            rng.normal(0, 0.3, size=(units, 4 * units)).astype(np.float32),
+            rng.normal(size=(steps, rows, units)).astype(np.float32))
+
+
+@pytest.mark.parametrize(("steps", "rows", "units", "threads"),
+                         [(37, 13, 32, 3), (5, 1, 16, 2), (1, 7, 16, 1), (60, 64, 128, 2)])
+def test_loops_give_the_lstm_math(native_loops, steps: int, rows: int, units: int, threads: int,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_loops, "threads", threads)
+    xproj, bias, recurrent, dhs = inputs(steps, rows, units)
+    want_hs, want_dz, want_bias = reference(xproj, bias, recurrent, dhs)
+    hs, h_prev, derivs, cell = native_loops.forward(xproj, bias, recurrent)
+    dz, partial = native_loops.backward(dhs, derivs, cell, recurrent)
+    np.testing.assert_allclose(hs, want_hs, atol=1e-5, rtol=0)  # float32 sums of up to 128 terms per step
+    np.testing.assert_array_equal(h_prev[0], 0.0)
+    np.testing.assert_array_equal(h_prev[1:], hs[:-1])
+    np.testing.assert_allclose(dz, want_dz, atol=2e-5 * np.abs(want_dz).max(), rtol=0)
+    np.testing.assert_allclose(partial.sum(axis=0), want_bias, atol=1e-4 * np.abs(want_bias).max(), rtol=0)
+
+
+def test_results_do_not_depend_on_the_number_of_threads(native_loops, monkeypatch: pytest.MonkeyPatch) -> None:
+    xproj, bias, recurrent, dhs = inputs(40, 22, 32, seed=1)
+    results = []
+    for threads in (1, 2, 5):
+        monkeypatch.setattr(native_loops, "threads", threads)
+        hs, _, derivs, cell = native_loops.forward(xproj, bias, recurrent)
+        dz, partial = native_loops.backward(dhs, derivs, cell, recurrent)
+        results.append([a.copy() for a in (hs, dz, partial)])
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_memory_is_reused_only_after_every_array_of_it_is_released(native_loops) -> None:
+    """The loops' outputs share recycled buffers with TensorFlow; a buffer still seen through any array
+    (the hidden states and their shifted view share one) must not be written by a later call."""
+    first = inputs(30, 8, 16, seed=2)
+    hs, h_prev, derivs, cell = native_loops.forward(*first[:3])
+    kept = [a.copy() for a in (hs, h_prev, derivs, cell)]
+    del hs, derivs, cell  # h_prev alone still holds the hidden states' buffer
+    for seed in (3, 4):
+        other = inputs(30, 8, 16, seed=seed)
+        native_loops.forward(*other[:3])
+    np.testing.assert_array_equal(h_prev, kept[1])
+    again = native_loops.forward(*first[:3])  # released buffers are taken again, and give the same results
+    for got, want in zip(again, kept, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_library_is_built_once_into_the_cache(native_loops, native_cache: Path) -> None:
+    built = list((native_cache / "chiptune-forge").glob("lstm_loops-*.so"))
+    assert len(built) == 1
+    assert not list((native_cache / "chiptune-forge").glob("*.partial"))
+
+
+def test_resolve_loops(native_loops, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chiptune_forge.errors import ChiptuneError
+    from chiptune_forge.model.train import resolve_loops
+
+    even, odd = HParams(rnn_layer_sizes=(64, 32)), HParams(rnn_layer_sizes=(64, 100))
+    assert resolve_loops("auto", even) == ("native", None)
+    assert resolve_loops("native", even) == ("native", None)
+    assert resolve_loops("tensorflow", even) == ("tensorflow", None)
+    loops, note = resolve_loops("auto", odd)
+    assert loops == "tensorflow" and "100" in note and "multiple of 16" in note
+    with pytest.raises(ChiptuneError, match="--loops native: rnn_layer_sizes has 100"):
+        resolve_loops("native", odd)
+
+
+@pytest.fixture
+def fresh_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """native.load() with its memo cleared and an empty cache folder, restored afterwards."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.load.cache_clear()
+    yield native.load
+    native.load.cache_clear()
+
+
+def test_without_a_compiler_training_falls_back_and_says_why(fresh_load, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chiptune_forge.errors import ChiptuneError
+    from chiptune_forge.model.train import resolve_loops
+
+    monkeypatch.setattr(native, "find_compiler", lambda: None)
+    loops, note = resolve_loops("auto", HParams())
+    assert loops == "tensorflow" and "no C++ compiler found" in note
+    with pytest.raises(ChiptuneError, match="--loops native: no C\\+\\+ compiler found"):
+        resolve_loops("native", HParams())
+
+
+def test_a_failed_build_is_reported_and_leaves_nothing_behind(fresh_load, monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    script = tmp_path / "broken-c++"
+    script.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'broken 1.0' && exit 0\n"
+                      "echo 'lstm_loops.cc:1: error: no such luck' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CXX", str(script))
+    why = fresh_load()
+    assert isinstance(why, str) and why.startswith("building the native loops failed:")
+    assert "error: no such luck" in why
+    assert not list((tmp_path / "chiptune-forge").iterdir())
