@@ -204,6 +204,9 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
                 }
             }
         }
+#if defined(__AVX__)
+    if (Stream) _mm_sfence();  // streamed stores are weakly ordered: make them visible before the thread ends
+#endif
 }
 
 struct Backward {
