@@ -147,3 +147,53 @@ def test_a_failed_build_is_reported_and_leaves_nothing_behind(fresh_load, monkey
     assert isinstance(why, str) and why.startswith("building the native loops failed:")
     assert "error: no such luck" in why
     assert not list((tmp_path / "chiptune-forge").iterdir())
+
+
+def test_a_compiled_training_step_matches_tensorflow_loops(native_loops) -> None:
+    """In a graph, TensorFlow shares the loops' output buffers instead of copying them, and the buffers are
+    recycled from step to step: gradients of a two-layer network over batches of changing shape still match
+    those of TensorFlow's loops."""
+    from chiptune_forge.model.framework import keras, tf
+    from chiptune_forge.model.network import build_model
+
+    hparams = HParams(rnn_layer_sizes=(32, 16), dropout_keep_prob=1.0)
+    steps = {}
+    for loops in ("native", "tensorflow"):
+        keras.utils.set_random_seed(5)
+        model = build_model(hparams, loops=loops)
+
+        @tf.function(reduce_retracing=True)
+        def gradients(x, model=model):
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(x, logits, from_logits=True))
+            return tape.gradient(loss, model.trainable_variables)
+
+        steps[loops] = gradients
+    rng = np.random.default_rng(7)
+    for rows, length in ((6, 40), (9, 17), (6, 40), (3, 64)):
+        x = rng.integers(0, 259, size=(rows, length)).astype(np.int32)
+        for got, want in zip(steps["native"](x), steps["tensorflow"](x), strict=True):
+            scale = float(np.abs(want).max())
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * scale, rtol=0)
+
+
+def test_sizes_the_loops_cannot_take_are_refused(native_loops) -> None:
+    xproj, bias, recurrent, dhs = inputs(5, 3, 16)
+    with pytest.raises(ValueError, match="multiples of 16, not 20"):
+        native_loops.forward(np.zeros((5, 3, 80), np.float32), np.zeros(80, np.float32),
+                             np.zeros((20, 80), np.float32))
+    with pytest.raises(ValueError, match="multiples of 16, not 8"):
+        native_loops.backward(np.zeros((5, 3, 8), np.float32), np.zeros((5, 3, 32), np.float32),
+                              np.zeros((5, 3, 16), np.float32), np.zeros((8, 32), np.float32))
+    hs, _, derivs, cell = native_loops.forward(xproj[:0], bias, recurrent)  # no steps: nothing to do
+    assert hs.shape == (0, 3, 16) and native_loops.backward(dhs[:0], derivs, cell, recurrent)[0].shape == (0, 3, 64)
+
+
+def test_cxx_may_hold_a_command_with_arguments(fresh_load, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    compiler = native.find_compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("CXX", f"env {compiler}")
+    assert isinstance(fresh_load(), native.NativeLoops)
+    assert len(list((tmp_path / "chiptune-forge").glob("lstm_loops-*.so"))) == 1

@@ -637,3 +637,14 @@ def test_native_loops_refuse_layer_sizes_they_cannot_run(dataset: Path, tmp_path
     assert main(args) == 0, "auto falls back to TensorFlow's loops"
     assert "note: training uses TensorFlow's recurrent loops, which are slower: rnn_layer_sizes has 20" in (
         capsys.readouterr().err)
+
+
+def test_a_run_records_its_loops_and_a_switch_is_noted(dataset: Path, tmp_path: Path, native_loops,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    first = train(options(run, dataset, 2, evaluate=False, loops="tensorflow"))
+    assert first["loops"] == "tensorflow"
+    again = train(options(run, dataset, 3, evaluate=False, show_progress=True))
+    assert again["loops"] == "native and tensorflow"
+    assert f"note: {run} was trained with tensorflow recurrent loops so far and goes on with native ones" in (
+        capsys.readouterr().err)

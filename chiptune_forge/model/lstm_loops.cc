@@ -29,6 +29,7 @@ constexpr int W = 8;  // floats per vector
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef float vfu __attribute__((vector_size(W * sizeof(float)), aligned(4)));
 typedef int vi __attribute__((vector_size(W * sizeof(int))));
+typedef unsigned vu __attribute__((vector_size(W * sizeof(unsigned))));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
@@ -86,7 +87,7 @@ inline vf exp_v(vf x) {
     p = p * r + splat(0.5f);
     p = p * r + splat(1.0f);
     p = p * r + splat(1.0f);
-    return p * (vf)(((vi)shifted << 23) + (127 << 23));
+    return p * (vf)(((vu)shifted << 23) + (127u << 23));
 }
 
 inline vf sigmoid(vf x) { return reciprocal(splat(1.0f) + exp_v(clamp(-x, -87.0f, 87.0f))); }
@@ -276,6 +277,9 @@ void in_threads(int rows, int threads, const Work& work) {
     for (auto& th : pool) th.join();
 }
 
+// The sizes the loops take; anything else returns -1 from the entry points, which then write nothing.
+bool valid(int T, int B, int U) { return T > 0 && B > 0 && U > 0 && U % NR == 0; }
+
 }  // namespace
 
 extern "C" {
@@ -283,25 +287,31 @@ extern "C" {
 // Rows of the bias gradient's partial sums that lstm_backward writes for B rows.
 int lstm_bias_blocks(int B) { return (B + SPLIT - 1) / SPLIT; }
 
-// Hidden states and the backward pass's records of one layer from zero state.
-void lstm_forward(int T, int B, int U, const float* xproj, const float* bias, const float* recurrent, float* hs,
-                  float* derivs, float* cell, int threads) {
+// Hidden states and the backward pass's records of one layer from zero state; 0, or -1 for sizes it
+// does not take.
+int lstm_forward(int T, int B, int U, const float* xproj, const float* bias, const float* recurrent, float* hs,
+                 float* derivs, float* cell, int threads) {
+    if (!valid(T, B, U)) return -1;
     const std::vector<float> panels = pack(recurrent, U, 4 * U, false);
     const Forward f{T, B, U, xproj, bias, panels.data(), hs, derivs, cell};
     if (aligned(derivs) && aligned(cell))
         in_threads(B, threads, [&f](int first, int last) { forward_rows<true>(f, first, last); });
     else
         in_threads(B, threads, [&f](int first, int last) { forward_rows<false>(f, first, last); });
+    return 0;
 }
 
 // Gradients of the gate pre-activations dz [T, B, 4U] and partial sums of them [lstm_bias_blocks(B), 4U]
 // (the bias gradient is their sum), given the gradients of the hidden states and the forward loop's
 // records. Each partial sum covers fixed rows, so the result does not depend on the number of threads.
-void lstm_backward(int T, int B, int U, const float* dhs, const float* derivs, const float* cell,
-                   const float* recurrent, float* dz, float* dbias, int threads) {
+// 0, or -1 for sizes it does not take.
+int lstm_backward(int T, int B, int U, const float* dhs, const float* derivs, const float* cell,
+                  const float* recurrent, float* dz, float* dbias, int threads) {
+    if (!valid(T, B, U)) return -1;
     const std::vector<float> panels = pack(recurrent, 4 * U, U, true);
     const Backward g{T, B, U, dhs, derivs, cell, panels.data(), dz, dbias};
     in_threads(B, threads, [&g](int first, int last) { backward_rows(g, first, last); });
+    return 0;
 }
 
 }

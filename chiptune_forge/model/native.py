@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +30,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("lstm_loops.cc")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
 UNIT_MULTIPLE = 16  # the loops take layers whose size is a multiple of this
+BUILD_TIMEOUT_S = 600
 _ALIGN = 64  # bytes; the loops stream their records past the caches when arrays are 32-byte aligned
 
 
@@ -38,6 +40,8 @@ def cache_dir() -> Path:
 
 
 def find_compiler() -> str | None:
+    """The compiler command: `CXX` (which may hold arguments, as in "ccache g++"), else the first C++
+    compiler on PATH."""
     return os.environ.get("CXX") or next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
 
 
@@ -62,27 +66,29 @@ class _Buffers:
     """Recycled memory for the loops' outputs. A fresh array of tens of MB is mapped by the system as new
     zeroed pages, and faulting them in on every call costs as much as the loops save; these buffers go back
     to a free list when the arrays made from them are released (by TensorFlow, once it is done with the
-    tensors that share their memory) and are handed out again."""
+    tensors that share their memory) and are handed out again. A free buffer that has not been taken for
+    the last AGE takes (a few training steps) is dropped, so memory follows the batches now in use."""
 
-    KEEP = 32
+    AGE = 64
 
     def __init__(self) -> None:
-        self._free: list[np.ndarray] = []
+        self._free: list[tuple[np.ndarray, int]] = []  # (buffer, the take count when it was freed)
+        self._takes = 0
         self._lock = threading.Lock()
         self._stagger = itertools.count()
 
     def _take(self, size: int) -> np.ndarray:
         with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.size >= size]
+            self._takes += 1
+            self._free = [(b, freed) for b, freed in self._free if self._takes - freed <= self.AGE]
+            fits = [i for i, (b, _) in enumerate(self._free) if b.size >= size]
             if fits:
-                return self._free.pop(min(fits, key=lambda i: self._free[i].size))
+                return self._free.pop(min(fits, key=lambda i: self._free[i][0].size))[0]
         return np.empty(size, dtype=np.float32)
 
     def _give_back(self, buffer: np.ndarray) -> None:
         with self._lock:
-            self._free.append(buffer)
-            if len(self._free) > self.KEEP:
-                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].size))
+            self._free.append((buffer, self._takes))
 
     def empty(self, shape: tuple[int, ...], extra_steps: int = 0) -> np.ndarray:
         """An uninitialised float32 array (with `extra_steps` more rows along the first axis) that starts
@@ -98,7 +104,8 @@ class _Buffers:
     def hand_out(self, buffer: np.ndarray, *arrays: np.ndarray) -> None:
         """Returns `buffer` (from `empty`) to the free list once every one of `arrays`, the views of it that
         leave the loops, has been released. (A view of a view refers to the memory's owner, not to the view
-        it was made from, so only the arrays handed out can tell when the memory is free again.)"""
+        it was made from, so only the arrays handed out can tell when the memory is free again: a caller
+        must not keep views of them beyond their own life. TensorFlow keeps the arrays themselves.)"""
         owner = buffer.base
         left = [len(arrays)]
 
@@ -113,6 +120,11 @@ class _Buffers:
             weakref.finalize(array, released)
 
 
+def _check_units(units: int) -> None:
+    if units % UNIT_MULTIPLE:
+        raise ValueError(f"the native loops take layer sizes that are multiples of {UNIT_MULTIPLE}, not {units}")
+
+
 def _pointer(array: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(array.ctypes.data)
 
@@ -123,8 +135,9 @@ class NativeLoops:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._lib = library
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        library.lstm_forward.argtypes = [integer] * 3 + [pointer] * 6 + [integer]
-        library.lstm_backward.argtypes = [integer] * 3 + [pointer] * 6 + [integer]
+        for function in (library.lstm_forward, library.lstm_backward):
+            function.argtypes = [integer] * 3 + [pointer] * 6 + [integer]
+            function.restype = integer
         library.lstm_bias_blocks.argtypes = [integer]
         library.lstm_bias_blocks.restype = integer
         self.threads = _threads()
@@ -137,15 +150,17 @@ class NativeLoops:
         ([T, B, 4U] and [T, B, 2U])."""
         steps, rows, gates = xproj.shape
         units = gates // 4
+        _check_units(units)
         xproj, bias, recurrent = (np.ascontiguousarray(a, dtype=np.float32) for a in (xproj, bias, recurrent))
         states = self._buffers.empty((steps, rows, units), extra_steps=1)
         states[0] = 0.0
         hs, h_prev = states[1:], states[:-1]
         derivs = self._buffers.empty((steps, rows, gates))
         cell = self._buffers.empty((steps, rows, 2 * units))
-        if steps and rows:
-            self._lib.lstm_forward(steps, rows, units, _pointer(xproj), _pointer(bias), _pointer(recurrent),
-                                   _pointer(hs), _pointer(derivs), _pointer(cell), self.threads)
+        if steps and rows and self._lib.lstm_forward(steps, rows, units, _pointer(xproj), _pointer(bias),
+                                                     _pointer(recurrent), _pointer(hs), _pointer(derivs),
+                                                     _pointer(cell), self.threads):
+            raise ValueError(f"the native loops refused {steps} steps x {rows} rows x {units} units")
         self._buffers.hand_out(states, hs, h_prev)
         self._buffers.hand_out(derivs, derivs)
         self._buffers.hand_out(cell, cell)
@@ -155,14 +170,16 @@ class NativeLoops:
                  ) -> tuple[np.ndarray, np.ndarray]:
         """Gate pre-activation gradients [T, B, 4U] and partial sums of them whose sum is the bias gradient."""
         steps, rows, units = dhs.shape
+        _check_units(units)
         dhs, derivs, cell, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
                                         for a in (dhs, derivs, cell, recurrent))
         dz = self._buffers.empty((steps, rows, 4 * units))
         self._buffers.hand_out(dz, dz)
         partial = np.zeros((self._lib.lstm_bias_blocks(rows), 4 * units), dtype=np.float32)
-        if steps and rows:
-            self._lib.lstm_backward(steps, rows, units, _pointer(dhs), _pointer(derivs), _pointer(cell),
-                                    _pointer(recurrent), _pointer(dz), _pointer(partial), self.threads)
+        if steps and rows and self._lib.lstm_backward(steps, rows, units, _pointer(dhs), _pointer(derivs),
+                                                      _pointer(cell), _pointer(recurrent), _pointer(dz),
+                                                      _pointer(partial), self.threads):
+            raise ValueError(f"the native loops refused {steps} steps x {rows} rows x {units} units")
         return dz, partial
 
 
@@ -171,7 +188,8 @@ def _build(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([*shlex.split(compiler), *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+                                text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
             raise OSError(f"{compiler} failed: {first[:300]}")
@@ -188,15 +206,18 @@ def load() -> NativeLoops | str:
     if compiler is None:
         return "no C++ compiler found (install g++ or clang++, or set CXX)"
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"the C++ compiler {compiler} does not run ({exc})"
-    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), compiler, version, *FLAGS,
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"lstm_loops-{key}.so"
+        command = shlex.split(compiler)
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return f"the C++ compiler {compiler!r} does not run ({exc})"
     try:
+        key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), compiler, version, *FLAGS,
+                                        _cpu_signature()]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"lstm_loops-{key}.so"
         if not target.is_file():
             _build(compiler, target)
         return NativeLoops(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.SubprocessError) as exc:
+    except subprocess.TimeoutExpired:
+        return f"building the native loops with {compiler} took over {BUILD_TIMEOUT_S} s; gave up"
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home folder
         return f"building the native loops failed: {exc}"

@@ -222,13 +222,15 @@ def _recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Te
 def _native_recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
     """`_recurrent` with the native loops (native.py): the same results, computed outside TensorFlow's
     kernels. Their records stay numpy buffers between the forward and the backward call."""
-    from .native import load
+    from .native import UNIT_MULTIPLE, load
 
+    units = recurrent.shape[0]
+    if units % UNIT_MULTIPLE:
+        raise ValueError(f"the native loops take layer sizes that are multiples of {UNIT_MULTIPLE}, not {units}")
     loops = load()
     if isinstance(loops, str):
         raise RuntimeError(loops)
     low = xproj.dtype
-    units = recurrent.shape[0]
 
     @tf.custom_gradient
     def run(xproj, bias, recurrent):
