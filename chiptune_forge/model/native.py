@@ -1,7 +1,8 @@
 """The LSTM layers' training loops as native code (lstm_loops.cc), built with the machine's C++ compiler.
 
 TensorFlow runs a recurrent loop one small kernel at a time, and at these sizes the kernels' fixed costs
-outweigh their arithmetic; the native loops do a step in one pass and are several times faster. They are
+outweigh their arithmetic; the native loops do a step in one pass (about 1.5x faster per step of a loop,
+a training step about 1.2x: bench/train_speed.py). They are
 compiled on first use for the CPU they run on (`-march=native`) and cached under
 `$XDG_CACHE_HOME/chiptune-forge` (default `~/.cache/chiptune-forge`), keyed by the source, the compiler and
 the CPU, so a cache shared between different machines never runs code built for another CPU. Where no

@@ -432,7 +432,7 @@ def train(options: TrainOptions) -> dict:
     used = state.get("matmul_precision", "float32" if step else precision)
     state["matmul_precision"] = precision if used == precision else "float32 and bfloat16"
     used = state.get("loops", "tensorflow" if step else loops)  # older checkpoints: TensorFlow's
-    if used != loops and options.show_progress:
+    if used in ("native", "tensorflow") and used != loops and options.show_progress:
         print(f"note: {run_dir} was trained with {used} recurrent loops so far and goes on with {loops} ones; "
               "the weights differ slightly from a run that never switched", file=sys.stderr)
     state["loops"] = loops if used == loops else "native and tensorflow"
