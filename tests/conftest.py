@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,13 +24,9 @@ def native_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The native training loops are built once per test session, into a folder of its own instead of the
     user's cache (subprocesses of the CLI inherit it)."""
     folder = tmp_path_factory.mktemp("xdg-cache")
-    saved = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(folder)
-    yield folder
-    if saved is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -91,16 +91,14 @@ class _Buffers:
         with self._lock:
             self._free.append((buffer, self._takes))
 
-    def empty(self, shape: tuple[int, ...], extra_steps: int = 0) -> np.ndarray:
-        """An uninitialised float32 array (with `extra_steps` more rows along the first axis) that starts
-        64-byte aligned, at one of 63 offsets within 4 KiB: the loops read and write several arrays at the
-        same position at once, and arrays that all start on a page boundary would put those accesses in the
-        same cache sets."""
-        full = (shape[0] + extra_steps, *shape[1:])
-        size = int(np.prod(full))
+    def empty(self, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialised float32 array that starts 64-byte aligned, at one of 63 offsets within 4 KiB: the
+        loops read and write several arrays at the same position at once, and arrays that all start on a
+        page boundary would put those accesses in the same cache sets."""
+        size = int(np.prod(shape))
         raw = self._take(size + 16 * 64)
         skip = (-raw.ctypes.data % _ALIGN) // 4 + 16 * (17 * next(self._stagger) % 63)
-        return raw[skip:skip + size].reshape(full)
+        return raw[skip:skip + size].reshape(shape)
 
     def hand_out(self, buffer: np.ndarray, *arrays: np.ndarray) -> None:
         """Returns `buffer` (from `empty`) to the free list once every one of `arrays`, the views of it that
@@ -121,7 +119,8 @@ class _Buffers:
             weakref.finalize(array, released)
 
 
-def _check_units(units: int) -> None:
+def check_units(units: int) -> None:
+    """Refuses a layer size the loops cannot take (they read whole vectors of 16 units)."""
     if units % UNIT_MULTIPLE:
         raise ValueError(f"the native loops take layer sizes that are multiples of {UNIT_MULTIPLE}, not {units}")
 
@@ -151,9 +150,9 @@ class NativeLoops:
         ([T, B, 4U] and [T, B, 2U])."""
         steps, rows, gates = xproj.shape
         units = gates // 4
-        _check_units(units)
+        check_units(units)
         xproj, bias, recurrent = (np.ascontiguousarray(a, dtype=np.float32) for a in (xproj, bias, recurrent))
-        states = self._buffers.empty((steps, rows, units), extra_steps=1)
+        states = self._buffers.empty((steps + 1, rows, units))
         states[0] = 0.0
         hs, h_prev = states[1:], states[:-1]
         derivs = self._buffers.empty((steps, rows, gates))
@@ -171,7 +170,7 @@ class NativeLoops:
                  ) -> tuple[np.ndarray, np.ndarray]:
         """Gate pre-activation gradients [T, B, 4U] and partial sums of them whose sum is the bias gradient."""
         steps, rows, units = dhs.shape
-        _check_units(units)
+        check_units(units)
         dhs, derivs, cell, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
                                         for a in (dhs, derivs, cell, recurrent))
         dz = self._buffers.empty((steps, rows, 4 * units))

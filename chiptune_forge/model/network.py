@@ -30,6 +30,7 @@ import os
 from ..encoding import NUM_CLASSES
 from ..hparams import HParams
 from .framework import keras, tf
+from .native import check_units, load
 
 LOOP_GROUPS = max(1, min(4, os.cpu_count() or 1))
 _compiled = tf.function(jit_compile=True, reduce_retracing=True)
@@ -222,11 +223,8 @@ def _recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Te
 def _native_recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
     """`_recurrent` with the native loops (native.py): the same results, computed outside TensorFlow's
     kernels. Their records stay numpy buffers between the forward and the backward call."""
-    from .native import UNIT_MULTIPLE, load
-
     units = recurrent.shape[0]
-    if units % UNIT_MULTIPLE:
-        raise ValueError(f"the native loops take layer sizes that are multiples of {UNIT_MULTIPLE}, not {units}")
+    check_units(units)
     loops = load()
     if isinstance(loops, str):
         raise RuntimeError(loops)
@@ -252,6 +250,11 @@ def _native_recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -
     return run(xproj, bias, recurrent)
 
 
+def _recurrent_with(loops: str):
+    """The recurrent part of a training layer for `loops` ("native" or "tensorflow")."""
+    return _native_recurrent if loops == "native" else _recurrent
+
+
 def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor,
                matmul_dtype: str = "float32", loops: str = "tensorflow") -> tf.Tensor:
     """One LSTM layer from zero state, time-major: inputs [T, B, in] -> hidden states [T, B, u], for training.
@@ -265,7 +268,7 @@ def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.T
     # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
     flat = tf.cast(tf.reshape(x, [-1, kernel.shape[0]]), low)
     xproj = tf.reshape(_project(flat, tf.cast(kernel, low)), tf.stack([shape[0], shape[1], kernel.shape[1]]))
-    return (_native_recurrent if loops == "native" else _recurrent)(xproj, bias, recurrent)
+    return _recurrent_with(loops)(xproj, bias, recurrent)
 
 
 @_compiled
@@ -298,7 +301,7 @@ def event_lstm_layer(ids: tf.Tensor, embeddings: tf.Tensor, kernel: tf.Tensor, b
     gradients, taken back through that small product: three large products over every step are saved.
     """
     xproj = _lookup(tf.matmul(embeddings, kernel), ids, tf.as_dtype(matmul_dtype))
-    return (_native_recurrent if loops == "native" else _recurrent)(xproj, bias, recurrent)
+    return _recurrent_with(loops)(xproj, bias, recurrent)
 
 
 def lstm_time_major_inference(xproj: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
