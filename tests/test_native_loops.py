@@ -97,7 +97,7 @@ def test_memory_is_reused_only_after_every_array_of_it_is_released(native_loops)
 
 
 def test_the_library_is_built_once_into_the_cache(native_loops, native_cache: Path) -> None:
-    built = list((native_cache / "chiptune-forge").glob("lstm_loops-*.so"))
+    built = list((native_cache / "chiptune-forge").glob("training_kernels-*.so"))
     assert len(built) == 1
     assert not list((native_cache / "chiptune-forge").glob("*.partial"))
 
@@ -195,5 +195,5 @@ def test_cxx_may_hold_a_command_with_arguments(fresh_load, monkeypatch: pytest.M
     if compiler is None:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("CXX", f"env {compiler}")
-    assert isinstance(fresh_load(), native.NativeLoops)
-    assert len(list((tmp_path / "chiptune-forge").glob("lstm_loops-*.so"))) == 1
+    assert isinstance(fresh_load(), native.NativeKernels)
+    assert len(list((tmp_path / "chiptune-forge").glob("training_kernels-*.so"))) == 1

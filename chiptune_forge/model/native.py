@@ -1,8 +1,11 @@
-"""The LSTM layers' training loops as native code (lstm_loops.cc), built with the machine's C++ compiler.
+"""Training's native kernels, built with the machine's C++ compiler: the LSTM layers' recurrent loops
+(lstm_loops.cc) and the output layer with its masked cross-entropy (output_loss.cc).
 
 TensorFlow runs a recurrent loop one small kernel at a time, and at these sizes the kernels' fixed costs
-outweigh their arithmetic; the native loops do a step in one pass (about 1.5x faster per step of a loop,
-a training step about 1.2x: bench/train_speed.py). They are
+outweigh their arithmetic; the native loops do a step in one pass (about 1.5x faster per step of a loop).
+The output layer's logits are the largest tensor of a step, and TensorFlow takes them and their gradient
+through memory several times; the native output layer keeps them in cache, a block of rows at a time.
+Together they make a training step about 1.3x faster (bench/train_speed.py). They are
 compiled on first use for the CPU they run on (`-march=native`) and cached under
 `$XDG_CACHE_HOME/chiptune-forge` (default `~/.cache/chiptune-forge`), keyed by the source, the compiler and
 the CPU, so a cache shared between different machines never runs code built for another CPU. Where no
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).with_name("lstm_loops.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.h", "lstm_loops.cc", "output_loss.cc"))
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
 UNIT_MULTIPLE = 16  # the loops take layers whose size is a multiple of this
 BUILD_TIMEOUT_S = 600
@@ -100,6 +103,10 @@ class _Buffers:
         skip = (-raw.ctypes.data % _ALIGN) // 4 + 16 * (17 * next(self._stagger) % 63)
         return raw[skip:skip + size].reshape(shape)
 
+    def release(self, buffer: np.ndarray) -> None:
+        """Returns `buffer` (from `empty`, used only inside a call) to the free list at once."""
+        self._give_back(buffer.base)
+
     def hand_out(self, buffer: np.ndarray, *arrays: np.ndarray) -> None:
         """Returns `buffer` (from `empty`) to the free list once every one of `arrays`, the views of it that
         leave the loops, has been released. (A view of a view refers to the memory's owner, not to the view
@@ -129,8 +136,8 @@ def _pointer(array: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(array.ctypes.data)
 
 
-class NativeLoops:
-    """The compiled loops, called on numpy arrays (time-major float32, the layouts of lstm_loops.cc)."""
+class NativeKernels:
+    """The compiled kernels, called on numpy arrays (float32, the layouts of lstm_loops.cc and output_loss.cc)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._lib = library
@@ -140,6 +147,10 @@ class NativeLoops:
             function.restype = integer
         library.lstm_bias_blocks.argtypes = [integer]
         library.lstm_bias_blocks.restype = integer
+        library.output_loss.argtypes = [integer] * 3 + [pointer] * 5 + [ctypes.c_double] + [pointer] * 5 + [integer]
+        library.output_loss.restype = integer
+        library.output_loss_groups.argtypes = [integer]
+        library.output_loss_groups.restype = integer
         self.threads = _threads()
         self._buffers = _Buffers()
 
@@ -182,13 +193,45 @@ class NativeLoops:
             raise ValueError(f"the native loops refused {steps} steps x {rows} rows x {units} units")
         return dz, partial
 
+    def output_loss(self, hidden: np.ndarray, kernel: np.ndarray, bias: np.ndarray, labels: np.ndarray,
+                    mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The output layer (hidden [..., H] @ kernel [H, C] + bias) and its cross-entropy against `labels`
+        (int, the shape of `mask`), averaged over the positions where `mask` is not 0 with it as weights:
+        the mean loss and the top-1 accuracy there (float32 scalars), and the loss's gradients with respect
+        to `hidden`, `kernel` and `bias`."""
+        width, classes = kernel.shape
+        check_units(width)
+        hidden, kernel, bias, mask = (np.ascontiguousarray(a, dtype=np.float32) for a in (hidden, kernel, bias, mask))
+        labels = np.ascontiguousarray(labels, dtype=np.int32)
+        rows = mask.size
+        total = float(mask.sum(dtype=np.float64))
+        d_hidden = self._buffers.empty(hidden.shape)
+        self._buffers.hand_out(d_hidden, d_hidden)
+        d_kernel, d_bias = np.zeros_like(kernel), np.zeros_like(bias)
+        sums = np.zeros(2, dtype=np.float64)
+        if rows:
+            padded = -(-classes // UNIT_MULTIPLE) * UNIT_MULTIPLE
+            workspace = self._buffers.empty((self._lib.output_loss_groups(rows), width + 1, padded))
+            failed = self._lib.output_loss(rows, width, classes, _pointer(hidden), _pointer(kernel), _pointer(bias),
+                                           _pointer(labels), _pointer(mask), total, _pointer(sums),
+                                           _pointer(d_hidden), _pointer(d_kernel), _pointer(d_bias),
+                                           _pointer(workspace), self.threads)
+            self._buffers.release(workspace)
+            if failed:
+                raise ValueError(f"the native output layer refused {rows} rows x {width} units x {classes} classes "
+                                 "or a label outside them")
+        with np.errstate(divide="ignore", invalid="ignore"):  # no real position: NaN, as TensorFlow gives
+            loss, accuracy = (np.float32(s / total) for s in sums)
+        return loss, accuracy, d_hidden, d_kernel, d_bias
+
 
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".partial", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([*shlex.split(compiler), *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
+        units = [str(path) for path in SOURCES if path.suffix == ".cc"]
+        result = subprocess.run([*shlex.split(compiler), *FLAGS, "-o", tmp, *units], capture_output=True,
                                 text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
@@ -200,7 +243,7 @@ def _build(compiler: str, target: Path) -> None:
 
 
 @cache
-def load() -> NativeLoops | str:
+def load() -> NativeKernels | str:
     """The native loops, built if need be; or, where they cannot be had, one line saying why."""
     compiler = find_compiler()
     if compiler is None:
@@ -211,12 +254,13 @@ def load() -> NativeLoops | str:
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         return f"the C++ compiler {compiler!r} does not run ({exc})"
     try:
-        key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), compiler, version, *FLAGS,
-                                        _cpu_signature()]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"lstm_loops-{key}.so"
+        sources = [path.read_text(encoding="utf-8") for path in SOURCES]
+        signature = "\0".join([*sources, compiler, version, *FLAGS, _cpu_signature()])
+        key = hashlib.sha256(signature.encode()).hexdigest()[:16]
+        target = cache_dir() / f"training_kernels-{key}.so"
         if not target.is_file():
             _build(compiler, target)
-        return NativeLoops(ctypes.CDLL(str(target)))
+        return NativeKernels(ctypes.CDLL(str(target)))
     except subprocess.TimeoutExpired:
         return f"building the native loops with {compiler} took over {BUILD_TIMEOUT_S} s; gave up"
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home folder

@@ -326,6 +326,47 @@ def _masked_loss(logits: tf.Tensor, labels: tf.Tensor, mask: tf.Tensor) -> tuple
     return loss, tf.reduce_sum(hit * mask) / count, dlogits
 
 
+def _native_output_loss(hidden: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, labels: tf.Tensor, mask: tf.Tensor
+                        ) -> tuple[tf.Tensor, tf.Tensor]:
+    """`masked_loss` of the output layer's logits (hidden @ kernel + bias), computed by the native kernels
+    (native.py, output_loss.cc) without the logits ever leaving the cache: hidden [T, B, u], labels and mask
+    [T, B] (time-major, as the LSTM layers give their hidden states)."""
+    kernels = load()
+    if isinstance(kernels, str):
+        raise RuntimeError(kernels)
+
+    @tf.custom_gradient
+    def run(hidden, kernel, bias):
+        loss, accuracy, d_hidden, d_kernel, d_bias = tf.numpy_function(
+            kernels.output_loss, [hidden, kernel, bias, labels, mask], [tf.float32] * 5, stateful=False)
+        loss, accuracy = tf.reshape(loss, []), tf.reshape(accuracy, [])
+        d_hidden = tf.reshape(d_hidden, tf.shape(hidden))
+
+        def grad(dloss: tf.Tensor, daccuracy: tf.Tensor):
+            return dloss * d_hidden, dloss * tf.reshape(d_kernel, tf.shape(kernel)), dloss * tf.reshape(d_bias, [-1])
+
+        return (loss, accuracy), grad
+
+    return run(hidden, kernel, bias)
+
+
+def training_loss(model: keras.Model):
+    """(event ids [B, T], labels [B, T], mask [B, T]) -> (masked mean cross-entropy, accuracy) of `model`
+    (from `build_model`) in training, differentiable with respect to its weights. With the native loops, the
+    output layer and its loss are native too (`_native_output_loss`), fed the last LSTM layer's time-major
+    hidden states, and the labels are made time-major instead."""
+    if model.get_layer("lstm0").loops != "native":
+        return lambda x, y, mask: masked_loss(model(x, training=True), y, mask)
+    body = keras.Model(model.input, model.get_layer("to_batch_major").input)
+    dense = model.get_layer("dense")
+
+    def run(x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return _native_output_loss(body(x, training=True), tf.convert_to_tensor(dense.kernel),
+                                   tf.convert_to_tensor(dense.bias), tf.transpose(y), tf.transpose(mask))
+
+    return run
+
+
 def masked_loss(logits: tf.Tensor, labels: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(Mean next-event cross-entropy over the positions where `mask` is 1, top-1 accuracy there); the loss
     is differentiable with respect to the logits."""

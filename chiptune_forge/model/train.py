@@ -346,12 +346,14 @@ def make_train_step(model, optimizer):
     so that independent groups of rows run on different cores at once.
     """
     from .framework import tf
-    from .network import masked_loss
+    from .network import training_loss
+
+    loss_of = training_loss(model)
 
     @tf.function(reduce_retracing=True)
     def train_step(x, y, mask):
         with tf.GradientTape() as tape:
-            loss, accuracy = masked_loss(model(x, training=True), y, mask)
+            loss, accuracy = loss_of(x, y, mask)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         return loss, accuracy
