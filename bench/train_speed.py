@@ -3,7 +3,8 @@
 Baseline (as in ../shared/docs/anchors.md): one-hot input (259 wide), three keras.layers.LSTM(128,
 return_sequences=True), Dense(259), Adam with clipnorm 5, batches of 64 x 512 events, compiled the way Keras
 compiles by default. Ours: the trainer's own step with batch_size=64, rnn_layer_sizes=[128,128,128] on
-chunks of at most 512 events bucketed by length, with the matrix-product precision `train` picks on this
+rows of at most 512 events (chunks of the sequences, short ones packed into shared rows, each from a fresh
+state) bucketed by length, with the matrix-product precision `train` picks on this
 machine (bfloat16 on CPUs with AMX; --matmul-precision to choose) and the default dropout_keep_prob of 0.5
 (--dropout-keep-prob 1 trains the same network as the baseline, which has no dropout). Both train on the same
 real sequences (from ../shared/corpus/vgmidi when present, else synthetic ones), one step of each in turn so
@@ -13,9 +14,9 @@ most 512 events from a fresh state), after the same number of steps. Both run in
 the CPU allocator chiptune-forge sets (TensorFlow's BFC allocator); the baseline's step takes the same time
 with malloc.
 
-Where our recurrent loops are native (`train --loops`, the default where a C++ compiler is found), our
-trainer also runs a third time with TensorFlow's loops, so that the run also prints what the native loops
-gain (--no-tf-loops leaves it out).
+Where our recurrent loops and output layer are native (`train --loops`, the default where a C++ compiler is
+found), our trainer also runs a third time with TensorFlow's, so that the run also prints what the native
+kernels gain (--no-tf-loops leaves it out).
 
 Run: .venv/bin/python bench/train_speed.py [--steps N] [--corpus DIR] [--files N] [--matmul-precision P]
                                           [--loops L] [--no-tf-loops] [--dropout-keep-prob K]
@@ -160,10 +161,10 @@ def main() -> int:
     stats = {name: ([], [], []) for name in names}
     losses = {name: [] for name in names}
     for step in range(args.steps):
-        x, y, mask = schedule.batch(step)
+        x, y, mask, keep = schedule.batch(step)
         for name, (_, train_step, seen) in contestants.items():
             start = time.perf_counter()
-            loss, _ = train_step(x, y, mask)
+            loss, _ = train_step(x, y, mask, keep)
             losses[name].append(float(loss))
             times, events, fresh = stats[name]
             times.append(time.perf_counter() - start)
@@ -191,12 +192,12 @@ def main() -> int:
     for name, (model, _, _) in contestants.items():
         ev_rate, step_s = rate(*stats[name])
         loss = held_out_loss(lambda x, m=model: m(x, training=False), held_out)
-        print(f"{name:<14} (batch 64, chunks <= 512): {ev_rate:8.0f} events/s  {step_s:.3f} s/step  "
+        print(f"{name:<14} (64 rows of <= 512, packed): {ev_rate:8.0f} events/s  {step_s:.3f} s/step  "
               f"held-out loss after {args.steps} steps {loss:.4f}  ->  {ev_rate / base_rate:.2f}x the baseline's "
               f"events/s, loss {'<=' if loss <= base_loss else '>'} baseline's")
     if len(contestants) > 1:
-        print(f"native loops: {rate(*stats['ours'])[0] / rate(*stats['ours, TF loops'])[0]:.2f}x the events/s of "
-              "the same trainer with TensorFlow's loops")
+        print(f"native kernels: {rate(*stats['ours'])[0] / rate(*stats['ours, TF loops'])[0]:.2f}x the events/s of "
+              "the same trainer with TensorFlow's loops and output layer")
     print(f"(ours: mean {np.mean(stats['ours'][1]):.0f} real events per step; target >= 3x events/s and "
           "held-out loss <= baseline's; perplexity = exp(loss))")
     return 0

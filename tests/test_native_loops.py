@@ -15,14 +15,16 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def reference(xproj, bias, recurrent, dhs):
-    """Keras's LSTM math in float64, forward from zero state and back: hidden states, the gradients of the
-    gate pre-activations and the bias gradient."""
+def reference(xproj, keep, bias, recurrent, dhs):
+    """Keras's LSTM math in float64, forward from zero state (again wherever `keep` is 0) and back: hidden
+    states, the gradients of the gate pre-activations and the bias gradient."""
     steps, rows, gates = xproj.shape
     u = gates // 4
     h, c = np.zeros((rows, u)), np.zeros((rows, u))
     saved, hs = [], []
     for t in range(steps):
+        if t:
+            h, c = h * keep[t][:, None], c * keep[t][:, None]
         z = xproj[t] + bias + h @ recurrent
         i, f, g, o = sigmoid(z[:, :u]), sigmoid(z[:, u:2 * u]), np.tanh(z[:, 2 * u:3 * u]), sigmoid(z[:, 3 * u:])
         saved.append((i, f, g, o, c))
@@ -39,13 +41,16 @@ def reference(xproj, bias, recurrent, dhs):
         dc = dc_next + dh * o * (1 - tc * tc)
         dz[t] = np.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
                                 dh * tc * o * (1 - o)], axis=-1)
-        dh_next, dc_next = dz[t] @ recurrent.T, dc * f
+        dh_next, dc_next = dz[t] @ recurrent.T * keep[t][:, None], dc * f * keep[t][:, None]
     return np.array(hs), dz, dz.sum(axis=(0, 1))
 
 
 def inputs(steps: int, rows: int, units: int, seed: int = 0):
+    """Projections, keep (about one step in eight starts a new sequence), bias, recurrent kernel and the
+    gradients of the hidden states."""
     rng = np.random.default_rng(seed)
     return (rng.normal(size=(steps, rows, 4 * units)).astype(np.float32),
+            (rng.random((steps, rows)) > 0.125).astype(np.float32),
             rng.normal(0, 0.3, size=4 * units).astype(np.float32),
             rng.normal(0, 0.3, size=(units, 4 * units)).astype(np.float32),
             rng.normal(size=(steps, rows, units)).astype(np.float32))
@@ -56,42 +61,44 @@ def inputs(steps: int, rows: int, units: int, seed: int = 0):
 def test_loops_give_the_lstm_math(native_loops, steps: int, rows: int, units: int, threads: int,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native_loops, "threads", threads)
-    xproj, bias, recurrent, dhs = inputs(steps, rows, units)
-    want_hs, want_dz, want_bias = reference(xproj, bias, recurrent, dhs)
-    hs, h_prev, derivs, cell = native_loops.forward(xproj, bias, recurrent)
-    dz, partial = native_loops.backward(dhs, derivs, cell, recurrent)
+    xproj, keep, bias, recurrent, dhs = inputs(steps, rows, units)
+    if rows == 1:
+        keep[:] = 1.0  # one sequence through every step
+    want_hs, want_dz, want_bias = reference(xproj, keep, bias, recurrent, dhs)
+    hs, h_prev, derivs, cell = native_loops.forward(xproj, keep, bias, recurrent)
+    dz, partial = native_loops.backward(keep, dhs, derivs, cell, recurrent)
     np.testing.assert_allclose(hs, want_hs, atol=1e-5, rtol=0)  # float32 sums of up to 128 terms per step
     np.testing.assert_array_equal(h_prev[0], 0.0)
-    np.testing.assert_array_equal(h_prev[1:], hs[:-1])
+    np.testing.assert_array_equal(h_prev[1:], hs[:-1] * keep[1:, :, None])
     np.testing.assert_allclose(dz, want_dz, atol=2e-5 * np.abs(want_dz).max(), rtol=0)
     np.testing.assert_allclose(partial.sum(axis=0), want_bias, atol=1e-4 * np.abs(want_bias).max(), rtol=0)
 
 
 def test_results_do_not_depend_on_the_number_of_threads(native_loops, monkeypatch: pytest.MonkeyPatch) -> None:
-    xproj, bias, recurrent, dhs = inputs(40, 22, 32, seed=1)
+    xproj, keep, bias, recurrent, dhs = inputs(40, 22, 32, seed=1)
     results = []
     for threads in (1, 2, 5):
         monkeypatch.setattr(native_loops, "threads", threads)
-        hs, _, derivs, cell = native_loops.forward(xproj, bias, recurrent)
-        dz, partial = native_loops.backward(dhs, derivs, cell, recurrent)
+        hs, _, derivs, cell = native_loops.forward(xproj, keep, bias, recurrent)
+        dz, partial = native_loops.backward(keep, dhs, derivs, cell, recurrent)
         results.append([a.copy() for a in (hs, dz, partial)])
     for other in results[1:]:
         for got, want in zip(other, results[0], strict=True):
             np.testing.assert_array_equal(got, want)
 
 
-def test_memory_is_reused_only_after_every_array_of_it_is_released(native_loops) -> None:
-    """The loops' outputs share recycled buffers with TensorFlow; a buffer still seen through any array
-    (the hidden states and their shifted view share one) must not be written by a later call."""
+def test_memory_is_reused_only_after_it_is_released(native_loops) -> None:
+    """The loops' outputs share recycled buffers with TensorFlow; a buffer still seen through its array
+    must not be written by a later call."""
     first = inputs(30, 8, 16, seed=2)
-    hs, h_prev, derivs, cell = native_loops.forward(*first[:3])
+    hs, h_prev, derivs, cell = native_loops.forward(*first[:4])
     kept = [a.copy() for a in (hs, h_prev, derivs, cell)]
-    del hs, derivs, cell  # h_prev alone still holds the hidden states' buffer
+    del hs, derivs, cell  # their buffers go back to the pool; h_prev's stays out
     for seed in (3, 4):
         other = inputs(30, 8, 16, seed=seed)
-        native_loops.forward(*other[:3])
+        native_loops.forward(*other[:4])
     np.testing.assert_array_equal(h_prev, kept[1])
-    again = native_loops.forward(*first[:3])  # released buffers are taken again, and give the same results
+    again = native_loops.forward(*first[:4])  # released buffers are taken again, and give the same results
     for got, want in zip(again, kept, strict=True):
         np.testing.assert_array_equal(got, want)
 
@@ -179,15 +186,16 @@ def test_a_compiled_training_step_matches_tensorflow_loops(native_loops) -> None
 
 
 def test_sizes_the_loops_cannot_take_are_refused(native_loops) -> None:
-    xproj, bias, recurrent, dhs = inputs(5, 3, 16)
+    xproj, keep, bias, recurrent, dhs = inputs(5, 3, 16)
     with pytest.raises(ValueError, match="multiples of 16, not 20"):
-        native_loops.forward(np.zeros((5, 3, 80), np.float32), np.zeros(80, np.float32),
+        native_loops.forward(np.zeros((5, 3, 80), np.float32), keep, np.zeros(80, np.float32),
                              np.zeros((20, 80), np.float32))
     with pytest.raises(ValueError, match="multiples of 16, not 8"):
-        native_loops.backward(np.zeros((5, 3, 8), np.float32), np.zeros((5, 3, 32), np.float32),
+        native_loops.backward(keep, np.zeros((5, 3, 8), np.float32), np.zeros((5, 3, 32), np.float32),
                               np.zeros((5, 3, 16), np.float32), np.zeros((8, 32), np.float32))
-    hs, _, derivs, cell = native_loops.forward(xproj[:0], bias, recurrent)  # no steps: nothing to do
-    assert hs.shape == (0, 3, 16) and native_loops.backward(dhs[:0], derivs, cell, recurrent)[0].shape == (0, 3, 64)
+    hs, _, derivs, cell = native_loops.forward(xproj[:0], keep[:0], bias, recurrent)  # no steps: nothing to do
+    assert hs.shape == (0, 3, 16)
+    assert native_loops.backward(keep[:0], dhs[:0], derivs, cell, recurrent)[0].shape == (0, 3, 64)
 
 
 def test_cxx_may_hold_a_command_with_arguments(fresh_load, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

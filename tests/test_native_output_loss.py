@@ -86,7 +86,7 @@ def test_output_loss_refuses_a_label_outside_the_classes(native_loops) -> None:
 def test_training_loss_with_native_kernels_matches_tensorflow(native_loops) -> None:
     """The loss, accuracy and weight gradients of a training step with the native loops and output layer
     equal those of TensorFlow's loops and output layer, in a compiled step over padded batches of changing
-    shape."""
+    shape whose rows hold several sequences."""
     from chiptune_forge.model.framework import keras, tf
     from chiptune_forge.model.network import build_model, training_loss
 
@@ -98,9 +98,9 @@ def test_training_loss_with_native_kernels_matches_tensorflow(native_loops) -> N
         loss_of = training_loss(model)
 
         @tf.function(reduce_retracing=True)
-        def step(x, y, mask, model=model, loss_of=loss_of):
+        def step(x, y, mask, keep, model=model, loss_of=loss_of):
             with tf.GradientTape() as tape:
-                loss, accuracy = loss_of(x, y, mask)
+                loss, accuracy = loss_of(x, y, mask, keep)
             return loss, accuracy, tape.gradient(loss, model.trainable_variables)
 
         steps[loops] = step
@@ -109,7 +109,8 @@ def test_training_loss_with_native_kernels_matches_tensorflow(native_loops) -> N
         x = rng.integers(0, 259, size=(rows, length)).astype(np.int32)
         y = rng.integers(0, 259, size=(rows, length)).astype(np.int32)
         mask = (np.arange(length)[None, :] < rng.integers(1, length + 1, size=(rows, 1))).astype(np.float32)
-        got, want = steps["native"](x, y, mask), steps["tensorflow"](x, y, mask)
+        keep = (rng.random((rows, length)) > 0.1).astype(np.float32)
+        got, want = steps["native"](x, y, mask, keep), steps["tensorflow"](x, y, mask, keep)
         assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-5)
         assert float(got[1]) == pytest.approx(float(want[1]), abs=1e-6)
         for g, w in zip(got[2], want[2], strict=True):

@@ -30,6 +30,7 @@ from chiptune_forge.model.train import (
     TrainOptions,
     latest_checkpoint,
     make_chunks,
+    pack_rows,
     train,
 )
 
@@ -92,17 +93,33 @@ def test_chunks_cover_every_next_event_pair_once() -> None:
     assert pairs == [(i, i + 1) for i in range(9)] + [(0, 1), (1, 2)]
 
 
-def test_schedule_is_a_function_of_the_step_and_buckets_by_length() -> None:
+def test_pack_rows_fills_rows_best_fit_longest_first() -> None:
+    lengths = np.array([512, 300, 200, 212, 100, 5])
+    assert pack_rows(lengths, 512, 1) == [[0], [1, 3], [2, 4, 5]]
+    assert pack_rows(lengths, 512, 4) == [[0], [1], [2], [3], [4], [5]]  # packed, fewer rows than one batch
+    assert pack_rows(lengths, 640, 1) == [[0, 4, 5], [1, 3], [2]]  # the fullest row that fits
+
+
+def test_schedule_is_a_function_of_the_step_and_packs_short_chunks() -> None:
     rng = np.random.default_rng(1)
-    chunks = [np.zeros(int(n), dtype=np.int32) for n in rng.integers(2, 300, size=200)]
+    chunks = [rng.integers(0, 259, size=int(n)).astype(np.int32) for n in rng.integers(2, 300, size=200)]
     a, b = BatchSchedule(chunks, 8, seed=3), BatchSchedule(chunks, 8, seed=3)
-    for step in (0, 7, 30, 24, 0):  # 25 batches per epoch: 30 is in the second epoch
-        xa, _, ma = a.batch(step)
-        xb, _, mb = b.batch(step)
-        assert np.array_equal(xa, xb) and np.array_equal(ma, mb)
-    filled = [a.batch(s)[2].mean() for s in range(a.per_epoch)]
-    assert np.mean(filled) > 0.6  # sorted pools keep padding low
-    assert all(a.batch(s)[0].shape[1] % 128 == 0 for s in range(5))
+    epoch = a.per_epoch
+    for step in (0, 7, epoch + 5, epoch - 1, 0):  # epoch + 5 is in the second epoch
+        assert all(np.array_equal(p, q) for p, q in zip(a.batch(step), b.batch(step), strict=True))
+    seen, filled = [], []
+    for step in range(epoch):
+        x, y, mask, keep = a.batch(step)
+        assert x.shape[1] % 128 == 0
+        filled.append(mask.mean())
+        for r in range(len(x)):
+            real = int(mask[r].sum())
+            assert mask[r, :real].all() and keep[r, 0] == 0  # chunks from the row's start on, then padding
+            bounds = [*np.flatnonzero(keep[r] == 0), real]  # a chunk starts wherever keep is 0
+            seen.extend((*x[r, s:e].tolist(), int(y[r, e - 1])) for s, e in itertools.pairwise(bounds))
+    assert len(seen) == len(set(seen)) and set(seen) <= {tuple(c.tolist()) for c in chunks}  # each chunk once, whole
+    assert len(seen) > 0.9 * len(chunks)  # only the rows of a last partial batch wait for the next epoch
+    assert np.mean(filled) > 0.9  # packed rows in sorted pools leave little padding
 
 
 def test_loss_falls_and_resume_continues_the_step_count(trained_run: tuple[Path, dict, dict]) -> None:
@@ -247,16 +264,23 @@ def test_exported_weights_give_the_keras_logits(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.asarray(reloaded(events, training=False)), keras_logits, atol=1e-6, rtol=0)
 
 
-def reference_lstm(x, kernel, bias, recurrent):
-    """Keras's LSTM math, time-major from zero state, left to TensorFlow's own differentiation."""
-    def step(carry, zx):
-        h, c = carry
+def reference_lstm(x, keep, kernel, bias, recurrent):
+    """Keras's LSTM math, time-major from zero state (again wherever `keep` [T, B] is 0), left to
+    TensorFlow's own differentiation."""
+    def step(carry, inputs):
+        zx, k = inputs
+        h, c = carry[0] * k[:, None], carry[1] * k[:, None]
         zi, zf, zg, zo = tf.split(zx + h @ recurrent, 4, axis=-1)
         c = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zg)
         return tf.sigmoid(zo) * tf.tanh(c), c
 
     zeros = tf.zeros([x.shape[1], recurrent.shape[0]])
-    return tf.scan(step, tf.einsum("tbi,ij->tbj", x, kernel) + bias, initializer=(zeros, zeros))[0]
+    return tf.scan(step, (tf.einsum("tbi,ij->tbj", x, kernel) + bias, keep), initializer=(zeros, zeros))[0]
+
+
+def some_starts(rng: np.random.Generator, steps: int, rows: int) -> tf.Tensor:
+    """keep [T, B] for rows that each hold a few sequences one after another (0 where one starts)."""
+    return tf.constant((rng.random((steps, rows)) > 0.2).astype(np.float32))
 
 
 def assert_same_gradients(ours, reference, inputs: list, matmul_dtype: str) -> None:
@@ -289,7 +313,8 @@ def need_loops(loops: str, request: pytest.FixtureRequest) -> None:
 def test_training_gradients_match_plain_autodiff(matmul_dtype: str, loops: str, request: pytest.FixtureRequest
                                                  ) -> None:
     """The hand-written backward pass of an LSTM layer equals TensorFlow's own differentiation of the same
-    math, for the inputs and every weight, with either recurrent loops."""
+    math, for the inputs and every weight, with either recurrent loops, in rows that hold several
+    sequences."""
     from chiptune_forge.model.network import lstm_layer
 
     need_loops(loops, request)
@@ -298,8 +323,9 @@ def test_training_gradients_match_plain_autodiff(matmul_dtype: str, loops: str, 
     kernel = tf.constant(rng.normal(0, 0.5, size=(6, 64)).astype(np.float32))
     bias = tf.constant(rng.normal(0, 0.5, size=(64,)).astype(np.float32))
     recurrent = tf.constant(rng.normal(0, 0.5, size=(16, 64)).astype(np.float32))
-    assert_same_gradients(lambda *args: lstm_layer(*args, matmul_dtype=matmul_dtype, loops=loops), reference_lstm,
-                          [x, kernel, bias, recurrent], matmul_dtype)
+    keep = some_starts(rng, 9, 3)
+    assert_same_gradients(lambda x, *w: lstm_layer(x, keep, *w, matmul_dtype=matmul_dtype, loops=loops),
+                          lambda x, *w: reference_lstm(x, keep, *w), [x, kernel, bias, recurrent], matmul_dtype)
 
 
 @pytest.mark.parametrize("loops", LOOPS)
@@ -319,9 +345,10 @@ def test_first_layer_gradients_match_an_embedding_lookup_then_lstm(matmul_dtype:
     kernel = tf.constant(rng.normal(0, 0.5, size=(6, 64)).astype(np.float32))
     bias = tf.constant(rng.normal(0, 0.5, size=(64,)).astype(np.float32))
     recurrent = tf.constant(rng.normal(0, 0.5, size=(16, 64)).astype(np.float32))
+    keep = some_starts(rng, 9, 3)
     assert_same_gradients(
-        lambda e, k, b, r: event_lstm_layer(ids, e, k, b, r, matmul_dtype=matmul_dtype, loops=loops),
-        lambda e, k, b, r: reference_lstm(tf.gather(e, ids), k, b, r),
+        lambda e, k, b, r: event_lstm_layer(ids, keep, e, k, b, r, matmul_dtype=matmul_dtype, loops=loops),
+        lambda e, k, b, r: reference_lstm(tf.gather(e, ids), keep, k, b, r),
         [embeddings, kernel, bias, recurrent], matmul_dtype)
 
 
@@ -338,7 +365,7 @@ def test_row_groups_may_be_empty_and_batches_change_size(monkeypatch: pytest.Mon
         x = tf.constant(rng.normal(size=(7, rows, 6)).astype(np.float32))
         with tf.GradientTape() as tape:
             tape.watch(x)
-            out = network.lstm_layer(x, kernel, bias, recurrent)
+            out = network.lstm_layer(x, tf.ones([7, rows]), kernel, bias, recurrent)
         assert out.shape == (7, rows, 5) and tape.gradient(out, x).shape == (7, rows, 6)
 
 

@@ -9,9 +9,9 @@
 // results are the same on any number of cores.
 //
 // Layouts (time-major, row-major, float32): xproj [T, B, 4U] (input projections without bias, gates
-// i, f, g, o as Keras orders them), recurrent [U, 4U], hs [T, B, U]; derivs [T, B, 4U] holds per gate the
-// derivative of the gate times what it multiplies, cell [T, B, 2U] holds o * tanh'(c) and f: what the
-// backward loop needs. U must be a multiple of 16.
+// i, f, g, o as Keras orders them), keep [T, B] (0 where a sequence starts), recurrent [U, 4U], hs and
+// h_prev [T, B, U]; derivs [T, B, 4U] holds per gate the derivative of the gate times what it multiplies,
+// cell [T, B, 2U] holds o * tanh'(c) and f: what the backward loop needs. U must be a multiple of 16.
 //
 // Built by chiptune_forge/model/native.py with the machine's own C++ compiler on first use.
 
@@ -26,9 +26,11 @@ constexpr int SPLIT = 4;  // rows are shared between threads, and the bias gradi
 struct Forward {
     int T, B, U;
     const float* xproj;
+    const float* keep;
     const float* bias;
     const float* panels;  // recurrent [U, 4U]
     float* hs;
+    float* h_prev;
     float* derivs;
     float* cell;
 };
@@ -53,11 +55,19 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
             for (int r = 0; r < rows; ++r) {
                 const size_t row = static_cast<size_t>(t) * f.B + b_first + r0 + r;
                 const float* x = f.xproj + row * 4 * U;
-                const float* zr = out[r];
+                float* zr = out[r];
                 float* cs = &c_state[static_cast<size_t>(r0 + r) * U];
                 float* d = f.derivs + row * 4 * U;
                 float* e = f.cell + row * 2 * U;
+                // A row whose sequence starts here takes no state from the step before.
+                const bool fresh = t == 0 || f.keep[row] == 0.0f;
+                if (fresh && t > 0) {
+                    std::memset(zr, 0, sizeof(float) * 4 * U);
+                    std::memset(cs, 0, sizeof(float) * U);
+                }
+                const float* h_before = fresh ? nullptr : f.hs + (row - f.B) * U;
                 for (int j = 0; j < U; j += W) {
+                    record<Stream>(f.h_prev + row * U + j, fresh ? splat(0.0f) : load(h_before + j));
                     for (int gate = 0; gate < 4; ++gate) __builtin_prefetch(x + 4 * U + gate * U + j);  // next row
                     const vf i = sigmoid(load(zr + j) + load(x + j) + load(f.bias + j));
                     const vf fg = sigmoid(load(zr + U + j) + load(x + U + j) + load(f.bias + U + j));
@@ -84,6 +94,7 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
 
 struct Backward {
     int T, B, U;
+    const float* keep;
     const float* dhs;
     const float* derivs;
     const float* cell;
@@ -130,7 +141,13 @@ void backward_rows(const Backward& g, int b_first, int b_last) {
                 a[r] = z;
                 out[r] = hn;
             }
-            if (t > 0) product(rows, a, 4 * U, U, g.panels, out);
+            if (t == 0) continue;
+            product(rows, a, 4 * U, U, g.panels, out);
+            for (int r = 0; r < rows; ++r)  // a sequence that starts here passes nothing back to the step before
+                if (g.keep[static_cast<size_t>(t) * g.B + b_first + r0 + r] == 0.0f) {
+                    std::memset(out[r], 0, sizeof(float) * U);
+                    std::memset(&dc_next[static_cast<size_t>(r0 + r) * U], 0, sizeof(float) * U);
+                }
         }
 }
 
@@ -144,14 +161,16 @@ extern "C" {
 // Rows of the bias gradient's partial sums that lstm_backward writes for B rows.
 int lstm_bias_blocks(int B) { return (B + SPLIT - 1) / SPLIT; }
 
-// Hidden states and the backward pass's records of one layer from zero state; 0, or -1 for sizes it
-// does not take.
-int lstm_forward(int T, int B, int U, const float* xproj, const float* bias, const float* recurrent, float* hs,
-                 float* derivs, float* cell, int threads) {
+// Hidden states, each step's previous hidden states (zero where a sequence starts: the recurrent kernel's
+// gradient needs them) and the backward pass's records of one layer; 0, or -1 for sizes it does not take.
+// keep [T, B] is 0 where a row's sequence starts (a row may hold several sequences one after the other) and
+// 1 where the state goes on from the step before; every row starts from zero state at step 0.
+int lstm_forward(int T, int B, int U, const float* xproj, const float* keep, const float* bias,
+                 const float* recurrent, float* hs, float* h_prev, float* derivs, float* cell, int threads) {
     if (!valid(T, B, U)) return -1;
     const std::vector<float> panels = pack(recurrent, U, 4 * U, false);
-    const Forward f{T, B, U, xproj, bias, panels.data(), hs, derivs, cell};
-    if (aligned(derivs) && aligned(cell))
+    const Forward f{T, B, U, xproj, keep, bias, panels.data(), hs, h_prev, derivs, cell};
+    if (aligned(derivs) && aligned(cell) && aligned(h_prev))
         in_threads(B, SPLIT, threads, [&f](int first, int last) { forward_rows<true>(f, first, last); });
     else
         in_threads(B, SPLIT, threads, [&f](int first, int last) { forward_rows<false>(f, first, last); });
@@ -160,13 +179,13 @@ int lstm_forward(int T, int B, int U, const float* xproj, const float* bias, con
 
 // Gradients of the gate pre-activations dz [T, B, 4U] and partial sums of them [lstm_bias_blocks(B), 4U]
 // (the bias gradient is their sum), given the gradients of the hidden states and the forward loop's
-// records. Each partial sum covers fixed rows, so the result does not depend on the number of threads.
+// records (and `keep`, as given to lstm_forward). Each partial sum covers fixed rows, so the result does not depend on the number of threads.
 // 0, or -1 for sizes it does not take.
-int lstm_backward(int T, int B, int U, const float* dhs, const float* derivs, const float* cell,
+int lstm_backward(int T, int B, int U, const float* keep, const float* dhs, const float* derivs, const float* cell,
                   const float* recurrent, float* dz, float* dbias, int threads) {
     if (!valid(T, B, U)) return -1;
     const std::vector<float> panels = pack(recurrent, 4 * U, U, true);
-    const Backward g{T, B, U, dhs, derivs, cell, panels.data(), dz, dbias};
+    const Backward g{T, B, U, keep, dhs, derivs, cell, panels.data(), dz, dbias};
     in_threads(B, SPLIT, threads, [&g](int first, int last) { backward_rows(g, first, last); });
     return 0;
 }

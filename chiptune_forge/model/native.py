@@ -107,23 +107,12 @@ class _Buffers:
         """Returns `buffer` (from `empty`, used only inside a call) to the free list at once."""
         self._give_back(buffer.base)
 
-    def hand_out(self, buffer: np.ndarray, *arrays: np.ndarray) -> None:
-        """Returns `buffer` (from `empty`) to the free list once every one of `arrays`, the views of it that
-        leave the loops, has been released. (A view of a view refers to the memory's owner, not to the view
-        it was made from, so only the arrays handed out can tell when the memory is free again: a caller
-        must not keep views of them beyond their own life. TensorFlow keeps the arrays themselves.)"""
-        owner = buffer.base
-        left = [len(arrays)]
-
-        def released() -> None:
-            with self._lock:
-                left[0] -= 1
-                done = left[0] == 0
-            if done:
-                self._give_back(owner)
-
-        for array in arrays:
-            weakref.finalize(array, released)
+    def hand_out(self, array: np.ndarray) -> None:
+        """Returns the memory of `array` (from `empty`) to the free list once the array has been released
+        (by TensorFlow, once it is done with the tensor that shares its memory). A view of a view refers to
+        the memory's owner, not to the view it was made from, so only the array handed out can tell when
+        the memory is free again: a caller must not keep views of it beyond its own life."""
+        weakref.finalize(array, self._give_back, array.base)
 
 
 def check_units(units: int) -> None:
@@ -142,8 +131,9 @@ class NativeKernels:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._lib = library
         pointer, integer = ctypes.c_void_p, ctypes.c_int
+        library.lstm_forward.argtypes = [integer] * 3 + [pointer] * 8 + [integer]
+        library.lstm_backward.argtypes = [integer] * 3 + [pointer] * 7 + [integer]
         for function in (library.lstm_forward, library.lstm_backward):
-            function.argtypes = [integer] * 3 + [pointer] * 6 + [integer]
             function.restype = integer
         library.lstm_bias_blocks.argtypes = [integer]
         library.lstm_bias_blocks.restype = integer
@@ -154,42 +144,42 @@ class NativeKernels:
         self.threads = _threads()
         self._buffers = _Buffers()
 
-    def forward(self, xproj: np.ndarray, bias: np.ndarray, recurrent: np.ndarray
+    def forward(self, xproj: np.ndarray, keep: np.ndarray, bias: np.ndarray, recurrent: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Hidden states [T, B, U], the same shifted one step later (zeros first: each step's previous state,
-        for the recurrent kernel's gradient; it shares their memory) and the backward pass's records
-        ([T, B, 4U] and [T, B, 2U])."""
+        """Hidden states [T, B, U], each step's previous ones (zeros where a sequence starts: `keep` [T, B] is
+        0 there and 1 where the state goes on; for the recurrent kernel's gradient) and the backward pass's
+        records ([T, B, 4U] and [T, B, 2U])."""
         steps, rows, gates = xproj.shape
         units = gates // 4
         check_units(units)
-        xproj, bias, recurrent = (np.ascontiguousarray(a, dtype=np.float32) for a in (xproj, bias, recurrent))
-        states = self._buffers.empty((steps + 1, rows, units))
-        states[0] = 0.0
-        hs, h_prev = states[1:], states[:-1]
+        xproj, keep, bias, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
+                                        for a in (xproj, keep, bias, recurrent))
+        hs = self._buffers.empty((steps, rows, units))
+        h_prev = self._buffers.empty((steps, rows, units))
         derivs = self._buffers.empty((steps, rows, gates))
         cell = self._buffers.empty((steps, rows, 2 * units))
-        if steps and rows and self._lib.lstm_forward(steps, rows, units, _pointer(xproj), _pointer(bias),
-                                                     _pointer(recurrent), _pointer(hs), _pointer(derivs),
-                                                     _pointer(cell), self.threads):
+        if steps and rows and self._lib.lstm_forward(steps, rows, units, _pointer(xproj), _pointer(keep),
+                                                     _pointer(bias), _pointer(recurrent), _pointer(hs),
+                                                     _pointer(h_prev), _pointer(derivs), _pointer(cell),
+                                                     self.threads):
             raise ValueError(f"the native loops refused {steps} steps x {rows} rows x {units} units")
-        self._buffers.hand_out(states, hs, h_prev)
-        self._buffers.hand_out(derivs, derivs)
-        self._buffers.hand_out(cell, cell)
+        for array in (hs, h_prev, derivs, cell):
+            self._buffers.hand_out(array)
         return hs, h_prev, derivs, cell
 
-    def backward(self, dhs: np.ndarray, derivs: np.ndarray, cell: np.ndarray, recurrent: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def backward(self, keep: np.ndarray, dhs: np.ndarray, derivs: np.ndarray, cell: np.ndarray,
+                 recurrent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gate pre-activation gradients [T, B, 4U] and partial sums of them whose sum is the bias gradient."""
         steps, rows, units = dhs.shape
         check_units(units)
-        dhs, derivs, cell, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
-                                        for a in (dhs, derivs, cell, recurrent))
+        keep, dhs, derivs, cell, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
+                                              for a in (keep, dhs, derivs, cell, recurrent))
         dz = self._buffers.empty((steps, rows, 4 * units))
-        self._buffers.hand_out(dz, dz)
+        self._buffers.hand_out(dz)
         partial = np.zeros((self._lib.lstm_bias_blocks(rows), 4 * units), dtype=np.float32)
-        if steps and rows and self._lib.lstm_backward(steps, rows, units, _pointer(dhs), _pointer(derivs),
-                                                      _pointer(cell), _pointer(recurrent), _pointer(dz),
-                                                      _pointer(partial), self.threads):
+        if steps and rows and self._lib.lstm_backward(steps, rows, units, _pointer(keep), _pointer(dhs),
+                                                      _pointer(derivs), _pointer(cell), _pointer(recurrent),
+                                                      _pointer(dz), _pointer(partial), self.threads):
             raise ValueError(f"the native loops refused {steps} steps x {rows} rows x {units} units")
         return dz, partial
 
@@ -206,7 +196,7 @@ class NativeKernels:
         rows = mask.size
         total = float(mask.sum(dtype=np.float64))
         d_hidden = self._buffers.empty(hidden.shape)
-        self._buffers.hand_out(d_hidden, d_hidden)
+        self._buffers.hand_out(d_hidden)
         d_kernel, d_bias = np.zeros_like(kernel), np.zeros_like(bias)
         sums = np.zeros(2, dtype=np.float64)
         if rows:

@@ -67,10 +67,11 @@ def _rows(tensor: tf.Tensor, group: int, groups: int) -> tf.Tensor:
 
 
 @_compiled
-def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group: int, groups: int
-                  ) -> tuple[tf.Tensor, ...]:
+def _forward_loop(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group: int,
+                  groups: int) -> tuple[tf.Tensor, ...]:
     """One row group's hidden states [T, b, u] from zero state, given the input projections without bias
-    (float32 or bfloat16, all rows), and per step what the backward pass needs: [T, b, 4u] = each gate's
+    (float32 or bfloat16, all rows) and `keep` [T, B] (0 where a sequence starts, so that the state is reset
+    to zero there), and per step what the backward pass needs: [T, b, 4u] = each gate's
     derivative times what it multiplies (the gate gradients are these times dc or dh), and [T, b, 2u] =
     o * tanh'(c) (dc per dh), then the forget gate. With bfloat16 projections the hidden states come in
     bfloat16 too, for the weight gradient's product, after the float32 ones.
@@ -85,6 +86,7 @@ def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group
     units = tf.shape(recurrent)[0]
     scale = _gate_scale(units)
     rows = _rows(xproj, group, groups)
+    keep = _rows(keep, group, groups)[..., None]
     zeros = _zeros(rows, units, tf.float32)
     steps = tf.shape(rows)[0]
     records = tf.TensorArray(tf.float32, size=steps).unstack(tf.cast(rows, tf.float32))
@@ -92,6 +94,7 @@ def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group
     hidden = tf.TensorArray(tf.float32, size=steps)
 
     def step(k, h, c, records, cell, hidden):
+        h, c = h * keep[k], c * keep[k]
         t = tf.tanh((records.read(k) + bias + tf.matmul(h, recurrent)) * scale)
         ti, tf_, g, to = tf.split(t, 4, axis=-1)
         i, f, o = 0.5 * ti + 0.5, 0.5 * tf_ + 0.5, 0.5 * to + 0.5
@@ -112,8 +115,8 @@ def _forward_loop(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor, group
 
 
 @_compiled
-def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, cell: tf.Tensor, recurrent: tf.Tensor, group: int,
-                   groups: int, dtype: tf.DType) -> tuple[tf.Tensor, tf.Tensor]:
+def _backward_loop(keep: tf.Tensor, dhs: tf.Tensor, kept: tf.Tensor, cell: tf.Tensor, recurrent: tf.Tensor,
+                   group: int, groups: int, dtype: tf.DType) -> tuple[tf.Tensor, tf.Tensor]:
     """One row group's gradients of the gate pre-activations [T, b, 4u] as `dtype`, given the gradients of
     the hidden states (all rows) and the forward loop's records, and of the bias (their float32 sum over
     steps and rows).
@@ -123,6 +126,7 @@ def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, cell: tf.Tensor, recurrent: 
     """
     units = tf.shape(recurrent)[0]
     dh_out = _rows(dhs, group, groups)
+    keep = _rows(keep, group, groups)[..., None]
     steps = tf.shape(dh_out)[0]
     derivs = tf.TensorArray(tf.float32, size=steps).unstack(kept)
     zeros = _zeros(dh_out, units)  # sized at run time, as the rows of a relaxed trace are
@@ -133,7 +137,8 @@ def _backward_loop(dhs: tf.Tensor, kept: tf.Tensor, cell: tf.Tensor, recurrent: 
         dh = dh_out[k] + dh_next
         dc = dc_next + dh * dc_per_dh
         dz = tf.concat([dc, dc, dc, dh], axis=-1) * derivs.read(k)
-        return k - 1, tf.matmul(dz, recurrent_t), dc * forget, derivs.write(k, dz)
+        # Where a sequence starts, nothing goes back to the step before.
+        return k - 1, tf.matmul(dz, recurrent_t) * keep[k], dc * forget * keep[k], derivs.write(k, dz)
 
     dz = tf.while_loop(lambda k, *_: k >= 0, back, (steps - 1, zeros, zeros, derivs))[3].stack()
     return tf.cast(dz, dtype), tf.reduce_sum(dz, axis=[0, 1])
@@ -187,9 +192,10 @@ def _project(flat: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     return run(flat, kernel)
 
 
-def _recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
+def _recurrent(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
     """Hidden states [T, B, u] of one LSTM layer from zero state, given its input projections without bias
-    [T, B, 4u] (float32, or bfloat16 for bfloat16 products).
+    [T, B, 4u] (float32, or bfloat16 for bfloat16 products) and `keep` [T, B]: 0 where a sequence starts
+    (a row may hold several sequences one after another; the state is reset to zero there), else 1.
 
     Differentiable through a hand-written backward pass: the recurrent loops run back through time for the
     gate gradients, which are the projections' gradient (in the projections' dtype), and the recurrent
@@ -204,14 +210,15 @@ def _recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Te
         # The loops are differentiated by `grad` below, never by tracing through them.
         xproj, bias, recurrent = (tf.stop_gradient(v) for v in (xproj, bias, recurrent))
         units = tf.shape(recurrent)[0]
-        outs = [_forward_loop(xproj, bias, recurrent, k, LOOP_GROUPS) for k in range(LOOP_GROUPS)]
+        outs = [_forward_loop(xproj, keep, bias, recurrent, k, LOOP_GROUPS) for k in range(LOOP_GROUPS)]
         hs = _join([o[0] for o in outs])
 
         def grad(dhs: tf.Tensor):
-            backs = [_backward_loop(dhs, *o[-2:], recurrent, k, LOOP_GROUPS, low) for k, o in enumerate(outs)]
+            backs = [_backward_loop(keep, dhs, *o[-2:], recurrent, k, LOOP_GROUPS, low) for k, o in enumerate(outs)]
             dz = _join([b[0] for b in backs])
             h_low = hs if low == tf.float32 else _join([o[1] for o in outs])
-            h_prev = tf.reshape(tf.concat([tf.zeros_like(h_low[:1]), h_low[:-1]], axis=0), [-1, units])
+            h_prev = tf.concat([tf.zeros_like(h_low[:1]), h_low[:-1]], axis=0) * tf.cast(keep, low)[..., None]
+            h_prev = tf.reshape(h_prev, [-1, units])
             d_recurrent = _weight_gradient(h_prev, tf.reshape(dz, [-1, 4 * units]))
             return dz, tf.add_n([b[1] for b in backs]), tf.cast(d_recurrent, tf.float32)
 
@@ -220,7 +227,7 @@ def _recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Te
     return run(xproj, bias, recurrent)
 
 
-def _native_recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
+def _native_recurrent(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
     """`_recurrent` with the native loops (native.py): the same results, computed outside TensorFlow's
     kernels. Their records stay numpy buffers between the forward and the backward call."""
     units = recurrent.shape[0]
@@ -235,12 +242,12 @@ def _native_recurrent(xproj: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -
         xproj, bias, recurrent = (tf.stop_gradient(v) for v in (xproj, bias, recurrent))
         shape = tf.shape(xproj)
         hs, h_prev, derivs, cell = tf.numpy_function(
-            loops.forward, [tf.cast(xproj, tf.float32), bias, recurrent], [tf.float32] * 4, stateful=False)
+            loops.forward, [tf.cast(xproj, tf.float32), keep, bias, recurrent], [tf.float32] * 4, stateful=False)
         hs = tf.reshape(hs, tf.stack([shape[0], shape[1], units]))
 
         def grad(dhs: tf.Tensor):
-            dz, partial = tf.numpy_function(loops.backward, [dhs, derivs, cell, recurrent], [tf.float32] * 2,
-                                            stateful=False)
+            dz, partial = tf.numpy_function(loops.backward, [keep, dhs, derivs, cell, recurrent],
+                                            [tf.float32] * 2, stateful=False)
             dz = tf.reshape(dz, shape)
             d_recurrent = _weight_gradient(tf.reshape(h_prev, [-1, units]), tf.reshape(dz, [-1, 4 * units]))
             return tf.cast(dz, low), tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0), d_recurrent
@@ -255,9 +262,10 @@ def _recurrent_with(loops: str):
     return _native_recurrent if loops == "native" else _recurrent
 
 
-def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor,
+def lstm_layer(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor,
                matmul_dtype: str = "float32", loops: str = "tensorflow") -> tf.Tensor:
-    """One LSTM layer from zero state, time-major: inputs [T, B, in] -> hidden states [T, B, u], for training.
+    """One LSTM layer from zero state, time-major: inputs [T, B, in] -> hidden states [T, B, u], for training;
+    `keep` [T, B] is 0 where a sequence starts (the state is reset there), else 1.
 
     The input projection of every step is one large matrix product before the loops, and its gradients
     (for the inputs and the kernel) two large products after them; these take `matmul_dtype` operands and
@@ -268,7 +276,7 @@ def lstm_layer(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.T
     # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
     flat = tf.cast(tf.reshape(x, [-1, kernel.shape[0]]), low)
     xproj = tf.reshape(_project(flat, tf.cast(kernel, low)), tf.stack([shape[0], shape[1], kernel.shape[1]]))
-    return _recurrent_with(loops)(xproj, bias, recurrent)
+    return _recurrent_with(loops)(xproj, keep, bias, recurrent)
 
 
 @_compiled
@@ -292,16 +300,17 @@ def _lookup(table: tf.Tensor, ids: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     return run(table)
 
 
-def event_lstm_layer(ids: tf.Tensor, embeddings: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor,
+def event_lstm_layer(ids: tf.Tensor, keep: tf.Tensor, embeddings: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor,
                      recurrent: tf.Tensor, matmul_dtype: str = "float32", loops: str = "tensorflow") -> tf.Tensor:
-    """The first LSTM layer, fed by the event embedding, time-major: event ids [T, B] -> [T, B, u].
+    """The first LSTM layer, fed by the event embedding, time-major: event ids [T, B] -> [T, B, u] (`keep` as
+    for `lstm_layer`).
 
     A step's input is an embedding row, so its input projection is a row of embeddings @ kernel: the
     product is taken once for the 259 events and looked up. Its gradient is the per-event sum of the gate
     gradients, taken back through that small product: three large products over every step are saved.
     """
     xproj = _lookup(tf.matmul(embeddings, kernel), ids, tf.as_dtype(matmul_dtype))
-    return _recurrent_with(loops)(xproj, bias, recurrent)
+    return _recurrent_with(loops)(xproj, keep, bias, recurrent)
 
 
 def lstm_time_major_inference(xproj: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
@@ -351,18 +360,26 @@ def _native_output_loss(hidden: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, l
 
 
 def training_loss(model: keras.Model):
-    """(event ids [B, T], labels [B, T], mask [B, T]) -> (masked mean cross-entropy, accuracy) of `model`
-    (from `build_model`) in training, differentiable with respect to its weights. With the native loops, the
-    output layer and its loss are native too (`_native_output_loss`), fed the last LSTM layer's time-major
-    hidden states, and the labels are made time-major instead."""
-    if model.get_layer("lstm0").loops != "native":
-        return lambda x, y, mask: masked_loss(model(x, training=True), y, mask)
-    body = keras.Model(model.input, model.get_layer("to_batch_major").input)
-    dense = model.get_layer("dense")
+    """(event ids, labels, mask, keep: each [B, T]) -> (masked mean cross-entropy, accuracy) of `model` (from
+    `build_model`) in training, differentiable with respect to its weights. `keep` is 0 where a sequence
+    starts in the middle of a row (packed batches: the LSTM states are reset there) and 1 elsewhere.
 
-    def run(x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return _native_output_loss(body(x, training=True), tf.convert_to_tensor(dense.kernel),
-                                   tf.convert_to_tensor(dense.bias), tf.transpose(y), tf.transpose(mask))
+    The network of `build_model` is run layer by layer so that its LSTM layers get `keep`. With the native
+    loops the output layer and its loss are native too (`_native_output_loss`), fed the last LSTM layer's
+    time-major hidden states, and the labels are made time-major instead."""
+    layers = [(model.get_layer(f"lstm{i}"), model.get_layer(f"dropout{i}"))
+              for i in range(sum(layer.name.startswith("lstm") for layer in model.layers))]
+    dense = model.get_layer("dense")
+    native = layers[0][0].loops == "native"
+
+    def run(x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor, keep: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        hidden, keep = tf.transpose(x), tf.transpose(keep)
+        for lstm, dropout in layers:
+            hidden = dropout(lstm(hidden, training=True, keep=keep), training=True)
+        if native:
+            return _native_output_loss(hidden, tf.convert_to_tensor(dense.kernel), tf.convert_to_tensor(dense.bias),
+                                       tf.transpose(y), tf.transpose(mask))
+        return masked_loss(dense(tf.transpose(hidden, [1, 0, 2])), y, mask)
 
     return run
 
@@ -410,6 +427,11 @@ class Dropout16(keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
+def _keep_all(inputs: tf.Tensor, keep: tf.Tensor | None) -> tf.Tensor:
+    """`keep`, or where none is given, ones: one sequence per row of time-major `inputs`."""
+    return tf.ones(tf.shape(inputs)[:2]) if keep is None else keep
+
+
 @keras.saving.register_keras_serializable(package="chiptune_forge")
 class TimeMajorLSTM(keras.layers.Layer):
     """A Keras-layout LSTM layer over time-major input [T, B, in] -> [T, B, units], from zero state."""
@@ -431,10 +453,12 @@ class TimeMajorLSTM(keras.layers.Layer):
     def _weight_tensors(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         return tuple(tf.convert_to_tensor(w) for w in (self.kernel, self.bias, self.recurrent_kernel))
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    def call(self, inputs: tf.Tensor, training: bool | None = None, keep: tf.Tensor | None = None) -> tf.Tensor:
+        """`keep` (training only; [T, B], 0 where a sequence starts in the middle of a row): see `lstm_layer`."""
         kernel, bias, recurrent = self._weight_tensors()
         if training:
-            return lstm_layer(inputs, kernel, bias, recurrent, self.matmul_dtype, self.loops)
+            return lstm_layer(inputs, _keep_all(inputs, keep), kernel, bias, recurrent, self.matmul_dtype,
+                              self.loops)
         shape = tf.shape(inputs)
         # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
         flat = tf.reshape(inputs, [-1, self.kernel.shape[0]])
@@ -467,11 +491,12 @@ class EventLSTM(TimeMajorLSTM):
                                           initializer="uniform")
         super().build((*input_shape, self.embedding_dim))
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    def call(self, inputs: tf.Tensor, training: bool | None = None, keep: tf.Tensor | None = None) -> tf.Tensor:
         kernel, bias, recurrent = self._weight_tensors()
         embeddings = tf.convert_to_tensor(self.embeddings)
         if training:
-            return event_lstm_layer(inputs, embeddings, kernel, bias, recurrent, self.matmul_dtype, self.loops)
+            return event_lstm_layer(inputs, _keep_all(inputs, keep), embeddings, kernel, bias, recurrent,
+                                    self.matmul_dtype, self.loops)
         return lstm_time_major_inference(tf.gather(tf.matmul(embeddings, kernel) + bias, inputs), recurrent)
 
     def compute_output_shape(self, input_shape):

@@ -17,6 +17,7 @@ Run folder layout:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import importlib.util
 import json
@@ -74,24 +75,49 @@ def make_chunks(sequences: list[np.ndarray], max_length: int) -> list[np.ndarray
     return [c for c in chunks if len(c) >= 2]
 
 
+def pack_rows(lengths: np.ndarray, capacity: int, rows_at_least: int) -> list[list[int]]:
+    """Chunks (by their lengths in next-event pairs) packed into rows of at most `capacity`, best fit,
+    longest first, so that short chunks share rows instead of leaving them mostly padding; one chunk per row
+    where packing would leave fewer than `rows_at_least` rows. Deterministic."""
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (room left, row) of the rows that are not full, sorted
+    for chunk in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        need = int(lengths[chunk])
+        at = bisect.bisect_left(room, (need, -1))
+        if at < len(room):
+            left, row = room.pop(at)
+        else:
+            left, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(chunk)
+        if left > need:
+            bisect.insort(room, (left - need, row))
+    return rows if len(rows) >= rows_at_least else [[i] for i in range(len(lengths))]
+
+
 class BatchSchedule:
-    """Deterministic bucketed batches: step N of a run is always the same batch, resumed or not."""
+    """Deterministic batches: step N of a run is always the same batch, resumed or not. Short chunks are
+    packed into shared rows (`pack_rows`), each starting from zero state, and the rows are bucketed by
+    length, so that little of a batch is padding."""
 
     def __init__(self, chunks: list[np.ndarray], batch_size: int, seed: int) -> None:
         if len(chunks) < batch_size:
             raise ChiptuneError(f"the training split has {len(chunks)} chunks, fewer than batch_size={batch_size}; "
                                 "use a smaller batch_size or a bigger dataset")
         self.chunks = chunks
-        self.lengths = np.array([len(c) - 1 for c in chunks])
+        lengths = np.array([len(c) - 1 for c in chunks])
+        # Rows as long as the batch width the longest chunk needs anyway.
+        self.rows = pack_rows(lengths, -(-int(lengths.max()) // BUCKET_MULTIPLE) * BUCKET_MULTIPLE, batch_size)
+        self.lengths = np.array([sum(len(chunks[i]) - 1 for i in row) for row in self.rows])
         self.batch_size = batch_size
         self.seed = seed
-        self.per_epoch = len(chunks) // batch_size
+        self.per_epoch = len(self.rows) // batch_size
         self._epoch = -1
         self._batches: list[np.ndarray] = []
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.chunks))[: self.per_epoch * self.batch_size]
+        order = rng.permutation(len(self.rows))[: self.per_epoch * self.batch_size]
         pool = self.batch_size * BUCKET_POOL
         batches = []
         for first in range(0, len(order), pool):
@@ -100,7 +126,9 @@ class BatchSchedule:
             batches.extend(part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size))
         return [batches[i] for i in rng.permutation(len(batches))]
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Event ids, next-event labels, mask (1 at real positions) and keep (0 where a chunk starts after
+        another in its row, else 1), each [batch_size, width]."""
         epoch, index = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             self._batches, self._epoch = self._plan(epoch), epoch
@@ -110,12 +138,17 @@ class BatchSchedule:
         x = np.full((len(rows), width), DEFAULT_EVENT, dtype=np.int32)
         y = np.full((len(rows), width), DEFAULT_EVENT, dtype=np.int32)
         mask = np.zeros((len(rows), width), dtype=np.float32)
-        for r, i in enumerate(rows):
-            c = self.chunks[i]
-            x[r, :len(c) - 1] = c[:-1]
-            y[r, :len(c) - 1] = c[1:]
-            mask[r, :len(c) - 1] = 1.0
-        return x, y, mask
+        keep = np.ones((len(rows), width), dtype=np.float32)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in self.rows[row]:
+                c = self.chunks[i]
+                x[r, at:at + len(c) - 1] = c[:-1]
+                y[r, at:at + len(c) - 1] = c[1:]
+                mask[r, at:at + len(c) - 1] = 1.0
+                keep[r, at] = 0.0
+                at += len(c) - 1
+        return x, y, mask, keep
 
 
 # ------------------------------------------------------------------------------------------- run folder
@@ -351,9 +384,9 @@ def make_train_step(model, optimizer):
     loss_of = training_loss(model)
 
     @tf.function(reduce_retracing=True)
-    def train_step(x, y, mask):
+    def train_step(x, y, mask, keep):
         with tf.GradientTape() as tape:
-            loss, accuracy = loss_of(x, y, mask)
+            loss, accuracy = loss_of(x, y, mask, keep)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         return loss, accuracy
@@ -475,9 +508,9 @@ def train(options: TrainOptions) -> dict:
         for writer in writers.values():  # the summaries since their last flush, however the run ends
             closing.callback(writer.close)
         while not stop.requested and (not target or step < target):
-            x, y, mask = schedule.batch(step)
+            x, y, mask, keep = schedule.batch(step)
             t0 = time.perf_counter()
-            loss, acc = train_step(x, y, mask)
+            loss, acc = train_step(x, y, mask, keep)
             loss, acc = float(loss), float(acc)
             state["train_seconds"] += time.perf_counter() - t0
             if not math.isfinite(loss):
