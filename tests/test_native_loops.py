@@ -66,12 +66,38 @@ def test_loops_give_the_lstm_math(native_loops, steps: int, rows: int, units: in
         keep[:] = 1.0  # one sequence through every step
     want_hs, want_dz, want_bias = reference(xproj, keep, bias, recurrent, dhs)
     hs, h_prev, derivs, cell = native_loops.forward(xproj, keep, bias, recurrent)
-    dz, partial = native_loops.backward(keep, dhs, derivs, cell, recurrent)
+    dz, partial, _ = native_loops.backward(keep, dhs, derivs, cell, recurrent)
     np.testing.assert_allclose(hs, want_hs, atol=1e-5, rtol=0)  # float32 sums of up to 128 terms per step
     np.testing.assert_array_equal(h_prev[0], 0.0)
     np.testing.assert_array_equal(h_prev[1:], hs[:-1] * keep[1:, :, None])
     np.testing.assert_allclose(dz, want_dz, atol=2e-5 * np.abs(want_dz).max(), rtol=0)
     np.testing.assert_allclose(partial.sum(axis=0), want_bias, atol=1e-4 * np.abs(want_bias).max(), rtol=0)
+
+
+def test_loops_make_the_input_projections_themselves(native_loops, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the inputs and their kernel, or event ids and a table of projections, the loops give what they
+    give for the projections computed beforehand; with the kernel, the backward loop also gives the inputs'
+    gradient."""
+    monkeypatch.setattr(native_loops, "threads", 2)
+    _, keep, bias, recurrent, dhs = inputs(23, 11, 32, seed=5)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(23, 11, 48)).astype(np.float32)
+    kernel = rng.normal(0, 0.2, size=(48, 128)).astype(np.float32)
+    ids = rng.integers(0, 40, size=(23, 11)).astype(np.int32)
+    table = rng.normal(size=(40, 128)).astype(np.float32)
+    for given, projections, extra in ((x, np.einsum("tbi,ij->tbj", x, kernel), {"kernel": kernel}),
+                                      (table, table[ids], {"ids": ids})):
+        want = native_loops.forward(projections, keep, bias, recurrent)
+        got = native_loops.forward(given, keep, bias, recurrent, **extra)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)  # the products' sums in another order
+        dz, _, dx = native_loops.backward(keep, dhs, *got[2:], recurrent, kernel=extra.get("kernel"))
+        if "kernel" in extra:
+            np.testing.assert_allclose(dx, dz @ kernel.T, atol=1e-5 * np.abs(dx).max(), rtol=0)
+        else:
+            assert dx.shape == (23, 11, 0)
+    with pytest.raises(ValueError, match=r"event ids must be in \[0, 40\)"):
+        native_loops.forward(table, keep, bias, recurrent, ids=ids + 1)
 
 
 def test_results_do_not_depend_on_the_number_of_threads(native_loops, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,7 +106,7 @@ def test_results_do_not_depend_on_the_number_of_threads(native_loops, monkeypatc
     for threads in (1, 2, 5):
         monkeypatch.setattr(native_loops, "threads", threads)
         hs, _, derivs, cell = native_loops.forward(xproj, keep, bias, recurrent)
-        dz, partial = native_loops.backward(keep, dhs, derivs, cell, recurrent)
+        dz, partial, _ = native_loops.backward(keep, dhs, derivs, cell, recurrent)
         results.append([a.copy() for a in (hs, dz, partial)])
     for other in results[1:]:
         for got, want in zip(other, results[0], strict=True):

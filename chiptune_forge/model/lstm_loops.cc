@@ -23,9 +23,18 @@ namespace {
 
 constexpr int SPLIT = 4;  // rows are shared between threads, and the bias gradient summed, in groups of 4
 
+// Where a step's input projections come from: one of
+// - xproj [T, B, 4U], computed beforehand;
+// - ids [T, B] (int32) and table [events, 4U]: the projection of an event is a row of the table;
+// - x [T, B, I] and its kernel (packed): the loop multiplies the inputs itself, block by block, so that
+//   the projections never go to memory.
 struct Forward {
-    int T, B, U;
+    int T, B, U, I;
     const float* xproj;
+    const int* ids;
+    const float* table;
+    const float* x;
+    const float* panels_x;  // kernel [I, 4U]
     const float* keep;
     const float* bias;
     const float* panels;  // recurrent [U, 4U]
@@ -43,32 +52,42 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
     std::vector<float> c_state(static_cast<size_t>(n) * U, 0.0f), z(static_cast<size_t>(MR) * 4 * U, 0.0f);
     float* out[MR];
     for (int r = 0; r < MR; ++r) out[r] = &z[static_cast<size_t>(r) * 4 * U];
+    const std::vector<float> zeros(4 * static_cast<size_t>(U), 0.0f);  // the state or projection of none
     const vf one = splat(1.0f);
     for (int t = 0; t < f.T; ++t)
         for (int k = 0; k < blocks; ++k) {
             const int r0 = n * k / blocks, rows = n * (k + 1) / blocks - r0;
-            if (t > 0) {
-                const float* h[MR];
-                for (int r = 0; r < rows; ++r) h[r] = f.hs + (static_cast<size_t>(t - 1) * f.B + b_first + r0 + r) * U;
+            const size_t first = static_cast<size_t>(t) * f.B + b_first + r0;
+            // A row whose sequence starts here takes no state from the step before: its previous hidden
+            // state is read as zeros.
+            const float* h[MR];
+            bool fresh[MR];
+            for (int r = 0; r < rows; ++r) {
+                fresh[r] = t == 0 || f.keep[first + r] == 0.0f;
+                h[r] = fresh[r] ? zeros.data() : f.hs + (first + r - f.B) * U;
+            }
+            if (f.x) {
+                const float* x[MR];
+                for (int r = 0; r < rows; ++r) x[r] = f.x + (first + r) * f.I;
+                product(rows, x, f.I, 4 * U, f.panels_x, out);
+                if (t > 0) product<true>(rows, h, U, 4 * U, f.panels, out);
+            } else if (t > 0) {
                 product(rows, h, U, 4 * U, f.panels, out);
             }
             for (int r = 0; r < rows; ++r) {
-                const size_t row = static_cast<size_t>(t) * f.B + b_first + r0 + r;
-                const float* x = f.xproj + row * 4 * U;
-                float* zr = out[r];
+                const size_t row = first + r;
+                const float* x = f.xproj ? f.xproj + row * 4 * U
+                                         : f.ids ? f.table + static_cast<size_t>(f.ids[row]) * 4 * U : zeros.data();
+                const float* zr = out[r];
                 float* cs = &c_state[static_cast<size_t>(r0 + r) * U];
                 float* d = f.derivs + row * 4 * U;
                 float* e = f.cell + row * 2 * U;
-                // A row whose sequence starts here takes no state from the step before.
-                const bool fresh = t == 0 || f.keep[row] == 0.0f;
-                if (fresh && t > 0) {
-                    std::memset(zr, 0, sizeof(float) * 4 * U);
-                    std::memset(cs, 0, sizeof(float) * U);
-                }
-                const float* h_before = fresh ? nullptr : f.hs + (row - f.B) * U;
+                if (fresh[r] && t > 0) std::memset(cs, 0, sizeof(float) * U);
+                const float* h_before = h[r];
                 for (int j = 0; j < U; j += W) {
-                    record<Stream>(f.h_prev + row * U + j, fresh ? splat(0.0f) : load(h_before + j));
-                    for (int gate = 0; gate < 4; ++gate) __builtin_prefetch(x + 4 * U + gate * U + j);  // next row
+                    record<Stream>(f.h_prev + row * U + j, load(h_before + j));
+                    if (f.xproj)
+                        for (int gate = 0; gate < 4; ++gate) __builtin_prefetch(x + 4 * U + gate * U + j);  // next row
                     const vf i = sigmoid(load(zr + j) + load(x + j) + load(f.bias + j));
                     const vf fg = sigmoid(load(zr + U + j) + load(x + U + j) + load(f.bias + U + j));
                     const vf g = tanh_v(load(zr + 2 * U + j) + load(x + 2 * U + j) + load(f.bias + 2 * U + j));
@@ -93,13 +112,15 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
 }
 
 struct Backward {
-    int T, B, U;
+    int T, B, U, I;
     const float* keep;
     const float* dhs;
     const float* derivs;
     const float* cell;
-    const float* panels;  // recurrent^T [4U, U]
+    const float* panels;    // recurrent^T [4U, U]
+    const float* panels_x;  // kernel^T [4U, I], or null: no input gradient
     float* dz;
+    float* dx;  // [T, B, I]
     float* dbias;  // [groups, 4U]: each group of SPLIT rows' sum over its rows and steps
 };
 
@@ -141,6 +162,11 @@ void backward_rows(const Backward& g, int b_first, int b_last) {
                 a[r] = z;
                 out[r] = hn;
             }
+            if (g.panels_x) {  // the inputs' gradient, while the block's gate gradients are in cache
+                float* dx[MR];
+                for (int r = 0; r < rows; ++r) dx[r] = g.dx + (static_cast<size_t>(t) * g.B + b_first + r0 + r) * g.I;
+                product(rows, a, 4 * U, g.I, g.panels_x, dx);
+            }
             if (t == 0) continue;
             product(rows, a, 4 * U, U, g.panels, out);
             for (int r = 0; r < rows; ++r)  // a sequence that starts here passes nothing back to the step before
@@ -164,12 +190,18 @@ int lstm_bias_blocks(int B) { return (B + SPLIT - 1) / SPLIT; }
 // Hidden states, each step's previous hidden states (zero where a sequence starts: the recurrent kernel's
 // gradient needs them) and the backward pass's records of one layer; 0, or -1 for sizes it does not take.
 // keep [T, B] is 0 where a row's sequence starts (a row may hold several sequences one after the other) and
-// 1 where the state goes on from the step before; every row starts from zero state at step 0.
-int lstm_forward(int T, int B, int U, const float* xproj, const float* keep, const float* bias,
-                 const float* recurrent, float* hs, float* h_prev, float* derivs, float* cell, int threads) {
-    if (!valid(T, B, U)) return -1;
+// 1 where the state goes on from the step before; every row starts from zero state at step 0. The input
+// projections (see Forward) are `inputs` as xproj where `ids` and `kernel` are null; with `ids`, `inputs`
+// is the table; with `kernel` [I, 4U], `inputs` is x [T, B, I].
+int lstm_forward(int T, int B, int U, int I, const float* inputs, const int* ids, const float* kernel,
+                 const float* keep, const float* bias, const float* recurrent, float* hs, float* h_prev,
+                 float* derivs, float* cell, int threads) {
+    if (!valid(T, B, U) || (kernel && I <= 0)) return -1;
     const std::vector<float> panels = pack(recurrent, U, 4 * U, false);
-    const Forward f{T, B, U, xproj, keep, bias, panels.data(), hs, h_prev, derivs, cell};
+    const std::vector<float> panels_x = kernel ? pack(kernel, I, 4 * U, false) : std::vector<float>();
+    const bool plain = !ids && !kernel;
+    const Forward f{T, B, U, I, plain ? inputs : nullptr, ids, ids ? inputs : nullptr, kernel ? inputs : nullptr,
+                    panels_x.data(), keep, bias, panels.data(), hs, h_prev, derivs, cell};
     if (aligned(derivs) && aligned(cell) && aligned(h_prev))
         in_threads(B, SPLIT, threads, [&f](int first, int last) { forward_rows<true>(f, first, last); });
     else
@@ -179,13 +211,17 @@ int lstm_forward(int T, int B, int U, const float* xproj, const float* keep, con
 
 // Gradients of the gate pre-activations dz [T, B, 4U] and partial sums of them [lstm_bias_blocks(B), 4U]
 // (the bias gradient is their sum), given the gradients of the hidden states and the forward loop's
-// records (and `keep`, as given to lstm_forward). Each partial sum covers fixed rows, so the result does not depend on the number of threads.
+// records (and `keep`, as given to lstm_forward); with `kernel` [I, 4U] also the inputs' gradient dx
+// [T, B, I] = dz @ kernel^T. Each partial sum covers fixed rows, so the result does not depend on the number of threads.
 // 0, or -1 for sizes it does not take.
-int lstm_backward(int T, int B, int U, const float* keep, const float* dhs, const float* derivs, const float* cell,
-                  const float* recurrent, float* dz, float* dbias, int threads) {
-    if (!valid(T, B, U)) return -1;
+int lstm_backward(int T, int B, int U, int I, const float* keep, const float* dhs, const float* derivs,
+                  const float* cell, const float* recurrent, const float* kernel, float* dz, float* dx, float* dbias,
+                  int threads) {
+    if (!valid(T, B, U) || (kernel && (I <= 0 || I % NR))) return -1;
     const std::vector<float> panels = pack(recurrent, 4 * U, U, true);
-    const Backward g{T, B, U, keep, dhs, derivs, cell, panels.data(), dz, dbias};
+    const std::vector<float> panels_x = kernel ? pack(kernel, 4 * U, I, true) : std::vector<float>();
+    const Backward g{T, B, U, I, keep, dhs, derivs, cell, panels.data(), kernel ? panels_x.data() : nullptr, dz, dx,
+                     dbias};
     in_threads(B, SPLIT, threads, [&g](int first, int last) { backward_rows(g, first, last); });
     return 0;
 }

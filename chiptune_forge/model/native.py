@@ -121,8 +121,8 @@ def check_units(units: int) -> None:
         raise ValueError(f"the native loops take layer sizes that are multiples of {UNIT_MULTIPLE}, not {units}")
 
 
-def _pointer(array: np.ndarray) -> ctypes.c_void_p:
-    return ctypes.c_void_p(array.ctypes.data)
+def _pointer(array: np.ndarray | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if array is None else array.ctypes.data)
 
 
 class NativeKernels:
@@ -131,8 +131,8 @@ class NativeKernels:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._lib = library
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        library.lstm_forward.argtypes = [integer] * 3 + [pointer] * 8 + [integer]
-        library.lstm_backward.argtypes = [integer] * 3 + [pointer] * 7 + [integer]
+        library.lstm_forward.argtypes = [integer] * 4 + [pointer] * 10 + [integer]
+        library.lstm_backward.argtypes = [integer] * 4 + [pointer] * 9 + [integer]
         for function in (library.lstm_forward, library.lstm_backward):
             function.restype = integer
         library.lstm_bias_blocks.argtypes = [integer]
@@ -144,44 +144,63 @@ class NativeKernels:
         self.threads = _threads()
         self._buffers = _Buffers()
 
-    def forward(self, xproj: np.ndarray, keep: np.ndarray, bias: np.ndarray, recurrent: np.ndarray
+    def forward(self, inputs: np.ndarray, keep: np.ndarray, bias: np.ndarray, recurrent: np.ndarray,
+                kernel: np.ndarray | None = None, ids: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Hidden states [T, B, U], each step's previous ones (zeros where a sequence starts: `keep` [T, B] is
         0 there and 1 where the state goes on; for the recurrent kernel's gradient) and the backward pass's
-        records ([T, B, 4U] and [T, B, 2U])."""
-        steps, rows, gates = xproj.shape
-        units = gates // 4
+        records ([T, B, 4U] and [T, B, 2U]). The input projections without bias are `inputs` [T, B, 4U];
+        or with `kernel` [I, 4U], inputs [T, B, I] @ kernel; or with `ids` [T, B], rows of `inputs`
+        [events, 4U]."""
+        units = recurrent.shape[0]
         check_units(units)
-        xproj, keep, bias, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
-                                        for a in (xproj, keep, bias, recurrent))
-        hs = self._buffers.empty((steps, rows, units))
-        h_prev = self._buffers.empty((steps, rows, units))
-        derivs = self._buffers.empty((steps, rows, gates))
+        steps, rows = keep.shape
+        keep, bias, recurrent, inputs = (np.ascontiguousarray(a, dtype=np.float32)
+                                         for a in (keep, bias, recurrent, inputs))
+        width = 0
+        if kernel is not None:
+            kernel = np.ascontiguousarray(kernel, dtype=np.float32)
+            width = kernel.shape[0]
+        if ids is not None:
+            ids = np.ascontiguousarray(ids, dtype=np.int32)
+            if ids.size and (ids.min() < 0 or ids.max() >= len(inputs)):
+                raise ValueError(f"event ids must be in [0, {len(inputs)})")
+        hs, h_prev = (self._buffers.empty((steps, rows, units)) for _ in range(2))
+        derivs = self._buffers.empty((steps, rows, 4 * units))
         cell = self._buffers.empty((steps, rows, 2 * units))
-        if steps and rows and self._lib.lstm_forward(steps, rows, units, _pointer(xproj), _pointer(keep),
-                                                     _pointer(bias), _pointer(recurrent), _pointer(hs),
-                                                     _pointer(h_prev), _pointer(derivs), _pointer(cell),
-                                                     self.threads):
+        if steps and rows and self._lib.lstm_forward(
+                steps, rows, units, width, _pointer(inputs), _pointer(ids), _pointer(kernel), _pointer(keep),
+                _pointer(bias), _pointer(recurrent), _pointer(hs), _pointer(h_prev), _pointer(derivs), _pointer(cell),
+                self.threads):
             raise ValueError(f"the native loops refused {steps} steps x {rows} rows x {units} units")
         for array in (hs, h_prev, derivs, cell):
             self._buffers.hand_out(array)
         return hs, h_prev, derivs, cell
 
     def backward(self, keep: np.ndarray, dhs: np.ndarray, derivs: np.ndarray, cell: np.ndarray,
-                 recurrent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Gate pre-activation gradients [T, B, 4U] and partial sums of them whose sum is the bias gradient."""
+                 recurrent: np.ndarray, kernel: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Gate pre-activation gradients [T, B, 4U], partial sums of them whose sum is the bias gradient, and
+        with the input `kernel` [I, 4U] the inputs' gradient [T, B, I] (else an empty array)."""
         steps, rows, units = dhs.shape
         check_units(units)
         keep, dhs, derivs, cell, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
                                               for a in (keep, dhs, derivs, cell, recurrent))
+        width = 0
+        if kernel is not None:
+            kernel = np.ascontiguousarray(kernel, dtype=np.float32)
+            width = kernel.shape[0]
+            check_units(width)
         dz = self._buffers.empty((steps, rows, 4 * units))
-        self._buffers.hand_out(dz)
+        dx = self._buffers.empty((steps, rows, width))
+        for array in (dz, dx):
+            self._buffers.hand_out(array)
         partial = np.zeros((self._lib.lstm_bias_blocks(rows), 4 * units), dtype=np.float32)
-        if steps and rows and self._lib.lstm_backward(steps, rows, units, _pointer(keep), _pointer(dhs),
-                                                      _pointer(derivs), _pointer(cell), _pointer(recurrent),
-                                                      _pointer(dz), _pointer(partial), self.threads):
+        if steps and rows and self._lib.lstm_backward(
+                steps, rows, units, width, _pointer(keep), _pointer(dhs), _pointer(derivs), _pointer(cell),
+                _pointer(recurrent), _pointer(kernel), _pointer(dz), _pointer(dx), _pointer(partial), self.threads):
             raise ValueError(f"the native loops refused {steps} steps x {rows} rows x {units} units")
-        return dz, partial
+        return dz, partial, dx
 
     def output_loss(self, hidden: np.ndarray, kernel: np.ndarray, bias: np.ndarray, labels: np.ndarray,
                     mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ import os
 from ..encoding import NUM_CLASSES
 from ..hparams import HParams
 from .framework import keras, tf
-from .native import check_units, load
+from .native import UNIT_MULTIPLE, check_units, load
 
 LOOP_GROUPS = max(1, min(4, os.cpu_count() or 1))
 _compiled = tf.function(jit_compile=True, reduce_retracing=True)
@@ -227,14 +227,20 @@ def _recurrent(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurrent: tf
     return run(xproj, bias, recurrent)
 
 
+def _native_kernels():
+    """The native kernels (native.py); the trainer checks beforehand that they load."""
+    kernels = load()
+    if isinstance(kernels, str):
+        raise RuntimeError(kernels)
+    return kernels
+
+
 def _native_recurrent(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor) -> tf.Tensor:
     """`_recurrent` with the native loops (native.py): the same results, computed outside TensorFlow's
     kernels. Their records stay numpy buffers between the forward and the backward call."""
     units = recurrent.shape[0]
     check_units(units)
-    loops = load()
-    if isinstance(loops, str):
-        raise RuntimeError(loops)
+    loops = _native_kernels()
     low = xproj.dtype
 
     @tf.custom_gradient
@@ -246,8 +252,8 @@ def _native_recurrent(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurr
         hs = tf.reshape(hs, tf.stack([shape[0], shape[1], units]))
 
         def grad(dhs: tf.Tensor):
-            dz, partial = tf.numpy_function(loops.backward, [keep, dhs, derivs, cell, recurrent],
-                                            [tf.float32] * 2, stateful=False)
+            dz, partial, _ = tf.numpy_function(loops.backward, [keep, dhs, derivs, cell, recurrent],
+                                               [tf.float32] * 3, stateful=False)
             dz = tf.reshape(dz, shape)
             d_recurrent = _weight_gradient(tf.reshape(h_prev, [-1, units]), tf.reshape(dz, [-1, 4 * units]))
             return tf.cast(dz, low), tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0), d_recurrent
@@ -255,6 +261,69 @@ def _native_recurrent(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurr
         return hs, grad
 
     return run(xproj, bias, recurrent)
+
+
+def _native_lstm(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor
+                 ) -> tf.Tensor:
+    """`lstm_layer` with float32 products and the native loops doing the input products too: each step's
+    x @ kernel is made in the loop, block by block, and the inputs' gradient in the backward loop, so the
+    [T, B, 4u] projections never go to memory and the gate gradients are read once less."""
+    units, width = recurrent.shape[0], kernel.shape[0]
+    check_units(units)
+    check_units(width)  # (the inputs' gradient is made in whole vectors too)
+    loops = _native_kernels()
+
+    @tf.custom_gradient
+    def run(x, kernel, bias, recurrent):
+        x, kernel, bias, recurrent = (tf.stop_gradient(v) for v in (x, kernel, bias, recurrent))
+        shape = tf.shape(x)
+        hs, h_prev, derivs, cell = tf.numpy_function(loops.forward, [x, keep, bias, recurrent, kernel],
+                                                     [tf.float32] * 4, stateful=False)
+        hs = tf.reshape(hs, tf.stack([shape[0], shape[1], units]))
+
+        def grad(dhs: tf.Tensor):
+            dz, partial, dx = tf.numpy_function(loops.backward, [keep, dhs, derivs, cell, recurrent, kernel],
+                                                [tf.float32] * 3, stateful=False)
+            dz = tf.reshape(dz, [-1, 4 * units])
+            return (tf.reshape(dx, shape), _weight_gradient(tf.reshape(x, [-1, width]), dz),
+                    tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0),
+                    _weight_gradient(tf.reshape(h_prev, [-1, units]), dz))
+
+        return hs, grad
+
+    return run(x, kernel, bias, recurrent)
+
+
+def _native_event_lstm(ids: tf.Tensor, keep: tf.Tensor, table: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor
+                       ) -> tf.Tensor:
+    """The first layer's recurrent part with the native loops reading each step's input projection from
+    `table` (embeddings @ kernel, [events, 4u]) by event id, instead of from a looked-up copy of it; the
+    table's gradient is the per-event sum of the gate gradients."""
+    units = recurrent.shape[0]
+    check_units(units)
+    loops = _native_kernels()
+
+    def forward(table, ids, keep, bias, recurrent):
+        return loops.forward(table, keep, bias, recurrent, ids=ids)
+
+    @tf.custom_gradient
+    def run(table, bias, recurrent):
+        table, bias, recurrent = (tf.stop_gradient(v) for v in (table, bias, recurrent))
+        hs, h_prev, derivs, cell = tf.numpy_function(forward, [table, ids, keep, bias, recurrent], [tf.float32] * 4,
+                                                     stateful=False)
+        hs = tf.reshape(hs, tf.concat([tf.shape(ids), [units]], axis=0))
+
+        def grad(dhs: tf.Tensor):
+            dz, partial, _ = tf.numpy_function(loops.backward, [keep, dhs, derivs, cell, recurrent],
+                                               [tf.float32] * 3, stateful=False)
+            dz = tf.reshape(dz, [-1, 4 * units])
+            return (_row_sums(dz, tf.reshape(ids, [-1]), table.shape[0]),
+                    tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0),
+                    _weight_gradient(tf.reshape(h_prev, [-1, units]), dz))
+
+        return hs, grad
+
+    return run(table, bias, recurrent)
 
 
 def _recurrent_with(loops: str):
@@ -272,6 +341,8 @@ def lstm_layer(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor
     give `matmul_dtype` results.
     """
     low = tf.as_dtype(matmul_dtype)
+    if loops == "native" and low == tf.float32 and kernel.shape[0] % UNIT_MULTIPLE == 0:
+        return _native_lstm(x, keep, kernel, bias, recurrent)
     shape = tf.shape(x)
     # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
     flat = tf.cast(tf.reshape(x, [-1, kernel.shape[0]]), low)
@@ -309,6 +380,8 @@ def event_lstm_layer(ids: tf.Tensor, keep: tf.Tensor, embeddings: tf.Tensor, ker
     product is taken once for the 259 events and looked up. Its gradient is the per-event sum of the gate
     gradients, taken back through that small product: three large products over every step are saved.
     """
+    if loops == "native" and matmul_dtype == "float32":
+        return _native_event_lstm(ids, keep, tf.matmul(embeddings, kernel), bias, recurrent)
     xproj = _lookup(tf.matmul(embeddings, kernel), ids, tf.as_dtype(matmul_dtype))
     return _recurrent_with(loops)(xproj, keep, bias, recurrent)
 
@@ -340,9 +413,7 @@ def _native_output_loss(hidden: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, l
     """`masked_loss` of the output layer's logits (hidden @ kernel + bias), computed by the native kernels
     (native.py, output_loss.cc) without the logits ever leaving the cache: hidden [T, B, u], labels and mask
     [T, B] (time-major, as the LSTM layers give their hidden states)."""
-    kernels = load()
-    if isinstance(kernels, str):
-        raise RuntimeError(kernels)
+    kernels = _native_kernels()
 
     @tf.custom_gradient
     def run(hidden, kernel, bias):
