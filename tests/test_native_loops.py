@@ -100,6 +100,31 @@ def test_loops_make_the_input_projections_themselves(native_loops, monkeypatch: 
         native_loops.forward(table, keep, bias, recurrent, ids=ids + 1)
 
 
+def test_dropout_in_the_loops(native_loops, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dropout the forward loop's output is its hidden states times 0 or 65536 / threshold, kept about
+    threshold / 65536 of the time as the seed draws it, on any number of threads; the backward loop applies
+    the same mask to the gradients it is given."""
+    xproj, keep, bias, recurrent, dhs = inputs(50, 9, 32, seed=7)
+    hs = native_loops.forward(xproj, keep, bias, recurrent)[0].copy()
+    quarter = np.array([16384, 11, 7], np.uint32)  # keep a quarter, scaled by 4
+    results = []
+    for threads in (1, 2, 5):
+        monkeypatch.setattr(native_loops, "threads", threads)
+        out, _, derivs, cell = native_loops.forward(xproj, keep, bias, recurrent, dropout=quarter)
+        dz = native_loops.backward(keep, dhs, derivs, cell, recurrent, dropout=quarter)[0]
+        results.append((out.copy(), dz.copy()))
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            np.testing.assert_array_equal(got, want)
+    out, dz = results[0]
+    mask = np.where(out != 0, 4.0, 0.0).astype(np.float32)
+    np.testing.assert_array_equal(out, hs * mask)
+    assert abs(np.mean(mask > 0) - 0.25) < 0.02
+    np.testing.assert_array_equal(dz, native_loops.backward(keep, dhs * mask, derivs, cell, recurrent)[0])
+    reseeded = native_loops.forward(xproj, keep, bias, recurrent, dropout=np.array([16384, 11, 8], np.uint32))[0]
+    assert 0.5 < np.mean((reseeded != 0) == (out != 0)) < 0.75  # another seed, another mask
+
+
 def test_results_do_not_depend_on_the_number_of_threads(native_loops, monkeypatch: pytest.MonkeyPatch) -> None:
     xproj, keep, bias, recurrent, dhs = inputs(40, 22, 32, seed=1)
     results = []

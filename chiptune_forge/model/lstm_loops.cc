@@ -23,6 +23,32 @@ namespace {
 
 constexpr int SPLIT = 4;  // rows are shared between threads, and the bias gradient summed, in groups of 4
 
+// Dropout of a layer's output: each value is kept where 16 random bits fall below `threshold` (out of
+// 65536) and then scaled by `scale` (65536 / threshold). The bits of a value are a hash of the seed and
+// the value's position, so the backward loop draws the same mask again instead of reading a stored one,
+// and no thread's share of the rows changes another's.
+struct Dropout {
+    unsigned threshold;  // 0: no dropout
+    float scale;
+    unsigned seed0, seed1;
+};
+
+// The murmur3 finaliser: every input bit moves about half of the output bits.
+inline vu mix(vu h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    return h ^ (h >> 16);
+}
+
+// The dropout factors (scale or 0) of the W values at flat position `at` (= (t * B + b) * U + j) on.
+inline vf dropout_factors(const Dropout& d, unsigned at) {
+    const vu lanes = vu{0, 1, 2, 3, 4, 5, 6, 7} + at;
+    const vu bits = mix(mix(lanes ^ d.seed0) + d.seed1) & 0xffffu;
+    return select((vi)(bits < d.threshold), splat(d.scale), splat(0.0f));
+}
+
 // Where a step's input projections come from: one of
 // - xproj [T, B, 4U], computed beforehand;
 // - ids [T, B] (int32) and table [events, 4U]: the projection of an event is a row of the table;
@@ -42,6 +68,8 @@ struct Forward {
     float* h_prev;
     float* derivs;
     float* cell;
+    Dropout dropout;
+    float* out;  // with dropout: the hidden states after it (hs keeps them before, for the recurrence)
 };
 
 // Rows [b_first, b_last) through every step, in blocks of at most MR rows whose product stays in the
@@ -97,6 +125,8 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
                     const vf tc = tanh_v(c);
                     store(cs + j, c);
                     store(f.hs + row * U + j, o * tc);
+                    if (f.dropout.threshold)
+                        store(f.out + row * U + j, o * tc * dropout_factors(f.dropout, static_cast<unsigned>(row * U + j)));
                     record<Stream>(d + j, g * i * (one - i));
                     record<Stream>(d + U + j, c_prev * fg * (one - fg));
                     record<Stream>(d + 2 * U + j, i * (one - g * g));
@@ -113,6 +143,7 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
 
 struct Backward {
     int T, B, U, I;
+    Dropout dropout;  // as given to the forward loop: dhs are the gradients of the output after it
     const float* keep;
     const float* dhs;
     const float* derivs;
@@ -145,7 +176,10 @@ void backward_rows(const Backward& g, int b_first, int b_last) {
                 float* hn = &dh_next[static_cast<size_t>(r0 + r) * U];
                 float* cn = &dc_next[static_cast<size_t>(r0 + r) * U];
                 for (int j = 0; j < U; j += W) {
-                    const vf dh = load(g.dhs + row * U + j) + load(hn + j);
+                    vf dh_out = load(g.dhs + row * U + j);
+                    if (g.dropout.threshold)
+                        dh_out *= dropout_factors(g.dropout, static_cast<unsigned>(row * U + j));
+                    const vf dh = dh_out + load(hn + j);
                     const vf dc = load(cn + j) + dh * load(e + j);
                     const vf zi = dc * load(d + j), zf = dc * load(d + U + j);
                     const vf zg = dc * load(d + 2 * U + j), zo = dh * load(d + 3 * U + j);
@@ -178,7 +212,18 @@ void backward_rows(const Backward& g, int b_first, int b_last) {
 }
 
 // The sizes the loops take; anything else returns -1 from the entry points, which then write nothing.
-bool valid(int T, int B, int U) { return T > 0 && B > 0 && U > 0 && U % NR == 0; }
+// Positions are hashed as 32-bit numbers for dropout, so a layer's outputs must number fewer than 2^32.
+bool valid(int T, int B, int U) {
+    return T > 0 && B > 0 && U > 0 && U % NR == 0 && static_cast<double>(T) * B * U < 4294967296.0;
+}
+
+// dropout: null (none) or {threshold in [1, 65536], seed, seed}; 65536 keeps everything.
+bool valid_dropout(const unsigned* d) { return !d || (d[0] >= 1 && d[0] <= 65536); }
+
+Dropout dropout_of(const unsigned* d) {
+    if (!d || d[0] >= 65536) return Dropout{0, 1.0f, 0, 0};
+    return Dropout{d[0], 65536.0f / static_cast<float>(d[0]), d[1], d[2]};
+}
 
 }  // namespace
 
@@ -195,13 +240,13 @@ int lstm_bias_blocks(int B) { return (B + SPLIT - 1) / SPLIT; }
 // is the table; with `kernel` [I, 4U], `inputs` is x [T, B, I].
 int lstm_forward(int T, int B, int U, int I, const float* inputs, const int* ids, const float* kernel,
                  const float* keep, const float* bias, const float* recurrent, float* hs, float* h_prev,
-                 float* derivs, float* cell, int threads) {
-    if (!valid(T, B, U) || (kernel && I <= 0)) return -1;
+                 float* derivs, float* cell, const unsigned* dropout, float* out, int threads) {
+    if (!valid(T, B, U) || (kernel && I <= 0) || !valid_dropout(dropout)) return -1;
     const std::vector<float> panels = pack(recurrent, U, 4 * U, false);
     const std::vector<float> panels_x = kernel ? pack(kernel, I, 4 * U, false) : std::vector<float>();
     const bool plain = !ids && !kernel;
     const Forward f{T, B, U, I, plain ? inputs : nullptr, ids, ids ? inputs : nullptr, kernel ? inputs : nullptr,
-                    panels_x.data(), keep, bias, panels.data(), hs, h_prev, derivs, cell};
+                    panels_x.data(), keep, bias, panels.data(), hs, h_prev, derivs, cell, dropout_of(dropout), out};
     if (aligned(derivs) && aligned(cell) && aligned(h_prev))
         in_threads(B, SPLIT, threads, [&f](int first, int last) { forward_rows<true>(f, first, last); });
     else
@@ -215,13 +260,13 @@ int lstm_forward(int T, int B, int U, int I, const float* inputs, const int* ids
 // [T, B, I] = dz @ kernel^T. Each partial sum covers fixed rows, so the result does not depend on the number of threads.
 // 0, or -1 for sizes it does not take.
 int lstm_backward(int T, int B, int U, int I, const float* keep, const float* dhs, const float* derivs,
-                  const float* cell, const float* recurrent, const float* kernel, float* dz, float* dx, float* dbias,
-                  int threads) {
-    if (!valid(T, B, U) || (kernel && (I <= 0 || I % NR))) return -1;
+                  const float* cell, const float* recurrent, const float* kernel, const unsigned* dropout, float* dz,
+                  float* dx, float* dbias, int threads) {
+    if (!valid(T, B, U) || (kernel && (I <= 0 || I % NR)) || !valid_dropout(dropout)) return -1;
     const std::vector<float> panels = pack(recurrent, 4 * U, U, true);
     const std::vector<float> panels_x = kernel ? pack(kernel, 4 * U, I, true) : std::vector<float>();
-    const Backward g{T, B, U, I, keep, dhs, derivs, cell, panels.data(), kernel ? panels_x.data() : nullptr, dz, dx,
-                     dbias};
+    const Backward g{T, B, U, I, dropout_of(dropout), keep, dhs, derivs, cell, panels.data(),
+                     kernel ? panels_x.data() : nullptr, dz, dx, dbias};
     in_threads(B, SPLIT, threads, [&g](int first, int last) { backward_rows(g, first, last); });
     return 0;
 }

@@ -131,8 +131,8 @@ class NativeKernels:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._lib = library
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        library.lstm_forward.argtypes = [integer] * 4 + [pointer] * 10 + [integer]
-        library.lstm_backward.argtypes = [integer] * 4 + [pointer] * 9 + [integer]
+        library.lstm_forward.argtypes = [integer] * 4 + [pointer] * 12 + [integer]
+        library.lstm_backward.argtypes = [integer] * 4 + [pointer] * 10 + [integer]
         for function in (library.lstm_forward, library.lstm_backward):
             function.restype = integer
         library.lstm_bias_blocks.argtypes = [integer]
@@ -145,13 +145,14 @@ class NativeKernels:
         self._buffers = _Buffers()
 
     def forward(self, inputs: np.ndarray, keep: np.ndarray, bias: np.ndarray, recurrent: np.ndarray,
-                kernel: np.ndarray | None = None, ids: np.ndarray | None = None
+                kernel: np.ndarray | None = None, ids: np.ndarray | None = None, dropout: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Hidden states [T, B, U], each step's previous ones (zeros where a sequence starts: `keep` [T, B] is
-        0 there and 1 where the state goes on; for the recurrent kernel's gradient) and the backward pass's
-        records ([T, B, 4U] and [T, B, 2U]). The input projections without bias are `inputs` [T, B, 4U];
-        or with `kernel` [I, 4U], inputs [T, B, I] @ kernel; or with `ids` [T, B], rows of `inputs`
-        [events, 4U]."""
+        """Hidden states [T, B, U] (after dropout, with `dropout`), each step's previous ones (zeros where a
+        sequence starts: `keep` [T, B] is 0 there and 1 where the state goes on; for the recurrent kernel's
+        gradient) and the backward pass's records ([T, B, 4U] and [T, B, 2U]). The input projections
+        without bias are `inputs` [T, B, 4U]; or with `kernel` [I, 4U], inputs [T, B, I] @ kernel; or with
+        `ids` [T, B], rows of `inputs` [events, 4U]. `dropout` is [threshold, seed, seed] (uint32): a value is kept
+        where its 16 random bits fall below the threshold (of 65536), and scaled by 65536 / threshold."""
         units = recurrent.shape[0]
         check_units(units)
         steps, rows = keep.shape
@@ -168,20 +169,27 @@ class NativeKernels:
         hs, h_prev = (self._buffers.empty((steps, rows, units)) for _ in range(2))
         derivs = self._buffers.empty((steps, rows, 4 * units))
         cell = self._buffers.empty((steps, rows, 2 * units))
-        if steps and rows and self._lib.lstm_forward(
-                steps, rows, units, width, _pointer(inputs), _pointer(ids), _pointer(kernel), _pointer(keep),
-                _pointer(bias), _pointer(recurrent), _pointer(hs), _pointer(h_prev), _pointer(derivs), _pointer(cell),
-                self.threads):
+        out = hs if dropout is None else self._buffers.empty((steps, rows, units))
+        if dropout is not None:
+            dropout = np.ascontiguousarray(dropout, dtype=np.uint32)
+        failed = steps and rows and self._lib.lstm_forward(
+            steps, rows, units, width, _pointer(inputs), _pointer(ids), _pointer(kernel), _pointer(keep),
+            _pointer(bias), _pointer(recurrent), _pointer(hs), _pointer(h_prev), _pointer(derivs), _pointer(cell),
+            _pointer(dropout), _pointer(out), self.threads)
+        if out is not hs:
+            self._buffers.release(hs)  # the states before dropout are needed only inside the loop
+        if failed:
             raise ValueError(f"the native loops refused {steps} steps x {rows} rows x {units} units")
-        for array in (hs, h_prev, derivs, cell):
+        for array in (out, h_prev, derivs, cell):
             self._buffers.hand_out(array)
-        return hs, h_prev, derivs, cell
+        return out, h_prev, derivs, cell
 
     def backward(self, keep: np.ndarray, dhs: np.ndarray, derivs: np.ndarray, cell: np.ndarray,
-                 recurrent: np.ndarray, kernel: np.ndarray | None = None
+                 recurrent: np.ndarray, kernel: np.ndarray | None = None, dropout: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Gate pre-activation gradients [T, B, 4U], partial sums of them whose sum is the bias gradient, and
-        with the input `kernel` [I, 4U] the inputs' gradient [T, B, I] (else an empty array)."""
+        with the input `kernel` [I, 4U] the inputs' gradient [T, B, I] (else an empty array); `dropout` as
+        given to `forward` (`dhs` are then the gradients of the output after dropout)."""
         steps, rows, units = dhs.shape
         check_units(units)
         keep, dhs, derivs, cell, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
@@ -196,9 +204,12 @@ class NativeKernels:
         for array in (dz, dx):
             self._buffers.hand_out(array)
         partial = np.zeros((self._lib.lstm_bias_blocks(rows), 4 * units), dtype=np.float32)
+        if dropout is not None:
+            dropout = np.ascontiguousarray(dropout, dtype=np.uint32)
         if steps and rows and self._lib.lstm_backward(
                 steps, rows, units, width, _pointer(keep), _pointer(dhs), _pointer(derivs), _pointer(cell),
-                _pointer(recurrent), _pointer(kernel), _pointer(dz), _pointer(dx), _pointer(partial), self.threads):
+                _pointer(recurrent), _pointer(kernel), _pointer(dropout), _pointer(dz), _pointer(dx),
+                _pointer(partial), self.threads):
             raise ValueError(f"the native loops refused {steps} steps x {rows} rows x {units} units")
         return dz, partial, dx
 

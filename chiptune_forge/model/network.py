@@ -6,21 +6,25 @@ embedding row is exactly that vector times a weight matrix, computed as a lookup
 The LSTM math is Keras's (gates i, f, c, o; sigmoid recurrent activation, tanh), with the same weight
 layout as `keras.layers.LSTM` (kernel [in, 4u], recurrent kernel [u, 4u], bias [4u]), so the exported
 weights drive any standard LSTM. Only the schedule differs, for speed on a CPU:
-- the network runs time-major inside, and each layer's input projection for every timestep is one large
-  matrix product before the recurrent loop, which then only multiplies the hidden state; the first layer's
-  is a lookup in embedding @ kernel, one small product for the 259 events (the layer holds the embedding);
-- the recurrent loops are native code (`loops="native"`, see native.py and lstm_loops.cc) where the
-  machine has a C++ compiler, else compiled with XLA; either way the rows of a batch are split into
-  independent groups whose loops run at the same time on different cores (a loop alone keeps only one
-  core busy); an XLA loop step is one matrix product, one tanh over all four gates and a few multiply-adds;
+- the network runs time-major inside; a batch row may hold several sequences one after another, and the
+  layers reset their state where `keep` is 0 (packed batches, see train.BatchSchedule);
+- with TensorFlow's loops, each layer's input projection for every timestep is one large matrix product
+  before the recurrent loop, which then only multiplies the hidden state; the first layer's is a lookup in
+  embedding @ kernel, one small product for the 259 events (the layer holds the embedding); the loops are
+  compiled with XLA, the rows of a batch split into independent groups whose loops run at the same time on
+  different cores, a step being one matrix product, one tanh over all four gates and a few multiply-adds;
+- with the native loops (`loops="native"`, see native.py, lstm_loops.cc and output_loss.cc; where the
+  machine has a C++ compiler) the loops make those input products themselves, block by block in cache,
+  apply the layer's dropout, and give the inputs' gradient on the way back; the output layer and its
+  masked cross-entropy are one native pass over blocks of rows (`_native_output_loss`);
 - the backward pass is written out by hand: the loop runs back through time computing the gate gradients,
   and the weight gradients are then large matrix products over all timesteps instead of one small product
-  accumulated per step (written as einsums, which TensorFlow runs faster than a transposed matmul; the
-  output layer's kernel gradient too);
+  accumulated per step (written as einsums, which TensorFlow runs faster than a transposed matmul);
 - optionally (`matmul_dtype`, chosen by the trainer) those large products compute in bfloat16, which
   CPUs with AMX multiply several times faster than float32; the loops and the weights stay float32;
-- dropout draws 16 random bits per value instead of a float, and the training loss, its accuracy and its
-  gradient come from one compiled pass over the logits (`masked_loss`).
+- dropout draws 16 random bits per value instead of a float (in the native loops, a hash of the seed and
+  the value's position, drawn again for the backward pass), and without the native output layer the
+  training loss, its accuracy and its gradient come from one compiled pass over the logits (`masked_loss`).
 """
 
 from __future__ import annotations
@@ -227,6 +231,11 @@ def _recurrent(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurrent: tf
     return run(xproj, bias, recurrent)
 
 
+def _or_none(dropout: tf.Tensor | None) -> tf.Tensor:
+    """The loops' dropout argument as a tensor: an empty one for none."""
+    return tf.zeros([0], tf.int64) if dropout is None else dropout
+
+
 def _native_kernels():
     """The native kernels (native.py); the trainer checks beforehand that they load."""
     kernels = load()
@@ -263,11 +272,12 @@ def _native_recurrent(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurr
     return run(xproj, bias, recurrent)
 
 
-def _native_lstm(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor
-                 ) -> tf.Tensor:
+def _native_lstm(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor,
+                 dropout: tf.Tensor | None = None) -> tf.Tensor:
     """`lstm_layer` with float32 products and the native loops doing the input products too: each step's
     x @ kernel is made in the loop, block by block, and the inputs' gradient in the backward loop, so the
-    [T, B, 4u] projections never go to memory and the gate gradients are read once less."""
+    [T, B, 4u] projections never go to memory and the gate gradients are read once less. With `dropout`
+    (`Dropout16.native_args`) the loops apply the layer's dropout to its output too."""
     units, width = recurrent.shape[0], kernel.shape[0]
     check_units(units)
     check_units(width)  # (the inputs' gradient is made in whole vectors too)
@@ -277,13 +287,15 @@ def _native_lstm(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tens
     def run(x, kernel, bias, recurrent):
         x, kernel, bias, recurrent = (tf.stop_gradient(v) for v in (x, kernel, bias, recurrent))
         shape = tf.shape(x)
-        hs, h_prev, derivs, cell = tf.numpy_function(loops.forward, [x, keep, bias, recurrent, kernel],
-                                                     [tf.float32] * 4, stateful=False)
+        hs, h_prev, derivs, cell = tf.numpy_function(
+            lambda *a: loops.forward(*a[:5], dropout=a[5] if a[5].size else None),
+            [x, keep, bias, recurrent, kernel, _or_none(dropout)], [tf.float32] * 4, stateful=False)
         hs = tf.reshape(hs, tf.stack([shape[0], shape[1], units]))
 
         def grad(dhs: tf.Tensor):
-            dz, partial, dx = tf.numpy_function(loops.backward, [keep, dhs, derivs, cell, recurrent, kernel],
-                                                [tf.float32] * 3, stateful=False)
+            dz, partial, dx = tf.numpy_function(
+                lambda *a: loops.backward(*a[:6], dropout=a[6] if a[6].size else None),
+                [keep, dhs, derivs, cell, recurrent, kernel, _or_none(dropout)], [tf.float32] * 3, stateful=False)
             dz = tf.reshape(dz, [-1, 4 * units])
             return (tf.reshape(dx, shape), _weight_gradient(tf.reshape(x, [-1, width]), dz),
                     tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0),
@@ -294,28 +306,29 @@ def _native_lstm(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tens
     return run(x, kernel, bias, recurrent)
 
 
-def _native_event_lstm(ids: tf.Tensor, keep: tf.Tensor, table: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor
-                       ) -> tf.Tensor:
+def _native_event_lstm(ids: tf.Tensor, keep: tf.Tensor, table: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor,
+                       dropout: tf.Tensor | None = None) -> tf.Tensor:
     """The first layer's recurrent part with the native loops reading each step's input projection from
     `table` (embeddings @ kernel, [events, 4u]) by event id, instead of from a looked-up copy of it; the
-    table's gradient is the per-event sum of the gate gradients."""
+    table's gradient is the per-event sum of the gate gradients. `dropout` as for `_native_lstm`."""
     units = recurrent.shape[0]
     check_units(units)
     loops = _native_kernels()
 
-    def forward(table, ids, keep, bias, recurrent):
-        return loops.forward(table, keep, bias, recurrent, ids=ids)
+    def forward(table, ids, keep, bias, recurrent, dropout):
+        return loops.forward(table, keep, bias, recurrent, ids=ids, dropout=dropout if dropout.size else None)
 
     @tf.custom_gradient
     def run(table, bias, recurrent):
         table, bias, recurrent = (tf.stop_gradient(v) for v in (table, bias, recurrent))
-        hs, h_prev, derivs, cell = tf.numpy_function(forward, [table, ids, keep, bias, recurrent], [tf.float32] * 4,
-                                                     stateful=False)
+        hs, h_prev, derivs, cell = tf.numpy_function(forward, [table, ids, keep, bias, recurrent, _or_none(dropout)],
+                                                     [tf.float32] * 4, stateful=False)
         hs = tf.reshape(hs, tf.concat([tf.shape(ids), [units]], axis=0))
 
         def grad(dhs: tf.Tensor):
-            dz, partial, _ = tf.numpy_function(loops.backward, [keep, dhs, derivs, cell, recurrent],
-                                               [tf.float32] * 3, stateful=False)
+            dz, partial, _ = tf.numpy_function(
+                lambda *a: loops.backward(*a[:5], dropout=a[5] if a[5].size else None),
+                [keep, dhs, derivs, cell, recurrent, _or_none(dropout)], [tf.float32] * 3, stateful=False)
             dz = tf.reshape(dz, [-1, 4 * units])
             return (_row_sums(dz, tf.reshape(ids, [-1]), table.shape[0]),
                     tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0),
@@ -331,8 +344,15 @@ def _recurrent_with(loops: str):
     return _native_recurrent if loops == "native" else _recurrent
 
 
+def fuses_dropout(input_width: int, matmul_dtype: str, loops: str) -> bool:
+    """Whether a training layer with this input width (None: the first layer, fed event ids) runs its
+    input products in the native loops, which then also take its dropout (`dropout=` of the layers)."""
+    return loops == "native" and matmul_dtype == "float32" and (input_width or 0) % UNIT_MULTIPLE == 0
+
+
 def lstm_layer(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, recurrent: tf.Tensor,
-               matmul_dtype: str = "float32", loops: str = "tensorflow") -> tf.Tensor:
+               matmul_dtype: str = "float32", loops: str = "tensorflow", dropout: tf.Tensor | None = None
+               ) -> tf.Tensor:
     """One LSTM layer from zero state, time-major: inputs [T, B, in] -> hidden states [T, B, u], for training;
     `keep` [T, B] is 0 where a sequence starts (the state is reset there), else 1.
 
@@ -341,8 +361,10 @@ def lstm_layer(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor
     give `matmul_dtype` results.
     """
     low = tf.as_dtype(matmul_dtype)
-    if loops == "native" and low == tf.float32 and kernel.shape[0] % UNIT_MULTIPLE == 0:
-        return _native_lstm(x, keep, kernel, bias, recurrent)
+    if fuses_dropout(kernel.shape[0], matmul_dtype, loops):
+        return _native_lstm(x, keep, kernel, bias, recurrent, dropout)
+    if dropout is not None:
+        raise ValueError("only layers whose input products the native loops make take their dropout")
     shape = tf.shape(x)
     # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
     flat = tf.cast(tf.reshape(x, [-1, kernel.shape[0]]), low)
@@ -372,7 +394,8 @@ def _lookup(table: tf.Tensor, ids: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 
 
 def event_lstm_layer(ids: tf.Tensor, keep: tf.Tensor, embeddings: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor,
-                     recurrent: tf.Tensor, matmul_dtype: str = "float32", loops: str = "tensorflow") -> tf.Tensor:
+                     recurrent: tf.Tensor, matmul_dtype: str = "float32", loops: str = "tensorflow",
+                     dropout: tf.Tensor | None = None) -> tf.Tensor:
     """The first LSTM layer, fed by the event embedding, time-major: event ids [T, B] -> [T, B, u] (`keep` as
     for `lstm_layer`).
 
@@ -380,8 +403,10 @@ def event_lstm_layer(ids: tf.Tensor, keep: tf.Tensor, embeddings: tf.Tensor, ker
     product is taken once for the 259 events and looked up. Its gradient is the per-event sum of the gate
     gradients, taken back through that small product: three large products over every step are saved.
     """
-    if loops == "native" and matmul_dtype == "float32":
-        return _native_event_lstm(ids, keep, tf.matmul(embeddings, kernel), bias, recurrent)
+    if fuses_dropout(None, matmul_dtype, loops):
+        return _native_event_lstm(ids, keep, tf.matmul(embeddings, kernel), bias, recurrent, dropout)
+    if dropout is not None:
+        raise ValueError("only layers whose input products the native loops make take their dropout")
     xproj = _lookup(tf.matmul(embeddings, kernel), ids, tf.as_dtype(matmul_dtype))
     return _recurrent_with(loops)(xproj, keep, bias, recurrent)
 
@@ -446,7 +471,10 @@ def training_loss(model: keras.Model):
     def run(x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor, keep: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         hidden, keep = tf.transpose(x), tf.transpose(keep)
         for lstm, dropout in layers:
-            hidden = dropout(lstm(hidden, training=True, keep=keep), training=True)
+            if lstm.fuses_dropout():
+                hidden = lstm(hidden, training=True, keep=keep, dropout=dropout.native_args())
+            else:
+                hidden = dropout(lstm(hidden, training=True, keep=keep), training=True)
         if native:
             return _native_output_loss(hidden, tf.convert_to_tensor(dense.kernel), tf.convert_to_tensor(dense.bias),
                                        tf.transpose(y), tf.transpose(mask))
@@ -472,7 +500,8 @@ class Dropout16(keras.layers.Layer):
     """Dropout that draws 16 random bits per value where Keras's draws a 32-bit float: half the random-number
     work, which is most of what dropout costs in a training step here. The keep probability is resolved to
     a multiple of 1/65536 (0.5, the default, exactly) and kept values are scaled by the inverse of the
-    resolved probability, so the expected output still equals the input."""
+    resolved probability, so the expected output still equals the input. Where the layer before runs in
+    the native loops, training hands them this layer's threshold and seed instead (`native_args`)."""
 
     def __init__(self, rate: float, seed: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -490,6 +519,17 @@ class Dropout16(keras.layers.Layer):
         halves = tf.reshape(tf.bitcast(bits, tf.uint16), [-1])[:size]
         keep = tf.reshape(halves < self._threshold, tf.shape(inputs))
         return tf.where(keep, inputs * (65536.0 / self._threshold), tf.zeros_like(inputs))
+
+    def native_args(self) -> tf.Tensor | None:
+        """This call's dropout for the native loops, or None where it keeps everything: [threshold, two
+        32-bit words of the next seed] (the same draw from the seed generator as `call` makes, so that the
+        generator's state, which checkpoints keep, moves on the same way)."""
+        if self._threshold == 65536:
+            return None
+        seed = tf.cast(self.seed_generator.next(), tf.int64)
+        words = tf.bitwise.bitwise_and(tf.stack([seed[0], seed[1] + tf.bitwise.right_shift(seed[0], 32)]),
+                                       0xFFFFFFFF)
+        return tf.concat([[tf.constant(self._threshold, tf.int64)], words], axis=0)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -521,15 +561,21 @@ class TimeMajorLSTM(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(4 * u,), initializer=keras.initializers.Constant(
             [0.0] * u + [1.0] * u + [0.0] * (2 * u)))
 
+    def fuses_dropout(self) -> bool:
+        """Whether training takes this layer's dropout into its native loops (`fuses_dropout`)."""
+        return fuses_dropout(self.kernel.shape[0], self.matmul_dtype, self.loops)
+
     def _weight_tensors(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         return tuple(tf.convert_to_tensor(w) for w in (self.kernel, self.bias, self.recurrent_kernel))
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None, keep: tf.Tensor | None = None) -> tf.Tensor:
-        """`keep` (training only; [T, B], 0 where a sequence starts in the middle of a row): see `lstm_layer`."""
+    def call(self, inputs: tf.Tensor, training: bool | None = None, keep: tf.Tensor | None = None,
+             dropout: tf.Tensor | None = None) -> tf.Tensor:
+        """`keep` (training only; [T, B], 0 where a sequence starts in the middle of a row) and `dropout`
+        (training only, where `fuses_dropout`): see `lstm_layer`."""
         kernel, bias, recurrent = self._weight_tensors()
         if training:
             return lstm_layer(inputs, _keep_all(inputs, keep), kernel, bias, recurrent, self.matmul_dtype,
-                              self.loops)
+                              self.loops, dropout)
         shape = tf.shape(inputs)
         # The kernel knows the input width even when a relaxed trace has lost the input's static shape.
         flat = tf.reshape(inputs, [-1, self.kernel.shape[0]])
@@ -562,12 +608,16 @@ class EventLSTM(TimeMajorLSTM):
                                           initializer="uniform")
         super().build((*input_shape, self.embedding_dim))
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None, keep: tf.Tensor | None = None) -> tf.Tensor:
+    def fuses_dropout(self) -> bool:
+        return fuses_dropout(None, self.matmul_dtype, self.loops)
+
+    def call(self, inputs: tf.Tensor, training: bool | None = None, keep: tf.Tensor | None = None,
+             dropout: tf.Tensor | None = None) -> tf.Tensor:
         kernel, bias, recurrent = self._weight_tensors()
         embeddings = tf.convert_to_tensor(self.embeddings)
         if training:
             return event_lstm_layer(inputs, _keep_all(inputs, keep), embeddings, kernel, bias, recurrent,
-                                    self.matmul_dtype, self.loops)
+                                    self.matmul_dtype, self.loops, dropout)
         return lstm_time_major_inference(tf.gather(tf.matmul(embeddings, kernel) + bias, inputs), recurrent)
 
     def compute_output_shape(self, input_shape):
