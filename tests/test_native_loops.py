@@ -76,8 +76,8 @@ def test_loops_give_the_lstm_math(native_loops, steps: int, rows: int, units: in
 
 def test_loops_make_the_input_projections_themselves(native_loops, monkeypatch: pytest.MonkeyPatch) -> None:
     """Given the inputs and their kernel, or event ids and a table of projections, the loops give what they
-    give for the projections computed beforehand; with the kernel, the backward loop also gives the inputs'
-    gradient."""
+    give for the projections computed beforehand (with the kernel, each step's inputs also come back next
+    to its previous hidden states); with the kernel, the backward loop also gives the inputs' gradient."""
     monkeypatch.setattr(native_loops, "threads", 2)
     _, keep, bias, recurrent, dhs = inputs(23, 11, 32, seed=5)
     rng = np.random.default_rng(6)
@@ -88,7 +88,10 @@ def test_loops_make_the_input_projections_themselves(native_loops, monkeypatch: 
     for given, projections, extra in ((x, np.einsum("tbi,ij->tbj", x, kernel), {"kernel": kernel}),
                                       (table, table[ids], {"ids": ids})):
         want = native_loops.forward(projections, keep, bias, recurrent)
-        got = native_loops.forward(given, keep, bias, recurrent, **extra)
+        got = list(native_loops.forward(given, keep, bias, recurrent, **extra))
+        if "kernel" in extra:  # each step's inputs come before its previous hidden states
+            np.testing.assert_array_equal(got[1][..., :48], x)
+            got[1] = got[1][..., 48:]
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)  # the products' sums in another order
         dz, _, dx = native_loops.backward(keep, dhs, *got[2:], recurrent, kernel=extra.get("kernel"))

@@ -65,6 +65,9 @@ struct Forward {
     const float* bias;
     const float* panels;  // recurrent [U, 4U]
     float* hs;
+    // Each step's previous hidden states (zero where a sequence starts), for the recurrent kernel's
+    // gradient: [T, B, U]; with x, [T, B, I + U], each row the step's inputs and then those states, so
+    // that one product over every step gives both kernels' gradients.
     float* h_prev;
     float* derivs;
     float* cell;
@@ -99,6 +102,9 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
                 for (int r = 0; r < rows; ++r) x[r] = f.x + (first + r) * f.I;
                 product(rows, x, f.I, 4 * U, f.panels_x, out);
                 if (t > 0) product<true>(rows, h, U, 4 * U, f.panels, out);
+                for (int r = 0; r < rows; ++r)
+                    for (int j = 0; j < f.I; j += W)
+                        record<Stream>(f.h_prev + (first + r) * (f.I + U) + j, load(x[r] + j));
             } else if (t > 0) {
                 product(rows, h, U, 4 * U, f.panels, out);
             }
@@ -113,7 +119,7 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
                 if (fresh[r] && t > 0) std::memset(cs, 0, sizeof(float) * U);
                 const float* h_before = h[r];
                 for (int j = 0; j < U; j += W) {
-                    record<Stream>(f.h_prev + row * U + j, load(h_before + j));
+                    record<Stream>(f.h_prev + row * (U + (f.x ? f.I : 0)) + (f.x ? f.I : 0) + j, load(h_before + j));
                     if (f.xproj)
                         for (int gate = 0; gate < 4; ++gate) __builtin_prefetch(x + 4 * U + gate * U + j);  // next row
                     const vf i = sigmoid(load(zr + j) + load(x + j) + load(f.bias + j));
@@ -233,7 +239,8 @@ extern "C" {
 int lstm_bias_blocks(int B) { return (B + SPLIT - 1) / SPLIT; }
 
 // Hidden states, each step's previous hidden states (zero where a sequence starts: the recurrent kernel's
-// gradient needs them) and the backward pass's records of one layer; 0, or -1 for sizes it does not take.
+// gradient needs them; with `kernel`, after each step's inputs: see Forward) and the backward pass's records
+// of one layer; 0, or -1 for sizes it does not take.
 // keep [T, B] is 0 where a row's sequence starts (a row may hold several sequences one after the other) and
 // 1 where the state goes on from the step before; every row starts from zero state at step 0. The input
 // projections (see Forward) are `inputs` as xproj where `ids` and `kernel` are null; with `ids`, `inputs`
@@ -241,7 +248,7 @@ int lstm_bias_blocks(int B) { return (B + SPLIT - 1) / SPLIT; }
 int lstm_forward(int T, int B, int U, int I, const float* inputs, const int* ids, const float* kernel,
                  const float* keep, const float* bias, const float* recurrent, float* hs, float* h_prev,
                  float* derivs, float* cell, const unsigned* dropout, float* out, int threads) {
-    if (!valid(T, B, U) || (kernel && I <= 0) || !valid_dropout(dropout)) return -1;
+    if (!valid(T, B, U) || (kernel && (I <= 0 || I % NR)) || !valid_dropout(dropout)) return -1;
     const std::vector<float> panels = pack(recurrent, U, 4 * U, false);
     const std::vector<float> panels_x = kernel ? pack(kernel, I, 4 * U, false) : std::vector<float>();
     const bool plain = !ids && !kernel;

@@ -149,7 +149,8 @@ class NativeKernels:
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Hidden states [T, B, U] (after dropout, with `dropout`), each step's previous ones (zeros where a
         sequence starts: `keep` [T, B] is 0 there and 1 where the state goes on; for the recurrent kernel's
-        gradient) and the backward pass's records ([T, B, 4U] and [T, B, 2U]). The input projections
+        gradient; with `kernel`, [T, B, I + U]: each step's inputs, then those, for both kernels' gradients
+        in one product) and the backward pass's records ([T, B, 4U] and [T, B, 2U]). The input projections
         without bias are `inputs` [T, B, 4U]; or with `kernel` [I, 4U], inputs [T, B, I] @ kernel; or with
         `ids` [T, B], rows of `inputs` [events, 4U]. `dropout` is [threshold, seed, seed] (uint32): a value is kept
         where its 16 random bits fall below the threshold (of 65536), and scaled by 65536 / threshold."""
@@ -162,11 +163,13 @@ class NativeKernels:
         if kernel is not None:
             kernel = np.ascontiguousarray(kernel, dtype=np.float32)
             width = kernel.shape[0]
+            check_units(width)
         if ids is not None:
             ids = np.ascontiguousarray(ids, dtype=np.int32)
             if ids.size and (ids.min() < 0 or ids.max() >= len(inputs)):
                 raise ValueError(f"event ids must be in [0, {len(inputs)})")
-        hs, h_prev = (self._buffers.empty((steps, rows, units)) for _ in range(2))
+        hs = self._buffers.empty((steps, rows, units))
+        h_prev = self._buffers.empty((steps, rows, width + units))
         derivs = self._buffers.empty((steps, rows, 4 * units))
         cell = self._buffers.empty((steps, rows, 2 * units))
         out = hs if dropout is None else self._buffers.empty((steps, rows, units))

@@ -296,10 +296,11 @@ def _native_lstm(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tens
             dz, partial, dx = tf.numpy_function(
                 lambda *a: loops.backward(*a[:6], dropout=a[6] if a[6].size else None),
                 [keep, dhs, derivs, cell, recurrent, kernel, _or_none(dropout)], [tf.float32] * 3, stateful=False)
-            dz = tf.reshape(dz, [-1, 4 * units])
-            return (tf.reshape(dx, shape), _weight_gradient(tf.reshape(x, [-1, width]), dz),
-                    tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0),
-                    _weight_gradient(tf.reshape(h_prev, [-1, units]), dz))
+            # Both kernels' gradients from one product, which reads the gate gradients once: h_prev holds each
+            # step's inputs and then its previous hidden states.
+            both = _weight_gradient(tf.reshape(h_prev, [-1, width + units]), tf.reshape(dz, [-1, 4 * units]))
+            return (tf.reshape(dx, shape), both[:width], tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0),
+                    both[width:])
 
         return hs, grad
 
@@ -358,7 +359,8 @@ def lstm_layer(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor
 
     The input projection of every step is one large matrix product before the loops, and its gradients
     (for the inputs and the kernel) two large products after them; these take `matmul_dtype` operands and
-    give `matmul_dtype` results.
+    give `matmul_dtype` results. Where `fuses_dropout`, the native loops make the projections and the
+    inputs' gradient themselves (`_native_lstm`) and apply `dropout` (`Dropout16.native_args`) to the output.
     """
     low = tf.as_dtype(matmul_dtype)
     if fuses_dropout(kernel.shape[0], matmul_dtype, loops):
