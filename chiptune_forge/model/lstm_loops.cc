@@ -9,9 +9,11 @@
 // results are the same on any number of cores.
 //
 // Layouts (time-major, row-major, float32): xproj [T, B, 4U] (input projections without bias, gates
-// i, f, g, o as Keras orders them), keep [T, B] (0 where a sequence starts), recurrent [U, 4U], hs and
-// h_prev [T, B, U]; derivs [T, B, 4U] holds per gate the derivative of the gate times what it multiplies,
-// cell [T, B, 2U] holds o * tanh'(c) and f: what the backward loop needs. U must be a multiple of 16.
+// i, f, g, o as Keras orders them; or the inputs [T, B, I] and their kernel, or event ids and a table: see
+// Forward), keep [T, B] (0 where a sequence starts), recurrent [U, 4U], hs [T, B, U] (and out, the same
+// after the layer's dropout, where it has one), h_prev (see Forward); derivs [T, B, 4U] holds per gate the derivative of the
+// gate times what it multiplies, cell [T, B, 2U] holds o * tanh'(c) and f: what the backward loop needs.
+// U (and I) must be multiples of 16.
 //
 // Built by chiptune_forge/model/native.py with the machine's own C++ compiler on first use.
 
@@ -89,6 +91,7 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
         for (int k = 0; k < blocks; ++k) {
             const int r0 = n * k / blocks, rows = n * (k + 1) / blocks - r0;
             const size_t first = static_cast<size_t>(t) * f.B + b_first + r0;
+            const size_t prev_width = U + (f.x ? f.I : 0);  // of an h_prev row, whose last U are the state
             // A row whose sequence starts here takes no state from the step before: its previous hidden
             // state is read as zeros.
             const float* h[MR];
@@ -104,7 +107,7 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
                 if (t > 0) product<true>(rows, h, U, 4 * U, f.panels, out);
                 for (int r = 0; r < rows; ++r)
                     for (int j = 0; j < f.I; j += W)
-                        record<Stream>(f.h_prev + (first + r) * (f.I + U) + j, load(x[r] + j));
+                        record<Stream>(f.h_prev + (first + r) * prev_width + j, load(x[r] + j));
             } else if (t > 0) {
                 product(rows, h, U, 4 * U, f.panels, out);
             }
@@ -118,8 +121,9 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
                 float* e = f.cell + row * 2 * U;
                 if (fresh[r] && t > 0) std::memset(cs, 0, sizeof(float) * U);
                 const float* h_before = h[r];
+                float* prev = f.h_prev + (row + 1) * prev_width - U;
                 for (int j = 0; j < U; j += W) {
-                    record<Stream>(f.h_prev + row * (U + (f.x ? f.I : 0)) + (f.x ? f.I : 0) + j, load(h_before + j));
+                    record<Stream>(prev + j, load(h_before + j));
                     if (f.xproj)
                         for (int gate = 0; gate < 4; ++gate) __builtin_prefetch(x + 4 * U + gate * U + j);  // next row
                     const vf i = sigmoid(load(zr + j) + load(x + j) + load(f.bias + j));
@@ -131,8 +135,10 @@ void forward_rows(const Forward& f, int b_first, int b_last) {
                     const vf tc = tanh_v(c);
                     store(cs + j, c);
                     store(f.hs + row * U + j, o * tc);
-                    if (f.dropout.threshold)
-                        store(f.out + row * U + j, o * tc * dropout_factors(f.dropout, static_cast<unsigned>(row * U + j)));
+                    if (f.dropout.threshold) {
+                        const vf factors = dropout_factors(f.dropout, static_cast<unsigned>(row * U + j));
+                        store(f.out + row * U + j, o * tc * factors);
+                    }
                     record<Stream>(d + j, g * i * (one - i));
                     record<Stream>(d + U + j, c_prev * fg * (one - fg));
                     record<Stream>(d + 2 * U + j, i * (one - g * g));

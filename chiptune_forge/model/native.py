@@ -2,10 +2,11 @@
 (lstm_loops.cc) and the output layer with its masked cross-entropy (output_loss.cc).
 
 TensorFlow runs a recurrent loop one small kernel at a time, and at these sizes the kernels' fixed costs
-outweigh their arithmetic; the native loops do a step in one pass (about 1.5x faster per step of a loop).
+outweigh their arithmetic; the native loops do a step in one pass (about 1.5x faster per step of a loop),
+and also make the layer's input products, its dropout and its inputs' gradient while the data is in cache.
 The output layer's logits are the largest tensor of a step, and TensorFlow takes them and their gradient
 through memory several times; the native output layer keeps them in cache, a block of rows at a time.
-Together they make a training step about 1.3x faster (bench/train_speed.py). They are
+Together they make a training step about 1.4x faster (bench/train_speed.py). They are
 compiled on first use for the CPU they run on (`-march=native`) and cached under
 `$XDG_CACHE_HOME/chiptune-forge` (default `~/.cache/chiptune-forge`), keyed by the source, the compiler and
 the CPU, so a cache shared between different machines never runs code built for another CPU. Where no

@@ -127,8 +127,8 @@ class BatchSchedule:
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Event ids, next-event labels, mask (1 at real positions) and keep (0 where a chunk starts after
-        another in its row, else 1), each [batch_size, width]."""
+        """Event ids, next-event labels, mask (1 at real positions) and keep (0 where a chunk starts, so that
+        the LSTM state is reset there; else 1), each [batch_size, width]."""
         epoch, index = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             self._batches, self._epoch = self._plan(epoch), epoch
