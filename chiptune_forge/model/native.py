@@ -122,6 +122,21 @@ def check_units(units: int) -> None:
         raise ValueError(f"the native loops take layer sizes that are multiples of {UNIT_MULTIPLE}, not {units}")
 
 
+def _given(array: np.ndarray | None, dtype: type) -> np.ndarray | None:
+    """An optional argument of the kernels as a contiguous array, or None where it is absent or empty (how
+    a caller that must pass arrays, such as tf.numpy_function's, leaves it out)."""
+    return None if array is None or array.size == 0 else np.ascontiguousarray(array, dtype=dtype)
+
+
+def _width(kernel: np.ndarray | None) -> int:
+    """The input width of an optional input kernel [I, 4U] (0 without one), which the loops take in whole
+    vectors."""
+    if kernel is None:
+        return 0
+    check_units(kernel.shape[0])
+    return kernel.shape[0]
+
+
 def _pointer(array: np.ndarray | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if array is None else array.ctypes.data)
 
@@ -154,28 +169,22 @@ class NativeKernels:
         in one product) and the backward pass's records ([T, B, 4U] and [T, B, 2U]). The input projections
         without bias are `inputs` [T, B, 4U]; or with `kernel` [I, 4U], inputs [T, B, I] @ kernel; or with
         `ids` [T, B], rows of `inputs` [events, 4U]. `dropout` is [threshold, seed, seed] (uint32): a value is kept
-        where its 16 random bits fall below the threshold (of 65536), and scaled by 65536 / threshold."""
+        where its 16 random bits fall below the threshold (of 65536), and scaled by 65536 / threshold. Empty
+        arrays for `kernel`, `ids` or `dropout` are the same as None."""
         units = recurrent.shape[0]
         check_units(units)
         steps, rows = keep.shape
         keep, bias, recurrent, inputs = (np.ascontiguousarray(a, dtype=np.float32)
                                          for a in (keep, bias, recurrent, inputs))
-        width = 0
-        if kernel is not None:
-            kernel = np.ascontiguousarray(kernel, dtype=np.float32)
-            width = kernel.shape[0]
-            check_units(width)
-        if ids is not None:
-            ids = np.ascontiguousarray(ids, dtype=np.int32)
-            if ids.size and (ids.min() < 0 or ids.max() >= len(inputs)):
-                raise ValueError(f"event ids must be in [0, {len(inputs)})")
+        kernel, ids, dropout = _given(kernel, np.float32), _given(ids, np.int32), _given(dropout, np.uint32)
+        width = _width(kernel)
+        if ids is not None and (ids.min() < 0 or ids.max() >= len(inputs)):
+            raise ValueError(f"event ids must be in [0, {len(inputs)})")
         hs = self._buffers.empty((steps, rows, units))
         h_prev = self._buffers.empty((steps, rows, width + units))
         derivs = self._buffers.empty((steps, rows, 4 * units))
         cell = self._buffers.empty((steps, rows, 2 * units))
         out = hs if dropout is None else self._buffers.empty((steps, rows, units))
-        if dropout is not None:
-            dropout = np.ascontiguousarray(dropout, dtype=np.uint32)
         failed = steps and rows and self._lib.lstm_forward(
             steps, rows, units, width, _pointer(inputs), _pointer(ids), _pointer(kernel), _pointer(keep),
             _pointer(bias), _pointer(recurrent), _pointer(hs), _pointer(h_prev), _pointer(derivs), _pointer(cell),
@@ -193,23 +202,18 @@ class NativeKernels:
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Gate pre-activation gradients [T, B, 4U], partial sums of them whose sum is the bias gradient, and
         with the input `kernel` [I, 4U] the inputs' gradient [T, B, I] (else an empty array); `dropout` as
-        given to `forward` (`dhs` are then the gradients of the output after dropout)."""
+        given to `forward` (`dhs` are then the gradients of the output after dropout); empty arrays as None."""
         steps, rows, units = dhs.shape
         check_units(units)
         keep, dhs, derivs, cell, recurrent = (np.ascontiguousarray(a, dtype=np.float32)
                                               for a in (keep, dhs, derivs, cell, recurrent))
-        width = 0
-        if kernel is not None:
-            kernel = np.ascontiguousarray(kernel, dtype=np.float32)
-            width = kernel.shape[0]
-            check_units(width)
+        kernel, dropout = _given(kernel, np.float32), _given(dropout, np.uint32)
+        width = _width(kernel)
         dz = self._buffers.empty((steps, rows, 4 * units))
         dx = self._buffers.empty((steps, rows, width))
         for array in (dz, dx):
             self._buffers.hand_out(array)
         partial = np.zeros((self._lib.lstm_bias_blocks(rows), 4 * units), dtype=np.float32)
-        if dropout is not None:
-            dropout = np.ascontiguousarray(dropout, dtype=np.uint32)
         if steps and rows and self._lib.lstm_backward(
                 steps, rows, units, width, _pointer(keep), _pointer(dhs), _pointer(derivs), _pointer(cell),
                 _pointer(recurrent), _pointer(kernel), _pointer(dropout), _pointer(dz), _pointer(dx),

@@ -231,9 +231,9 @@ def _recurrent(xproj: tf.Tensor, keep: tf.Tensor, bias: tf.Tensor, recurrent: tf
     return run(xproj, bias, recurrent)
 
 
-def _or_none(dropout: tf.Tensor | None) -> tf.Tensor:
-    """The loops' dropout argument as a tensor: an empty one for none."""
-    return tf.zeros([0], tf.int64) if dropout is None else dropout
+def _or_none(argument: tf.Tensor | None, dtype: tf.DType = tf.int64) -> tf.Tensor:
+    """An optional argument of the native kernels as a tensor for tf.numpy_function: an empty one for none."""
+    return tf.zeros([0], dtype) if argument is None else argument
 
 
 def _native_kernels():
@@ -288,14 +288,14 @@ def _native_lstm(x: tf.Tensor, keep: tf.Tensor, kernel: tf.Tensor, bias: tf.Tens
         x, kernel, bias, recurrent = (tf.stop_gradient(v) for v in (x, kernel, bias, recurrent))
         shape = tf.shape(x)
         hs, h_prev, derivs, cell = tf.numpy_function(
-            lambda *a: loops.forward(*a[:5], dropout=a[5] if a[5].size else None),
-            [x, keep, bias, recurrent, kernel, _or_none(dropout)], [tf.float32] * 4, stateful=False)
+            loops.forward, [x, keep, bias, recurrent, kernel, _or_none(None, tf.int32), _or_none(dropout)],
+            [tf.float32] * 4, stateful=False)
         hs = tf.reshape(hs, tf.stack([shape[0], shape[1], units]))
 
         def grad(dhs: tf.Tensor):
-            dz, partial, dx = tf.numpy_function(
-                lambda *a: loops.backward(*a[:6], dropout=a[6] if a[6].size else None),
-                [keep, dhs, derivs, cell, recurrent, kernel, _or_none(dropout)], [tf.float32] * 3, stateful=False)
+            dz, partial, dx = tf.numpy_function(loops.backward,
+                                                [keep, dhs, derivs, cell, recurrent, kernel, _or_none(dropout)],
+                                                [tf.float32] * 3, stateful=False)
             # Both kernels' gradients from one product, which reads the gate gradients once: h_prev holds each
             # step's inputs and then its previous hidden states.
             both = _weight_gradient(tf.reshape(h_prev, [-1, width + units]), tf.reshape(dz, [-1, 4 * units]))
@@ -316,20 +316,19 @@ def _native_event_lstm(ids: tf.Tensor, keep: tf.Tensor, table: tf.Tensor, bias: 
     check_units(units)
     loops = _native_kernels()
 
-    def forward(table, ids, keep, bias, recurrent, dropout):
-        return loops.forward(table, keep, bias, recurrent, ids=ids, dropout=dropout if dropout.size else None)
-
     @tf.custom_gradient
     def run(table, bias, recurrent):
         table, bias, recurrent = (tf.stop_gradient(v) for v in (table, bias, recurrent))
-        hs, h_prev, derivs, cell = tf.numpy_function(forward, [table, ids, keep, bias, recurrent, _or_none(dropout)],
-                                                     [tf.float32] * 4, stateful=False)
+        no_kernel = _or_none(None, tf.float32)
+        hs, h_prev, derivs, cell = tf.numpy_function(
+            loops.forward, [table, keep, bias, recurrent, no_kernel, ids, _or_none(dropout)], [tf.float32] * 4,
+            stateful=False)
         hs = tf.reshape(hs, tf.concat([tf.shape(ids), [units]], axis=0))
 
         def grad(dhs: tf.Tensor):
             dz, partial, _ = tf.numpy_function(
-                lambda *a: loops.backward(*a[:5], dropout=a[5] if a[5].size else None),
-                [keep, dhs, derivs, cell, recurrent, _or_none(dropout)], [tf.float32] * 3, stateful=False)
+                loops.backward, [keep, dhs, derivs, cell, recurrent, no_kernel, _or_none(dropout)], [tf.float32] * 3,
+                stateful=False)
             dz = tf.reshape(dz, [-1, 4 * units])
             return (_row_sums(dz, tf.reshape(ids, [-1]), table.shape[0]),
                     tf.reduce_sum(tf.reshape(partial, [-1, 4 * units]), axis=0),
